@@ -1,0 +1,123 @@
+"""The default job: a byte-level transformer LM on a text corpus, trained on the configured mesh."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxinfra import data as data_lib
+from jaxinfra import sharding as shd
+from jaxinfra import train
+from jaxinfra.config import Config, to_yaml
+from jaxinfra.errors import UserError
+from jaxinfra.generate import sample
+from jaxinfra.mesh import describe, make_mesh
+from jaxinfra.metrics import MetricsWriter
+from jaxinfra.model import Transformer, lm_loss
+from jaxinfra.optim import make_optimizer
+
+
+def check_batch(cfg: Config, divisor: int) -> None:
+    """The (micro-)batch must split over the batch mesh axes and the processes."""
+    micro = cfg.data.batch_size // cfg.optim.grad_accum
+    for n, what in ((divisor, f"the batch mesh axes ({'x'.join(cfg.mesh.rules.get('batch', [])) or 'none'}) "
+                               f"= {divisor}"),
+                    (jax.process_count(), f"the {jax.process_count()} processes")):
+        if micro % n:
+            raise UserError(f"data.batch_size={cfg.data.batch_size} / optim.grad_accum={cfg.optim.grad_accum} "
+                            f"= {micro} is not divisible by {what}")
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train, evaluate, sample; returns the final figures. Raises UserError before compiling."""
+    t_start = time.perf_counter()
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
+    data_lib.check_sizes(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
+    m = cfg.mesh
+    mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    rules = {k: tuple(v) for k, v in m.rules.items()}
+    shd.check_sizes(cfg.model.logical_sizes(), rules, mesh)
+    check_batch(cfg, shd.batch_divisor(mesh, rules))
+    run_dir = cfg.run.path
+    if lead:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+    say(describe(mesh))
+    say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
+        f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
+
+    with jax.set_mesh(mesh):
+        constrain = shd.LogicalConstraint(mesh, rules)
+        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
+        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
+        setup = train.init_state(model_fn, tx, mesh, rules)
+        n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
+        per_dev = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(setup.state.params))
+        say(f"model: {n_params:,} parameters, {per_dev / 2**20:.2f} MiB of them per device")
+
+        accum, L, B = cfg.optim.grad_accum, cfg.model.seq_len, cfg.data.batch_size
+        leading = 1 if accum > 1 else 0
+        batch_sh = NamedSharding(mesh, shd.batch_spec(rules, 2 + leading, leading))
+        shape = (accum, B // accum, L + 1) if accum > 1 else (B, L + 1)
+        example = {"tokens": jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sh)}
+        step_fn = train.make_train_step(setup.graphdef, lm_loss, tx, schedule, accum)
+        t0 = time.perf_counter()
+        compiled = train.compile_train_step(step_fn, setup, {"tokens": batch_sh}, example)
+        say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
+
+        loader = data_lib.train_loader(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed)
+        batches = data_lib.global_batches(iter(loader), batch_sh, accum)
+
+        eval_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))
+        eval_step = train.make_eval_step(setup.graphdef, lm_loss, setup.shardings.params, {"tokens": eval_sh}, mesh)
+        eval_set = [data_lib.from_host(b, eval_sh) for b in
+                    data_lib.eval_windows(corpus.heldout, L, B, cfg.run.eval_batches)] if cfg.run.eval_batches else []
+        writer = MetricsWriter(run_dir, cfg.run.steps, enabled=lead, progress=cfg.run.progress)
+        final: dict[str, Any] = {}
+
+        def log(step: int, metrics: dict[str, float]) -> None:
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                writer.write(step, metrics)
+            writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+            final.update(loss=metrics["loss"])
+
+        def evaluate(state: train.TrainState, step: int) -> None:
+            if not eval_set:
+                return
+            loss = float(np.mean([float(eval_step(state.params, b)) for b in eval_set]))
+            row = {"eval_loss": loss, "eval_bpb": loss / math.log(2)}
+            writer.write(step, row)
+            writer.print(f"step {step}: eval loss {loss:.4f}, {row['eval_bpb']:.3f} bits per byte")
+            final.update(row)
+
+        try:
+            state = train.fit(setup.state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
+                              log=log, eval_every=cfg.run.eval_every, evaluate=evaluate)
+        finally:
+            writer.close()
+
+        if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
+            final.update(data_lib.compression_bpb(corpus.heldout))
+        if "eval_bpb" in final:
+            yard = (f" (zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f} on all "
+                    f"{corpus.heldout.size:,} held-out bytes)" if "zlib_bpb" in final else "")
+            say(f"final held-out bits per byte: {final['eval_bpb']:.3f}{yard}")
+        if cfg.run.sample_tokens and cfg.run.sample_prompts:
+            texts = sample(setup.graphdef, state.params, cfg.run.sample_prompts,
+                           n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,
+                           temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=mesh, rules=rules)
+            say("samples:")
+            for text in texts:
+                say("  | " + "\n  | ".join(text.splitlines()[:6]))
+        final["wall_s"] = time.perf_counter() - t_start
+        say(f"done in {final['wall_s']:.0f}s; run folder {run_dir}")
+        return final

@@ -1,0 +1,95 @@
+"""Device mesh utilities: simulated CPU devices, jax.distributed, the named (data, fsdp, tensor) mesh.
+
+Importable on its own (imports nothing else of jaxinfra) so user code can build meshes with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxinfra.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def use_cpu_devices(n: int) -> None:
+    """Ask for n simulated CPU devices; only effective before JAX's backend starts."""
+    if n > 0:
+        jax.config.update("jax_num_cpu_devices", n)
+
+
+def _cluster_from_env() -> bool:
+    """Whether the environment describes a multi-process job JAX can auto-detect."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+    """Call jax.distributed.initialize for multi-process runs; a single process runs unchanged.
+
+    Explicit arguments win; otherwise JAX reads TPU / SLURM / JAX_COORDINATOR_ADDRESS settings.
+    Returns whether jax.distributed was initialised.
+    """
+    if coordinator or num_processes > 1:
+        if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(
+                f"distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
+                f"process_id={process_id}: a multi-process run needs all three, with "
+                f"0 <= process_id < num_processes")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if num_processes == 0 and _cluster_from_env():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def resolve_shape(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """Fill one -1 from the device count and check the product; raises UserError."""
+    sizes = dict(sizes)
+    known = math.prod(s for s in sizes.values() if s != -1)
+    missing = [a for a, s in sizes.items() if s == -1]
+    if len(missing) > 1:
+        raise UserError(f"at most one mesh size may be -1, got {sizes}")
+    if missing:
+        if n_devices % known:
+            raise UserError(f"mesh.{missing[0]}=-1 cannot be filled: {n_devices} devices are not "
+                            f"divisible by the other sizes' product {known}")
+        sizes[missing[0]] = n_devices // known
+    total = math.prod(sizes.values())
+    if total != n_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise UserError(f"mesh {shape} = {total} devices, but {n_devices} are available "
+                        f"(use -1 for one size to fill it)")
+    return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto (GSPMD) axes over the given or all devices."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = resolve_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    if devices == jax.devices():
+        # jax.make_mesh orders devices so tensor (the last, most communicating axis) is local.
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def describe(mesh: Mesh) -> str:
+    """One line: platform, devices, processes and axis sizes."""
+    devs = mesh.devices.flat
+    first = next(iter(devs))
+    axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
+    kind = getattr(first, "device_kind", first.platform)
+    return (f"mesh {axes} over {mesh.devices.size} {first.platform} devices ({kind}), "
+            f"{jax.process_count()} process(es), this is process {jax.process_index()}")

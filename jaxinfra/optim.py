@@ -1,0 +1,49 @@
+"""The Optax transformation and learning-rate schedule described by the config."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import optax
+
+if TYPE_CHECKING:
+    from jaxinfra.config import OptimConfig
+
+
+def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warmup to cfg.lr, then cosine, linear or constant until `steps`."""
+    warmup = min(cfg.warmup_steps, max(steps - 1, 0))
+    rest = max(steps - warmup, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, rest)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only (not norms' scales or biases)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = {
+    "adamw": lambda c, lr: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                                       mask=_decay_mask),
+    "sgd": lambda c, lr: optax.chain(optax.add_decayed_weights(c.weight_decay, _decay_mask),
+                                     optax.sgd(lr, momentum=c.momentum or None)),
+    "lion": lambda c, lr: optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=_decay_mask),
+    "adafactor": lambda c, lr: optax.adafactor(lr, weight_decay_rate=c.weight_decay or None,
+                                               weight_decay_mask=_decay_mask),
+}
+
+
+def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip -> optimizer) and its schedule, for a run of `steps` optimizer updates."""
+    schedule = make_schedule(cfg, steps)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    return optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule)), schedule

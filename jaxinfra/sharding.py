@@ -1,0 +1,127 @@
+"""The one home of sharding rules: logical axis names -> mesh axes -> NamedSharding.
+
+Models annotate every parameter with logical names (batch, seq, embed, heads, kv, mlp, vocab,
+norm, or their own); `mesh.rules` in the config maps each name to zero or more mesh axes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxinfra.errors import UserError
+
+Rules = Mapping[str, Sequence[str]]
+LogicalNames = Sequence[str | None]
+
+
+def logical_to_spec(names: LogicalNames, rules: Rules) -> P:
+    """Logical names of an array's dimensions -> PartitionSpec over mesh axes.
+
+    A mesh axis shards at most one dimension of an array: a later dimension asking for a
+    mesh axis an earlier one already took gets the rest of its axes (or none).
+    """
+    used: set[str] = set()
+    out: list[Any] = []
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise UserError(f"logical axis {name!r} has no rule in mesh.rules "
+                            f"(known: {', '.join(sorted(rules))}); add mesh.rules.{name}=[...]")
+        axes = tuple(a for a in rules[name] if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def named(mesh: Mesh, names: LogicalNames, rules: Rules) -> NamedSharding:
+    """NamedSharding for one array with the given logical dimension names."""
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole value (scalars, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, P) or (isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x))
+
+
+def tree_shardings(logical: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A pytree of logical PartitionSpecs (or name tuples) -> a pytree of NamedShardings."""
+    return jax.tree.map(lambda names: named(mesh, tuple(names), rules), logical, is_leaf=_is_names)
+
+
+def _axis_size(mesh: Mesh, entry: Any) -> int:
+    if entry is None:
+        return 1
+    axes = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisible(abstract: Any, shardings: Any, logical: Any | None = None) -> None:
+    """Every sharded dimension must split evenly over its mesh axes; raises UserError naming it."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    shards = jax.tree.leaves(shardings)
+    names = jax.tree.leaves(logical, is_leaf=_is_names) if logical is not None else [None] * len(flat)
+    for (path, leaf), sh, lnames in zip(flat, shards, names):
+        for dim, (size, entry) in enumerate(zip(leaf.shape, sh.spec)):
+            n = _axis_size(sh.mesh, entry)
+            if size % n:
+                lname = f" (logical {lnames[dim]!r})" if lnames is not None else ""
+                raise UserError(f"parameter {jax.tree_util.keystr(path)} dim {dim}{lname} has size {size}, "
+                                f"not divisible by mesh axes {entry} = {n}")
+
+
+def check_sizes(sizes: Mapping[str, tuple[str, int]], rules: Rules, mesh: Mesh) -> None:
+    """Config-level check: each logical size divides by the mesh axes its rule names."""
+    for name, (key, size) in sizes.items():
+        axes = [a for a in rules.get(name, ()) if a in mesh.shape]
+        n = math.prod(mesh.shape[a] for a in axes)
+        if size % n:
+            split = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+            raise UserError(f"{key}={size} is not divisible by {split} = {n} (mesh.rules.{name}={list(axes)})")
+
+
+def batch_spec(rules: Rules, ndim: int = 2, leading: int = 0) -> P:
+    """Spec of a batch: `leading` unsharded dims (micro-batches), then batch, seq, rest unsharded."""
+    names: list[str | None] = [None] * leading + ["batch"] + (["seq"] if ndim - leading > 1 else [])
+    names += [None] * (ndim - len(names))
+    return logical_to_spec(names, rules)
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split (data x fsdp by default)."""
+    return math.prod(mesh.shape[a] for a in rules.get("batch", ()) if a in mesh.shape)
+
+
+def shard(tree: Any, shardings: Any) -> Any:
+    """Place a host or device pytree onto the given shardings."""
+    return jax.device_put(tree, shardings)
+
+
+def gather(tree: Any) -> Any:
+    """Whole arrays as host numpy, from every process's shards (collective when multi-process)."""
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(one, tree)
+
+
+class LogicalConstraint:
+    """Callable a model uses to pin an activation's sharding by logical names (keeps GSPMD from
+    replicating activations around attention reshapes)."""
+
+    def __init__(self, mesh: Mesh, rules: Rules):
+        self.mesh, self.rules = mesh, {k: tuple(v) for k, v in rules.items()}
+
+    def __call__(self, x: jax.Array, names: LogicalNames) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, named(self.mesh, names, self.rules))
