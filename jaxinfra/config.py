@@ -266,8 +266,6 @@ def validate(cfg: Config) -> None:
         raise UserError(f"optim.lr={cfg.optim.lr} must be positive")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise UserError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must lie in [0, 1]")
-    if cfg.optim.warmup_steps >= cfg.run.steps and cfg.run.steps > 1:
-        raise UserError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be below run.steps={cfg.run.steps}")
     if cfg.model.d_model % cfg.model.n_heads:
         raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
     if cfg.model.head_dim % 2:

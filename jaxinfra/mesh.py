@@ -20,7 +20,11 @@ AXES = ("data", "fsdp", "tensor")
 def use_cpu_devices(n: int) -> None:
     """Ask for n simulated CPU devices; only effective before JAX's backend starts."""
     if n > 0:
-        jax.config.update("jax_num_cpu_devices", n)
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # the backend already started (with another count)
+            raise UserError(f"mesh.cpu_devices={n} per process cannot take effect: JAX already started "
+                            f"with {jax.local_device_count()} devices in this process") from None
 
 
 def _cluster_from_env() -> bool:

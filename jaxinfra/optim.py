@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warmup to cfg.lr, then cosine, linear or constant until `steps`."""
+    """Linear warmup to cfg.lr, then cosine, linear or constant until `steps` (warmup capped at steps - 1)."""
     warmup = min(cfg.warmup_steps, max(steps - 1, 0))
     rest = max(steps - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio

@@ -109,7 +109,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,26 @@
+"""Eight simulated CPU devices for every test, set before JAX's backend starts."""
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from jaxinfra.config import Config, load_config  # noqa: E402
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
+        "data.batch_size=16", "run.steps=5", "optim.warmup_steps=1", "run.progress=false",
+        "run.sample_tokens=0", "run.eval_every=0", "run.eval_batches=1"]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """A model small enough to compile in a second or two."""
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

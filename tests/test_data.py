@@ -1,0 +1,86 @@
+"""Corpus, held-out split, grain windows and loader determinism, global batch assembly."""
+import jax
+import numpy as np
+import pytest
+
+from jaxinfra import data
+from jaxinfra import sharding as shd
+from jaxinfra.config import DEFAULT_RULES
+from jaxinfra.errors import UserError
+from jaxinfra.mesh import make_mesh
+
+
+def _folder(tmp_path, n=200):
+    for i in range(n):
+        (tmp_path / f"f{i:03d}.txt").write_text(f"file {i}\n" * (i % 7 + 3))
+    (tmp_path / "skip.bin").write_bytes(b"\x00" * 10)
+    return str(tmp_path)
+
+
+def test_heldout_is_deterministic_by_path_and_about_one_percent():
+    names = [f"pkg/mod{i}.py" for i in range(20000)]
+    held = [n for n in names if data.is_heldout(n, 1.0)]
+    assert 0.008 < len(held) / len(names) < 0.012
+    assert held == [n for n in names if data.is_heldout(n, 1.0)]
+
+
+def test_stdlib_corpus_split():
+    corpus = data.load_corpus()
+    assert corpus.train.size > 20_000_000 and 100_000 < corpus.heldout.size < 1_000_000
+    assert 0.005 < corpus.n_heldout_files / (corpus.n_train_files + corpus.n_heldout_files) < 0.02
+    assert corpus.train.dtype == np.uint8
+
+
+def test_folder_and_single_file_corpora(tmp_path):
+    path = _folder(tmp_path)
+    corpus = data.load_corpus(path, "*.txt", heldout_percent=10)
+    assert corpus.n_train_files + corpus.n_heldout_files == 200 and corpus.n_heldout_files > 5
+    one = data.load_corpus(str(tmp_path / "f199.txt"), heldout_percent=10)
+    assert one.train.size + one.heldout.size == (tmp_path / "f199.txt").stat().st_size
+
+
+def test_missing_and_empty_corpora(tmp_path):
+    with pytest.raises(UserError, match="data.path=.*no such"):
+        data.load_corpus(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no files matching data.glob"):
+        data.load_corpus(str(tmp_path / "empty"), "*.txt")
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        data.load_corpus(str(tmp_path / "empty"), "*.txt")
+    corpus = data.load_corpus(_folder(tmp_path, 3), "*.txt")
+    with pytest.raises(UserError, match="data.batch_size=64 windows of model.seq_len=128"):
+        data.check_sizes(corpus, 128, 64, 1)
+
+
+def test_windows_and_loader_are_deterministic_from_the_seed(tmp_path):
+    tokens = np.arange(10_000, dtype=np.int64) % 251
+    src = data.Windows(tokens.astype(np.uint8), 16, "t")
+    assert len(src) == (10_000 - 1) // 16
+    np.testing.assert_array_equal(src[3]["tokens"], tokens[48:65])
+    first = [next(iter(data.train_loader(src, 8, seed=s)))["tokens"] for s in (0, 0, 1)]
+    assert first[0].shape == (8, 17) and first[0].dtype == np.int32
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.array_equal(first[0], first[2])
+
+
+def test_global_batches_are_sharded_over_batch_axes():
+    mesh = make_mesh(2, 2, 2)
+    rules = {k: tuple(v) for k, v in DEFAULT_RULES.items()}
+    sh = jax.sharding.NamedSharding(mesh, shd.batch_spec(rules, 2))
+    local = {"tokens": np.arange(8 * 5, dtype=np.int32).reshape(8, 5)}
+    (g,) = list(data.global_batches(iter([local]), sh))
+    assert g["tokens"].shape == (8, 5) and g["tokens"].addressable_shards[0].data.shape == (2, 5)
+    np.testing.assert_array_equal(shd.gather(g)["tokens"], local["tokens"])
+    sh3 = jax.sharding.NamedSharding(mesh, shd.batch_spec(rules, 3, leading=1))
+    (g3,) = list(data.global_batches(iter([local]), sh3, accum=2))
+    np.testing.assert_array_equal(shd.gather(g3)["tokens"], local["tokens"].reshape(2, 4, 5))
+
+
+def test_eval_windows_fixed_and_compression_yardsticks():
+    tokens = np.frombuffer(b"def f(x):\n    return x\n" * 200, np.uint8)
+    a = data.eval_windows(tokens, 32, 8, 2)
+    assert len(a) == 2 and a[0]["tokens"].shape == (8, 33)
+    np.testing.assert_array_equal(a[1]["tokens"], data.eval_windows(tokens, 32, 8, 2)[1]["tokens"])
+    bpb = data.compression_bpb(tokens)
+    assert 0 < bpb["xz_bpb"] < 8 and 0 < bpb["zlib_bpb"] < 8
