@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
+import sys
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -109,16 +110,26 @@ class Windows(grain.sources.RandomAccessDataSource):
         return f"Windows({self.name!r}, bytes={self.tokens.size}, seq_len={self.seq_len})"
 
 
-def train_loader(source: grain.sources.RandomAccessDataSource, global_batch: int, seed: int) -> grain.DataLoader:
-    """Shuffled, endless, this process's share only (ShardByJaxProcess), batched per process."""
-    n_proc = jax.process_count()
-    if global_batch % n_proc:
-        raise UserError(f"data.batch_size={global_batch} is not divisible by the {n_proc} processes")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True, num_epochs=None, seed=seed)
-    return grain.DataLoader(data_source=source, sampler=sampler, worker_count=0,
-                            operations=[grain.transforms.Batch(global_batch // n_proc, drop_remainder=True)])
+def train_batches(source: grain.sources.RandomAccessDataSource, global_batch: int, seed: int, *,
+                  start: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """This process's rows of global batch `start`, `start + 1`, ... (endless; reshuffled each epoch).
+
+    The order of windows is a seeded permutation of the whole corpus, the same for any number
+    of processes; global batch g is windows [g*B, (g+1)*B) of it, and process p reads only its
+    rows [p*B/P, (p+1)*B/P) of each. So losses do not depend on the process count, and the data
+    position of a resumed run is just the batch index, on any number of processes.
+    """
+    P = jax.process_count() if process_count is None else process_count
+    p = jax.process_index() if process_index is None else process_index
+    if global_batch % P:
+        raise UserError(f"data.batch_size={global_batch} is not divisible by the {P} processes")
+    b = global_batch // P
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()  # new permutation per epoch
+    rows = grain.MapDataset.range(sys.maxsize // global_batch * b)
+    local = rows.map(lambda j: source[order[(j // b) * global_batch + p * b + j % b]])
+    return local.batch(b, drop_remainder=True)[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
 
 
 def global_batches(local_batches: Iterator[Any], sharding: NamedSharding, accum: int = 1) -> Iterator[Any]:

@@ -74,7 +74,7 @@ def run(cfg: Config) -> dict[str, Any]:
         compiled = train.compile_train_step(step_fn, setup, {"tokens": batch_sh}, example)
         say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
 
-        loader = data_lib.train_loader(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed)
+        loader = data_lib.train_batches(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed)
         batches = data_lib.global_batches(iter(loader), batch_sh, accum)
 
         eval_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))

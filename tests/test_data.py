@@ -53,15 +53,31 @@ def test_missing_and_empty_corpora(tmp_path):
         data.check_sizes(corpus, 128, 64, 1)
 
 
-def test_windows_and_loader_are_deterministic_from_the_seed(tmp_path):
+def test_windows_and_loader_are_deterministic_from_the_seed():
     tokens = np.arange(10_000, dtype=np.int64) % 251
     src = data.Windows(tokens.astype(np.uint8), 16, "t")
     assert len(src) == (10_000 - 1) // 16
     np.testing.assert_array_equal(src[3]["tokens"], tokens[48:65])
-    first = [next(iter(data.train_loader(src, 8, seed=s)))["tokens"] for s in (0, 0, 1)]
+    first = [next(iter(data.train_batches(src, 8, seed=s)))["tokens"] for s in (0, 0, 1)]
     assert first[0].shape == (8, 17) and first[0].dtype == np.int32
     np.testing.assert_array_equal(first[0], first[1])
     assert not np.array_equal(first[0], first[2])
+
+
+def test_global_order_is_independent_of_the_process_count():
+    tokens = np.random.default_rng(0).integers(0, 256, 5_000).astype(np.uint8)
+    src = data.Windows(tokens, 8, "t")  # 624 distinct windows: 60 batches of 12 wrap an epoch
+    one = data.train_batches(src, 12, seed=3, process_index=0, process_count=1)
+    whole = [b["tokens"] for b, _ in zip(one, range(60))]
+    for P in (2, 3, 4):
+        parts = [[b["tokens"] for b, _ in zip(data.train_batches(src, 12, 3, process_index=p, process_count=P),
+                                             range(60))] for p in range(P)]
+        for g in range(60):
+            np.testing.assert_array_equal(np.concatenate([parts[p][g] for p in range(P)]), whole[g])
+    resumed = data.train_batches(src, 12, seed=3, start=57, process_index=0, process_count=1)
+    np.testing.assert_array_equal(next(iter(resumed))["tokens"], whole[57])
+    seen = np.concatenate(whole[:52])  # the first 624 windows: one epoch, each window once
+    assert len({row.tobytes() for row in seen}) == 624
 
 
 def test_global_batches_are_sharded_over_batch_axes():
