@@ -65,11 +65,18 @@ class MeshConfig:
     fsdp: int = 2
     tensor: int = 2
     cpu_devices: int = 8  # simulated CPU devices in all processes together; 0 = JAX's default
+    dcn_data: int = 1  # hybrid mesh: how much of each axis spans nodes / slices (the slow network)
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     rules: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_RULES))
 
     def sizes(self) -> dict[str, int]:
         """Axis name -> configured size (maybe -1)."""
         return {a: getattr(self, a) for a in MESH_AXES}
+
+    def dcn(self) -> tuple[int, ...]:
+        """Across-node factor of each axis (all 1: a plain mesh)."""
+        return tuple(getattr(self, f"dcn_{a}") for a in MESH_AXES)
 
 
 @dataclass
@@ -281,6 +288,9 @@ def validate(cfg: Config) -> None:
     for axis, size in sizes.items():
         if size == 0 or size < -1:
             raise UserError(f"mesh.{axis}={size} must be a positive size or -1 (fill from the device count)")
+    for axis, size in zip(MESH_AXES, cfg.mesh.dcn()):
+        if size < 1:
+            raise UserError(f"mesh.dcn_{axis}={size} must be at least 1")
     if list(sizes.values()).count(-1) > 1:
         raise UserError(f"at most one mesh size may be -1, got {sizes}")
     for name, axes in cfg.mesh.rules.items():

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jaxinfra import data as data_lib
 from jaxinfra import sharding as shd
 from jaxinfra import train
-from jaxinfra.config import Config, to_yaml
+from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
 from jaxinfra.errors import UserError
 from jaxinfra.generate import sample
 from jaxinfra.mesh import describe, make_mesh
@@ -26,6 +26,10 @@ from jaxinfra.optim import make_optimizer
 def check_batch(cfg: Config, divisor: int) -> None:
     """The (micro-)batch must split over the batch mesh axes and the processes."""
     micro = cfg.data.batch_size // cfg.optim.grad_accum
+    if divisor % jax.process_count():
+        raise UserError(f"the batch mesh axes split the batch {divisor} ways, fewer than (or not a multiple of) "
+                        f"the {jax.process_count()} processes: each process must own distinct rows; "
+                        f"put data or fsdp across processes")
     for n, what in ((divisor, f"the batch mesh axes ({'x'.join(cfg.mesh.rules.get('batch', [])) or 'none'}) "
                                f"= {divisor}"),
                     (jax.process_count(), f"the {jax.process_count()} processes")):
@@ -42,7 +46,7 @@ def run(cfg: Config) -> dict[str, Any]:
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
     data_lib.check_sizes(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
     m = cfg.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
     rules = {k: tuple(v) for k, v in m.rules.items()}
     shd.check_sizes(cfg.model.logical_sizes(), rules, mesh)
     check_batch(cfg, shd.batch_divisor(mesh, rules))
@@ -59,10 +63,17 @@ def run(cfg: Config) -> dict[str, Any]:
         constrain = shd.LogicalConstraint(mesh, rules)
         model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
         tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-        setup = train.init_state(model_fn, tx, mesh, rules)
+        setup = train.init_state(model_fn, tx, mesh, rules, allowed_unused=DEFAULT_RULES)
         n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
-        per_dev = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(setup.state.params))
-        say(f"model: {n_params:,} parameters, {per_dev / 2**20:.2f} MiB of them per device")
+        lines, warning = shd.report(setup.state.params, setup.logical, setup.shardings.params,
+                                    setup.state.opt_state, setup.shardings.opt_state,
+                                    meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
+        say(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
+        if warning:
+            say(warning)
+        if lead:
+            with open(os.path.join(run_dir, "sharding.txt"), "w") as f:
+                f.write("\n".join(lines + ([warning] if warning else [])) + "\n")
 
         accum, L, B = cfg.optim.grad_accum, cfg.model.seq_len, cfg.data.batch_size
         leading = 1 if accum > 1 else 0

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxinfra.errors import UserError
@@ -77,16 +78,35 @@ def resolve_shape(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto (GSPMD) axes over the given or all devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto (GSPMD) axes over the given or all devices.
+
+    `dcn` splits each axis into an across-granule factor (slices on TPU, processes elsewhere)
+    times an in-granule one, as jax's hybrid device mesh lays it out: put the data axis
+    across the slow network and keep fsdp and tensor inside a node.
+    """
     devices = list(devices) if devices is not None else jax.devices()
     sizes = resolve_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
     shape = tuple(sizes[a] for a in AXES)
+    types = (AxisType.Auto,) * len(AXES)
+    if any(d != 1 for d in dcn):
+        bad = [f"mesh.{a}={s} % mesh.dcn_{a}={d}" for a, s, d in zip(AXES, shape, dcn) if d < 1 or s % d]
+        if bad:
+            raise UserError(f"hybrid mesh: each size must divide by its across-node factor: {', '.join(bad)}")
+        inner = tuple(s // d for s, d in zip(shape, dcn))
+        by_process = getattr(devices[0], "slice_index", None) is None
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(inner, tuple(dcn), devices, process_is_granule=by_process)
+        except ValueError as e:
+            granules = "processes" if by_process else "slices"
+            raise UserError(f"hybrid mesh: in-node shape {inner} x across-node shape {tuple(dcn)} does not fit "
+                            f"the {granules} ({str(e).splitlines()[0]})") from None
+        return Mesh(grid, AXES, axis_types=types)
     if devices == jax.devices():
         # jax.make_mesh orders devices so tensor (the last, most communicating axis) is local.
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+        return jax.make_mesh(shape, AXES, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=types)
 
 
 def describe(mesh: Mesh) -> str:

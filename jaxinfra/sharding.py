@@ -5,6 +5,7 @@ norm, or their own); `mesh.rules` in the config maps each name to zero or more m
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -125,3 +126,67 @@ class LogicalConstraint:
 
     def __call__(self, x: jax.Array, names: LogicalNames) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, named(self.mesh, names, self.rules))
+
+
+def tree_bytes(abstract: Any) -> int:
+    """Bytes of a pytree of arrays or ShapeDtypeStructs, whole."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract))
+
+
+def check_rules_used(rules: Rules, logical: Any, allowed: Sequence[str] = ()) -> None:
+    """A rule for a logical name that no parameter uses is most likely a typo: say so."""
+    used = {n for names in jax.tree.leaves(logical, is_leaf=_is_names) for n in names if n is not None}
+    for name in rules:
+        if name not in used and name not in allowed:
+            close = difflib.get_close_matches(name, sorted(used), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"mesh.rules.{name}: no parameter of the model uses logical axis {name!r}{hint}")
+
+
+def shard_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a pytree under the given shardings."""
+    return sum(math.prod(sh.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+               for a, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+
+
+def _collapse(path: str) -> str:
+    """blocks/3/attn/wq -> blocks/*/attn/wq: layers share a row of the report."""
+    return "/".join("*" if part.isdigit() else part for part in path.split("/"))
+
+
+def report(abstract: Any, logical: Any, shardings: Any, opt_abstract: Any = None, opt_shardings: Any = None,
+           meant_to_shard: bool = False) -> tuple[list[str], str | None]:
+    """The start-up sharding report: a row per parameter (layers collapsed) and a warning, if any.
+
+    Each row: path, global shape, logical axes, mesh spec, per-device shard shape. A warning is
+    returned when more than 2% of parameter bytes stay replicated while the mesh is meant to
+    shard parameters (fsdp or tensor larger than 1).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    names = jax.tree.leaves(logical, is_leaf=_is_names)
+    shards = jax.tree.leaves(shardings)
+    rows: dict[str, list[str]] = {}
+    total = replicated_bytes = 0
+    for (path, a), lname, sh in zip(flat, names, shards):
+        key = _collapse("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path))
+        nbytes = math.prod(a.shape) * np.dtype(a.dtype).itemsize
+        total += nbytes
+        if sh.is_fully_replicated:
+            replicated_bytes += nbytes
+        rows.setdefault(key, [key, "x".join(map(str, a.shape)), ",".join(str(n) for n in lname) or "-",
+                              str(tuple(sh.spec)), "x".join(map(str, sh.shard_shape(a.shape)))])
+    header = ["parameter", "shape", "logical", "mesh spec", "per device"]
+    table = [header, *rows.values()]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    n_dev = next(iter(shards)).mesh.devices.size if shards else 1
+    line = f"parameters: {total / 2**20:.2f} MiB in all, {shard_bytes(abstract, shardings) / 2**20:.2f} MiB per device"
+    if opt_abstract is not None:
+        line += (f"; optimizer state: {tree_bytes(opt_abstract) / 2**20:.2f} MiB "
+                 f"in all, {shard_bytes(opt_abstract, opt_shardings) / 2**20:.2f} MiB per device")
+    lines.append(line + f" ({n_dev} devices)")
+    warning = None
+    if meant_to_shard and total and replicated_bytes / total > 0.02:
+        warning = (f"warning: {100 * replicated_bytes / total:.1f}% of parameter bytes are replicated on every "
+                   f"device although the mesh shards parameters; check mesh.rules")
+    return lines, warning

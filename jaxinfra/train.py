@@ -72,9 +72,16 @@ class Setup(NamedTuple):
     init_compiled: Any  # the compiled parameter initialiser (memory_analysis for reports)
 
 
-def init_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules) -> Setup:
-    """eval_shape -> shardings -> jit(init, out_shardings): no device holds more than its shards."""
+def init_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules,
+               allowed_unused: Any = None) -> Setup:
+    """eval_shape -> shardings -> jit(init, out_shardings): no device holds more than its shards.
+
+    Checks before compiling: every logical name has a rule, every sharded dimension divides and,
+    unless `allowed_unused` is None, every rule but those it names is used by a parameter.
+    """
     graphdef, abstract, logical = abstract_model(model_fn)
+    if allowed_unused is not None:
+        shd.check_rules_used(rules, logical, allowed_unused)
     param_sh = shd.tree_shardings(logical, mesh, rules)
     shd.check_divisible(abstract, param_sh, logical)
 

@@ -1,58 +1,18 @@
 """State born sharded; one compiled step equal across meshes; accumulation, optimizers, divergence."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding
 
-from jaxinfra import sharding as shd
 from jaxinfra import train
 from jaxinfra.mesh import make_mesh
-from jaxinfra.model import Transformer, lm_loss
-from jaxinfra.optim import make_optimizer
-
-
-def _setup(cfg, mesh):
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
-    constrain = shd.LogicalConstraint(mesh, rules)
-    model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
-    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-    setup = train.init_state(model_fn, tx, mesh, rules)
-    accum = cfg.optim.grad_accum
-    lead = 1 if accum > 1 else 0
-    batch_sh = {"tokens": NamedSharding(mesh, shd.batch_spec(rules, 2 + lead, lead))}
-    step = train.make_train_step(setup.graphdef, lm_loss, tx, schedule, accum)
-    return setup, step, batch_sh
-
-
-def _batch(cfg, seed=0):
-    B, L = cfg.data.batch_size, cfg.model.seq_len
-    return np.random.default_rng(seed).integers(0, 256, (B, L + 1), dtype=np.int32)
-
-
-def _run_steps(cfg, mesh_shape, n=2, accum_reshape=False):
-    mesh = make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-    with jax.set_mesh(mesh):
-        setup, step, batch_sh = _setup(cfg, mesh)
-        tokens = _batch(cfg)
-        if accum_reshape:
-            a = cfg.optim.grad_accum
-            tokens = tokens.reshape(a, tokens.shape[0] // a, -1)
-        example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sh["tokens"])}
-        compiled = train.compile_train_step(step, setup, batch_sh, example)
-        state, losses = setup.state, []
-        for _ in range(n):
-            state, metrics = compiled(state, {"tokens": jax.device_put(tokens, batch_sh["tokens"])})
-            losses.append(float(metrics["loss"]))
-        return shd.gather(state.params), losses, state, setup
+from steps import compile_step, make_batch, make_setup, run_steps
 
 
 def test_params_and_opt_state_are_born_sharded(tiny):
     cfg = tiny()
     mesh = make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        setup, _, _ = _setup(cfg, mesh)
+        setup, _, _ = make_setup(cfg, mesh)
     params = setup.state.params
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     per_device = setup.init_compiled.memory_analysis().output_size_in_bytes
@@ -68,9 +28,9 @@ def test_params_and_opt_state_are_born_sharded(tiny):
 
 def test_one_step_equal_across_meshes(tiny):
     cfg = tiny()
-    ref_params, ref_loss, _, _ = _run_steps(cfg, (1, 1, 1), n=2)
-    for shape in [(2, 2, 2), (8, 1, 1), (1, 4, 2)]:
-        params, losses, _, _ = _run_steps(cfg, shape, n=2)
+    ref_params, ref_loss, _, _ = run_steps(cfg, (1, 1, 1), n=2)
+    for shape in [(2, 2, 2), (8, 1, 1)]:
+        params, losses, _, _ = run_steps(cfg, shape, n=2)
         np.testing.assert_allclose(losses, ref_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -78,8 +38,8 @@ def test_one_step_equal_across_meshes(tiny):
 
 def test_gradient_accumulation_matches_the_full_batch(tiny):
     cfg = tiny("optim.clip_norm=0")
-    full, full_loss, _, _ = _run_steps(cfg, (2, 2, 2), n=1)
-    acc, acc_loss, _, _ = _run_steps(tiny("optim.clip_norm=0", "optim.grad_accum=2"), (2, 2, 2), n=1,
+    full, full_loss, _, _ = run_steps(cfg, (2, 2, 2), n=1)
+    acc, acc_loss, _, _ = run_steps(tiny("optim.clip_norm=0", "optim.grad_accum=2"), (2, 2, 2), n=1,
                                      accum_reshape=True)
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
@@ -89,7 +49,7 @@ def test_gradient_accumulation_matches_the_full_batch(tiny):
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "adafactor"])
 def test_each_optimizer_lowers_the_loss(tiny, name):
     lr = {"adamw": 1e-2, "sgd": 0.3, "lion": 1e-3, "adafactor": 1e-2}[name]
-    _, losses, state, _ = _run_steps(tiny(f"optim.name={name}", f"optim.lr={lr}"), (2, 2, 2), n=6)
+    _, losses, state, _ = run_steps(tiny(f"optim.name={name}", f"optim.lr={lr}"), (2, 2, 2), n=6, same_batch=True)
     assert losses[-1] < losses[0] - 0.05, losses
     assert int(state.step) == 6
 
@@ -105,13 +65,11 @@ class _Recorder:
         self.evals.append((step, int(state.step)))
 
 
-def _fit(cfg, steps, lr=None):
+def _fit(cfg, steps):
     mesh = make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        setup, step, batch_sh = _setup(cfg, mesh)
-        tokens = _batch(cfg)
-        example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sh["tokens"])}
-        compiled = train.compile_train_step(step, setup, batch_sh, example)
+        compiled, setup, batch_sh = compile_step(cfg, mesh)
+        tokens = make_batch(cfg)
         batches = iter(lambda: {"tokens": jax.device_put(tokens, batch_sh["tokens"])}, None)
         rec = _Recorder()
         state = train.fit(setup.state, compiled, batches, steps=steps, tokens_per_step=tokens.size,
