@@ -95,7 +95,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         if bad:
             raise UserError(f"hybrid mesh: each size must divide by its across-node factor: {', '.join(bad)}")
         inner = tuple(s // d for s, d in zip(shape, dcn))
-        by_process = getattr(devices[0], "slice_index", None) is None
+        # slices (TPU multi-slice) when devices report several, else processes (nodes)
+        by_process = len({getattr(d, "slice_index", None) for d in devices}) <= 1
         try:
             grid = mesh_utils.create_hybrid_device_mesh(inner, tuple(dcn), devices, process_is_granule=by_process)
         except ValueError as e:

@@ -51,6 +51,8 @@ def test_launch_script_end_to_end(tmp_path):
     (["data.path=/definitely/missing"], ["data.path=/definitely/missing"]),
     (["run.stesp=3"], ["run.stesp", "run.steps"]),
     (["mesh.cpu_devices=4"], ["mesh.cpu_devices=4"]),
+    (["mesh.rules.embd=[fsdp]"], ["mesh.rules.embd", "embed"]),
+    (["distributed.num_processes=3"], ["mesh.cpu_devices=8", "distributed.num_processes=3"]),
 ])
 def test_user_errors_are_one_line_before_compiling(overrides, words, capsys, tmp_path):
     code = cli.main([*TINY, f"run.dir={tmp_path}", *overrides])

@@ -15,6 +15,7 @@ import pytest
 from conftest import TINY, tiny_config
 from jaxinfra import sharding as shd
 from jaxinfra.config import load_config
+from jaxinfra.errors import UserError
 from jaxinfra.mesh import make_mesh
 from steps import compile_step, make_setup, mesh_of, run_steps
 
@@ -110,10 +111,20 @@ def test_two_processes_match_one_process(tmp_path):
     rc2, out2, err2 = _train([*args, f"run.dir={tmp_path / 'two'}"], launcher=2)
     assert rc2 == 0, err2[-2000:]
     assert "2 process(es)" in out2
+    rc3, _, err3 = _train([*args, f"run.dir={tmp_path / 'hybrid'}", "mesh.dcn_data=2"], launcher=2)
+    assert rc3 == 0, err3[-2000:]  # the data axis across the two processes, as across two nodes
     losses = [[json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("one", "two")]
+              for d in ("one", "two", "hybrid")]
     assert len(losses[0]) == 5
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-6)
+    np.testing.assert_allclose(losses[2], losses[0], rtol=2e-6)
+
+
+def test_hybrid_mesh_needs_matching_granules():
+    with pytest.raises(UserError, match="hybrid mesh"):
+        make_mesh(2, 2, 2, dcn=(2, 1, 1))  # one process: one granule, not two
+    with pytest.raises(UserError, match="mesh.fsdp=2 % mesh.dcn_fsdp=4"):
+        make_mesh(2, 2, 2, dcn=(1, 4, 1))
 
 
 @pytest.mark.parametrize("config", ["default", "dp", "fsdp", "tp"])
