@@ -50,6 +50,7 @@ class RunConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class "])
     sample_temperature: float = 0.8
     progress: bool = True  # console progress bar
+    stop_after: int = 0  # end this process after N steps of the run (checkpointed; a restart resumes)
 
     @property
     def path(self) -> str:
@@ -147,6 +148,21 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Orbax checkpoints in <run.dir>/checkpoints and merged exports in <run.dir>/exports."""
+
+    every: int = 200  # save every N steps (0: only at the end); always at the end and on SIGTERM
+    keep: int = 2  # newest steps kept
+    keep_every: int = 0  # also keep every N-th step for good (0: none)
+    resume: bool = True  # continue from the newest complete step in the run folder
+    restore_step: int = -1  # resume from this step instead of the newest
+    fallback: bool = False  # if the chosen step is unreadable, resume from the previous good one
+    export_every: int = 0  # also write exports/model-<step>.safetensors every N steps (0: never)
+    export_final: bool = True  # ... and at the end of the run
+    export_dtype: str = "float32"
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -156,6 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -165,6 +182,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "optim.name": ("adamw", "sgd", "lion", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "checkpoint.export_dtype": DTYPES,
 }
 
 
@@ -266,9 +284,12 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 1:
             raise UserError(f"{key}={_get(cfg, key)} must be at least 1")
     for key in ("run.eval_every", "run.eval_batches", "run.sample_tokens", "optim.warmup_steps",
-                "mesh.cpu_devices", "distributed.num_processes", "optim.clip_norm", "optim.weight_decay"):
+                "mesh.cpu_devices", "distributed.num_processes", "optim.clip_norm", "optim.weight_decay",
+                "run.stop_after", "checkpoint.every", "checkpoint.keep_every", "checkpoint.export_every"):
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)} must not be negative")
+    if cfg.checkpoint.keep < 1:
+        raise UserError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1")
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr={cfg.optim.lr} must be positive")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:

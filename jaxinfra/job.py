@@ -1,8 +1,11 @@
-"""The default job: a byte-level transformer LM on a text corpus, trained on the configured mesh."""
+"""The default job: a byte-level transformer LM on a text corpus, trained on the configured mesh,
+checkpointed, resumable, exported."""
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -10,8 +13,11 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from omegaconf import OmegaConf
 
+from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
+from jaxinfra import export as export_lib
 from jaxinfra import sharding as shd
 from jaxinfra import train
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
@@ -38,8 +44,25 @@ def check_batch(cfg: Config, divisor: int) -> None:
                             f"= {micro} is not divisible by {what}")
 
 
+def run_meta(cfg: Config, mesh: Any, step: int) -> dict[str, Any]:
+    """What a checkpoint records besides arrays: config, versions, mesh, data position."""
+    versions = {}
+    for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    return {"step": step, "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "versions": versions,
+            "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "data": {"global_batches_consumed": step, "batch_size": cfg.data.batch_size,
+                     "seq_len": cfg.model.seq_len, "seed": cfg.run.seed}}
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """Train, evaluate, sample; returns the final figures. Raises UserError before compiling."""
+    """Train (or resume), evaluate, checkpoint, export, sample; returns the final figures.
+
+    Raises UserError before compiling the train step.
+    """
     t_start = time.perf_counter()
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
@@ -59,14 +82,35 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
 
+    c = cfg.checkpoint
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    exporter = export_lib.BackgroundExporter(ckpt_dir, os.path.join(run_dir, "exports"), c.export_dtype,
+                                             enabled=lead)
+
     with jax.set_mesh(mesh):
         constrain = shd.LogicalConstraint(mesh, rules)
         model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
         tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-        setup = train.init_state(model_fn, tx, mesh, rules, allowed_unused=DEFAULT_RULES)
-        n_params = sum(x.size for x in jax.tree.leaves(setup.state.params))
-        lines, warning = shd.report(setup.state.params, setup.logical, setup.shardings.params,
-                                    setup.state.opt_state, setup.shardings.opt_state,
+        plan = train.plan_state(model_fn, tx, mesh, rules, allowed_unused=DEFAULT_RULES)
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=c.keep, keep_every=c.keep_every)
+        state = ckpt_lib.resume(ckpt, plan.abstract, restore_step=c.restore_step, fallback=c.fallback,
+                                say=say) if c.resume else None
+        if state is None:
+            state = train.init_state(model_fn, tx, mesh, rules, plan=plan).state
+        else:
+            saved = ckpt.meta(int(state.step))["data"]
+            for key, now in (("batch_size", cfg.data.batch_size), ("seq_len", cfg.model.seq_len),
+                             ("seed", cfg.run.seed)):
+                if saved[key] != now:
+                    name = {"batch_size": "data.batch_size", "seq_len": "model.seq_len", "seed": "run.seed"}[key]
+                    raise UserError(f"checkpoint step {int(state.step)} was trained with {name}={saved[key]}, "
+                                    f"now {now}: the data position would not carry over "
+                                    f"(checkpoint.resume=false starts fresh)")
+            say(f"resumed from step {int(state.step)} of {ckpt_dir}")
+        start = int(state.step)
+        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
+        lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
+                                    plan.abstract.opt_state, plan.shardings.opt_state,
                                     meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
         say(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
         if warning:
@@ -80,26 +124,25 @@ def run(cfg: Config) -> dict[str, Any]:
         batch_sh = NamedSharding(mesh, shd.batch_spec(rules, 2 + leading, leading))
         shape = (accum, B // accum, L + 1) if accum > 1 else (B, L + 1)
         example = {"tokens": jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sh)}
-        step_fn = train.make_train_step(setup.graphdef, lm_loss, tx, schedule, accum)
+        step_fn = train.make_train_step(plan.graphdef, lm_loss, tx, schedule, accum)
         t0 = time.perf_counter()
-        compiled = train.compile_train_step(step_fn, setup, {"tokens": batch_sh}, example)
+        compiled = train.compile_train_step(step_fn, plan, {"tokens": batch_sh}, example)
         say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
 
-        loader = data_lib.train_batches(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed)
+        loader = data_lib.train_batches(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed, start=start)
         batches = data_lib.global_batches(iter(loader), batch_sh, accum)
-
         eval_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))
-        eval_step = train.make_eval_step(setup.graphdef, lm_loss, setup.shardings.params, {"tokens": eval_sh}, mesh)
+        eval_step = train.make_eval_step(plan.graphdef, lm_loss, plan.shardings.params, {"tokens": eval_sh}, mesh)
         eval_set = [data_lib.from_host(b, eval_sh) for b in
                     data_lib.eval_windows(corpus.heldout, L, B, cfg.run.eval_batches)] if cfg.run.eval_batches else []
-        writer = MetricsWriter(run_dir, cfg.run.steps, enabled=lead, progress=cfg.run.progress)
-        final: dict[str, Any] = {}
+        writer = MetricsWriter(run_dir, cfg.run.steps, initial_step=start, enabled=lead, progress=cfg.run.progress)
+        final: dict[str, Any] = {"start_step": start}
 
         def log(step: int, metrics: dict[str, float]) -> None:
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 writer.write(step, metrics)
             writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
-            final.update(loss=metrics["loss"])
+            final.update(loss=metrics["loss"], step=step)
 
         def evaluate(state: train.TrainState, step: int) -> None:
             if not eval_set:
@@ -110,11 +153,32 @@ def run(cfg: Config) -> dict[str, Any]:
             writer.print(f"step {step}: eval loss {loss:.4f}, {row['eval_bpb']:.3f} bits per byte")
             final.update(row)
 
+        def on_step(state: train.TrainState, step: int) -> bool:
+            exporter.poll()
+            preempted = ckpt.preempted(step)
+            stop = preempted or bool(cfg.run.stop_after and step - start >= cfg.run.stop_after)
+            export_now = (c.export_every and step % c.export_every == 0) or (c.export_final and step == cfg.run.steps)
+            if stop or export_now or step == cfg.run.steps or (c.every and step % c.every == 0):
+                ckpt.save(step, state, run_meta(cfg, mesh, step))
+                if export_now:
+                    exporter.request(step)
+            if stop:
+                writer.print(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
+                             f"checkpoint saved, a restart resumes from it")
+                final["stopped_at"] = step
+            return stop
+
+        ckpt.watch_sigterm()
         try:
-            state = train.fit(setup.state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
-                              log=log, eval_every=cfg.run.eval_every, evaluate=evaluate)
+            state = train.fit(state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
+                              log=log, eval_every=cfg.run.eval_every, evaluate=evaluate, on_step=on_step)
         finally:
             writer.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if "stopped_at" in final:
+            ckpt.close()
+            exporter.finish()
+            return final
 
         if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
             final.update(data_lib.compression_bpb(corpus.heldout))
@@ -123,12 +187,15 @@ def run(cfg: Config) -> dict[str, Any]:
                     f"{corpus.heldout.size:,} held-out bytes)" if "zlib_bpb" in final else "")
             say(f"final held-out bits per byte: {final['eval_bpb']:.3f}{yard}")
         if cfg.run.sample_tokens and cfg.run.sample_prompts:
-            texts = sample(setup.graphdef, state.params, cfg.run.sample_prompts,
+            texts = sample(plan.graphdef, state.params, cfg.run.sample_prompts,
                            n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,
                            temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=mesh, rules=rules)
             say("samples:")
             for text in texts:
                 say("  | " + "\n  | ".join(text.splitlines()[:6]))
+        ckpt.close()  # waits for the last save to be committed
+        for path in exporter.finish():
+            say(f"exported {path}")
         final["wall_s"] = time.perf_counter() - t_start
         say(f"done in {final['wall_s']:.0f}s; run folder {run_dir}")
         return final

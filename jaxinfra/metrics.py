@@ -18,7 +18,13 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        kept = []
+        if initial_step and os.path.exists(path):  # a resumed run: rows past the restored step are redone
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= initial_step]
+        self._jsonl = open(path, "w")
+        self._jsonl.writelines(kept)
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: optional at import time of the package
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))

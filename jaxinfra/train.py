@@ -62,6 +62,15 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
         abstract_opt, abstract_params, param_shardings, transform_non_params=lambda _: rep)
 
 
+class Plan(NamedTuple):
+    """The state's structure and shardings, before (or instead of) allocating it."""
+
+    graphdef: nnx.GraphDef
+    abstract: TrainState  # ShapeDtypeStructs carrying their shardings: restore targets
+    shardings: TrainState  # NamedSharding per leaf
+    logical: Any  # logical PartitionSpec per parameter
+
+
 class Setup(NamedTuple):
     """A born-sharded state and what the step needs to know about it."""
 
@@ -69,34 +78,43 @@ class Setup(NamedTuple):
     state: TrainState
     shardings: TrainState  # NamedSharding per leaf of `state`
     logical: Any  # logical PartitionSpec per parameter
-    init_compiled: Any  # the compiled parameter initialiser (memory_analysis for reports)
+    init_compiled: Any  # the compiled parameter initialiser (memory_analysis for reports); None if restored
 
 
-def init_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules,
-               allowed_unused: Any = None) -> Setup:
-    """eval_shape -> shardings -> jit(init, out_shardings): no device holds more than its shards.
+def plan_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules,
+               allowed_unused: Any = None) -> Plan:
+    """Shapes and shardings of the whole train state, checked, without allocating anything.
 
-    Checks before compiling: every logical name has a rule, every sharded dimension divides and,
-    unless `allowed_unused` is None, every rule but those it names is used by a parameter.
+    Checks: every logical name has a rule, every sharded dimension divides and, unless
+    `allowed_unused` is None, every rule but those it names is used by a parameter.
     """
     graphdef, abstract, logical = abstract_model(model_fn)
     if allowed_unused is not None:
         shd.check_rules_used(rules, logical, allowed_unused)
     param_sh = shd.tree_shardings(logical, mesh, rules)
     shd.check_divisible(abstract, param_sh, logical)
+    opt_sh = opt_state_shardings(tx, abstract, param_sh, mesh)
+    rep = shd.replicated(mesh)
+    shardings = TrainState(rep, param_sh, opt_sh)
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract, jax.eval_shape(tx.init, abstract))
+    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return Plan(graphdef, targets, shardings, logical)
+
+
+def init_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh, rules: shd.Rules,
+               allowed_unused: Any = None, plan: Plan | None = None) -> Setup:
+    """eval_shape -> shardings -> jit(init, out_shardings): no device holds more than its shards."""
+    plan = plan or plan_state(model_fn, tx, mesh, rules, allowed_unused)
 
     def init_params() -> Any:
         with nnx.use_eager_sharding(False):
             return nnx.to_pure_dict(nnx.state(model_fn(), nnx.Param))
 
-    init_compiled = jax.jit(init_params, out_shardings=param_sh).lower().compile()
+    init_compiled = jax.jit(init_params, out_shardings=plan.shardings.params).lower().compile()
     params = init_compiled()
-    opt_sh = opt_state_shardings(tx, abstract, param_sh, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    rep = shd.replicated(mesh)
-    step = jax.device_put(jnp.zeros((), jnp.int32), rep)
-    return Setup(graphdef, TrainState(step, params, opt_state), TrainState(rep, param_sh, opt_sh),
-                 logical, init_compiled)
+    opt_state = jax.jit(tx.init, out_shardings=plan.shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), plan.shardings.step)
+    return Setup(plan.graphdef, TrainState(step, params, opt_state), plan.shardings, plan.logical, init_compiled)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -124,12 +142,13 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     return train_step
 
 
-def compile_train_step(step_fn: Callable, setup: Setup, batch_sharding: Any, example_batch: Any) -> Any:
+def compile_train_step(step_fn: Callable, plan: Plan | Setup, batch_sharding: Any, example_batch: Any) -> Any:
     """jit with explicit in/out shardings and the state donated, compiled ahead of the loop."""
-    rep = shd.replicated(next(iter(jax.tree.leaves(setup.shardings))).mesh)
-    jitted = jax.jit(step_fn, in_shardings=(setup.shardings, batch_sharding),
-                     out_shardings=(setup.shardings, rep), donate_argnums=(0,))
-    return jitted.lower(setup.state, example_batch).compile()
+    rep = shd.replicated(next(iter(jax.tree.leaves(plan.shardings))).mesh)
+    abstract = plan.abstract if isinstance(plan, Plan) else plan.state
+    jitted = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding),
+                     out_shardings=(plan.shardings, rep), donate_argnums=(0,))
+    return jitted.lower(abstract, example_batch).compile()
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, param_shardings: Any, batch_sharding: Any,
@@ -141,11 +160,14 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, param_shardings: Any
 
 def fit(state: TrainState, step_fn: Callable, batches: Iterator[Any], *, steps: int, tokens_per_step: int,
         log: Callable[[int, dict[str, float]], None], eval_every: int = 0,
-        evaluate: Callable[[TrainState, int], None] | None = None) -> TrainState:
+        evaluate: Callable[[TrainState, int], None] | None = None,
+        on_step: Callable[[TrainState, int], bool] | None = None) -> TrainState:
     """Dispatch step N+1, then fetch step N's metrics, so the device never waits on the host.
 
     `log(step, metrics)` receives every completed step's metrics (step counts updates done);
-    `evaluate(state, step)` runs every `eval_every` steps and after the last one.
+    `evaluate(state, step)` runs every `eval_every` steps and after the last one;
+    `on_step(state, step)` runs after each dispatch (checkpoints, preemption) and returns True
+    to stop early. All hooks run outside the compiled step.
     """
     start = int(jax.device_get(state.step))
     pending: tuple[int, dict[str, jax.Array]] | None = None
@@ -174,6 +196,8 @@ def fit(state: TrainState, step_fn: Callable, batches: Iterator[Any], *, steps: 
             pending = None
             evaluate(state, index + 1)
             last_done = time.perf_counter()  # evaluation time is not step time
+        if on_step is not None and on_step(state, index + 1):
+            break
     if pending is not None:
         finish(pending)
     return state

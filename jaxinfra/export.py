@@ -1,0 +1,233 @@
+"""Merge a sharded checkpoint's parameters into whole tensors in safetensors, a tensor at a time,
+and load such a file back onto any mesh.
+
+The writer streams: it lays out the safetensors header from the checkpoint's metadata, then
+reads one tensor from the checkpoint as a host array, appends its bytes, and drops it; the
+host holds about the largest tensor, not the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from typing import Any, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from safetensors import safe_open
+
+from jaxinfra.errors import UserError
+
+DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16), "float16": ("F16", np.float16),
+          "int32": ("I32", np.int32), "int64": ("I64", np.int64), "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
+ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
+
+
+def tensor_name(path: tuple[Any, ...]) -> str:
+    """('blocks', 0, 'attn', 'wq') -> 'blocks.0.attn.wq'."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _params_metadata(step_dir: str) -> dict[str, Any]:
+    """Name -> (shape, dtype) metadata of the saved parameters, without reading arrays."""
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
+    return {tensor_name(p): (tree, p, x) for p, x in flat}
+
+
+def _read_one(step_dir: str, tree: Any, path: tuple[Any, ...]) -> np.ndarray:
+    """One saved parameter as a whole host array (every other leaf skipped)."""
+    item = jax.tree.map(lambda _: ocp.PLACEHOLDER, tree, is_leaf=lambda x: hasattr(x, "shape"))
+    node = item["params"]
+    for k in path[:-1]:
+        node = node[getattr(k, "key", getattr(k, "idx", k))]
+    last = getattr(path[-1], "key", getattr(path[-1], "idx", path[-1]))
+    node[last] = np.zeros((), np.float32)  # any array marks the leaf to read
+    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = ocp.PyTreeCheckpointHandler().restore(epath.Path(step_dir) / "state",
+                                                args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+    node = out["params"]
+    for k in path:
+        node = node[getattr(k, "key", getattr(k, "idx", k))]
+    return np.asarray(node)
+
+
+def step_dir_of(directory: str, step: int | None = None) -> tuple[str, int]:
+    """A run folder, its checkpoints folder, or one step's folder -> (step folder, step)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: no such checkpoint folder")
+    if os.path.isdir(os.path.join(directory, "state")) and os.path.basename(directory).isdigit():
+        found = int(os.path.basename(directory))
+        if step is not None and step != found:
+            raise UserError(f"--step {step} does not match the step folder {directory}")
+        return directory, found
+    root = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) \
+        else directory
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit() and
+                   os.path.isfile(os.path.join(root, d, "commit_success.txt")))
+    if not steps:
+        raise UserError(f"{directory}: holds no complete checkpoint step")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"--step {step} is not in {root} (steps: {', '.join(map(str, steps))})")
+    return os.path.join(root, str(step)), step
+
+
+def _shard_plan(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int) -> list[list[int]]:
+    """Group tensors (in order) into files of at most max_bytes (a bigger tensor gets its own)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dt) in enumerate(entries):
+        n = math.prod(shape) * np.dtype(dt).itemsize
+        if groups[-1] and max_bytes and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def _write_file(path: str, names: list[str], shapes: list[tuple[int, ...]], tags: list[str],
+                arrays: Iterator[np.ndarray], metadata: dict[str, str]) -> None:
+    """Stream one safetensors file: header from shapes, then each array's bytes as it arrives."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, tag in zip(names, shapes, tags):
+        n = math.prod(shape) * {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1}[tag]
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, arr in zip(names, arrays):
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)  # never a half-written file under the final name
+
+
+def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           max_shard_bytes: int = 0, force: bool = False) -> list[str]:
+    """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
+    step_dir, step = step_dir_of(directory, step)
+    if dtype is not None:
+        dtype = ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype}: not one of {', '.join(list(ALIASES) + list(DTYPES))}")
+    if os.path.exists(out) and not force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
+    meta = _params_metadata(step_dir)
+    entries = []
+    for name, (_, _, m) in meta.items():
+        dt = np.dtype(DTYPES[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
+            else np.dtype(m.dtype)
+        entries.append((name, tuple(m.shape), dt))
+    tag_of = {np.dtype(v[1]): v[0] for v in DTYPES.values()}
+    groups = _shard_plan(entries, max_shard_bytes)
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    files = [out] if len(groups) == 1 else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                                            for i in range(len(groups))]
+    metadata = {"format": "jaxinfra", "step": str(step)}
+    for path, group in zip(files, groups):
+        sel = [entries[i] for i in group]
+        arrays = (_read_one(step_dir, meta[n][0], meta[n][1]).astype(dt, copy=False) for n, _, dt in sel)
+        _write_file(path, [n for n, _, _ in sel], [s for _, s, _ in sel], [tag_of[dt] for _, _, dt in sel],
+                    arrays, metadata)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(s) * dt.itemsize for _, s, dt in entries)},
+                 "weight_map": {n: os.path.basename(files[g]) for g, group in enumerate(groups)
+                                for n in (entries[i][0] for i in group)}}
+        with open(f"{stem}.safetensors.index.json", "w") as f:
+            json.dump(index, f, indent=1)
+        files.append(f"{stem}.safetensors.index.json")
+    return files
+
+
+def load(path: str) -> dict[str, np.ndarray]:
+    """Name -> host array from one safetensors file or a sharded export's index."""
+    if path.endswith(".index.json"):
+        with open(path) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        out: dict[str, np.ndarray] = {}
+        for name in files:
+            out.update(load(os.path.join(os.path.dirname(path), name)))
+        return out
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such safetensors file")
+    with safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def to_params(flat: dict[str, np.ndarray], abstract_params: Any, shardings: Any) -> Any:
+    """Put loaded tensors into a params tree on the given shardings (any mesh); names must match."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    out = []
+    for (path, a), sh in zip(leaves, jax.tree.leaves(shardings)):
+        name = tensor_name(path)
+        if name not in flat:
+            raise UserError(f"the export has no tensor {name}")
+        if tuple(flat[name].shape) != tuple(a.shape):
+            raise UserError(f"tensor {name} has shape {flat[name].shape} in the export, the model expects {a.shape}")
+        out.append(jax.device_put(flat[name].astype(a.dtype), sh))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class BackgroundExporter:
+    """Merges committed checkpoint steps into exports/model-<step>.safetensors off the train loop.
+
+    `request(step)` after saving a step; `poll()` each step starts a writer thread once that step is
+    committed on disk; `finish()` (after the last save is committed) writes what is left and joins.
+    """
+
+    def __init__(self, ckpt_dir: str, export_dir: str, dtype: str | None = None, enabled: bool = True):
+        self.ckpt_dir, self.export_dir, self.dtype, self.enabled = ckpt_dir, export_dir, dtype, enabled
+        self._pending: list[int] = []
+        self._threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+        self.written: list[str] = []
+
+    def path(self, step: int) -> str:
+        """Where the export of `step` goes."""
+        return os.path.join(self.export_dir, f"model-{step}.safetensors")
+
+    def request(self, step: int) -> None:
+        """Export `step` once its checkpoint is committed."""
+        if self.enabled:
+            self._pending.append(step)
+
+    def _committed(self, step: int) -> bool:
+        return ocp.step.is_checkpoint_finalized(os.path.join(self.ckpt_dir, str(step)))
+
+    def _write(self, step: int) -> None:
+        try:
+            self.written += export(self.ckpt_dir, self.path(step), step=step, dtype=self.dtype, force=True)
+        except BaseException as e:  # reported by finish(), not lost in the thread
+            self.errors.append(e)
+
+    def poll(self) -> None:
+        """Start a writer thread for each requested step that is now committed (a stat per pending step)."""
+        for step in [s for s in self._pending if os.path.isdir(os.path.join(self.ckpt_dir, str(s)))
+                     and self._committed(s)]:
+            self._pending.remove(step)
+            thread = threading.Thread(target=self._write, args=(step,), name=f"export-{step}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def finish(self) -> list[str]:
+        """Write the remaining exports (call after the checkpoints are committed) and join the threads."""
+        for step in self._pending:
+            self._write(step)
+        self._pending.clear()
+        for thread in self._threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
+        return self.written
