@@ -23,14 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)]
 
 
-def test_loss_after_five_steps_agrees_on_every_layout():
+def test_steps_agree_with_one_device_on_every_layout():
     cfg = tiny_config("model.n_heads=8", "model.d_model=64", "model.d_ff=128")
-    _, ref, _, _ = run_steps(cfg, (1, 1, 1), n=5)
+    ref_params, ref, _, _ = run_steps(cfg, (1, 1, 1), n=5)
     assert ref[-1] < ref[0]
     for shape in MESHES:
-        _, losses, _, _ = run_steps(cfg, shape, n=5)
-        # float32, same math in another reduction order: agreement to 2e-6 relative
+        params, losses, _, _ = run_steps(cfg, shape, n=5)
+        # float32, same math in another reduction order: losses agree to 2e-6 relative
         np.testing.assert_allclose(losses, ref, rtol=2e-6, err_msg=str(shape))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(shape))
 
 
 def test_fsdp_bytes_per_device_are_an_eighth():
@@ -97,10 +99,12 @@ def _train(args, launcher=None, timeout=240):
                             cwd=ROOT, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
+        left = _alive(proc.pid)  # any process of the run's group still there after it returned
     finally:
         if _alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert not left, "the run left processes behind"
     return proc.returncode, out, err
 
 
@@ -111,13 +115,10 @@ def test_two_processes_match_one_process(tmp_path):
     rc2, out2, err2 = _train([*args, f"run.dir={tmp_path / 'two'}"], launcher=2)
     assert rc2 == 0, err2[-2000:]
     assert "2 process(es)" in out2
-    rc3, _, err3 = _train([*args, f"run.dir={tmp_path / 'hybrid'}", "mesh.dcn_data=2"], launcher=2)
-    assert rc3 == 0, err3[-2000:]  # the data axis across the two processes, as across two nodes
     losses = [[json.loads(r)["loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-              for d in ("one", "two", "hybrid")]
+              for d in ("one", "two")]
     assert len(losses[0]) == 5
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-6)
-    np.testing.assert_allclose(losses[2], losses[0], rtol=2e-6)
 
 
 def test_hybrid_mesh_needs_matching_granules():
@@ -128,10 +129,14 @@ def test_hybrid_mesh_needs_matching_granules():
 
 
 @pytest.mark.parametrize("config", ["default", "dp", "fsdp", "tp"])
-def test_shipped_configs_compile_without_replicating_activations(config, tmp_path):
-    rc, out, err = _train(["--config", str(ROOT / "configs" / f"{config}.yaml"), "run.steps=1",
-                           "run.eval_batches=1", "run.sample_tokens=0", "run.progress=false",
-                           f"run.dir={tmp_path}"])
-    assert rc == 0, err[-2000:]
-    assert "Involuntary full rematerialization" not in err
-    assert "warning:" not in out
+def test_shipped_configs_compile_without_replicating_activations(config, capfd):
+    cfg = load_config(str(ROOT / "configs" / f"{config}.yaml"))
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    with jax.set_mesh(mesh):
+        compiled, setup, _ = compile_step(cfg, mesh)
+    assert compiled is not None
+    # XLA's SPMD partitioner logs this (to the process's stderr) when it must replicate a tensor
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    _, warning = shd.report(setup.state.params, setup.logical, setup.shardings.params,
+                            meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
+    assert warning is None
