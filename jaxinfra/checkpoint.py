@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from typing import Any, Callable
 
 import jax
@@ -39,10 +40,16 @@ class Checkpointer:
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def watch_sigterm(self) -> None:
-        """Single process (no jax.distributed preemption sync): SIGTERM sets a flag checked each step."""
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_sigterm", True))
+    def watch_sigterm(self) -> Callable[[], None]:
+        """Single process (no jax.distributed preemption sync): SIGTERM sets a flag checked each step.
+
+        Returns the function that puts the previous handler back.
+        """
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_sigterm", True))
+        return lambda: signal.signal(signal.SIGTERM, previous)
 
     def preempted(self, step: int) -> bool:
         """True on every process at one agreed step after a SIGTERM (or on this one, if alone)."""
@@ -63,7 +70,17 @@ class Checkpointer:
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata of a step."""
-        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise CorruptCheckpoint(step, self.directory, e) from None
+
+    def delete_after(self, step: int) -> list[int]:
+        """Remove the steps newer than `step` (a resume from an older one writes them again)."""
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            self.manager.delete(s)
+        return newer
 
     def restore(self, step: int, target: TrainState) -> TrainState:
         """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count)."""
@@ -107,7 +124,8 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def check_shapes(saved: Any, target: Any, step: int) -> None:
-    """The checkpoint must hold the tensors the model expects: name the first that differs."""
+    """The checkpoint must hold the tensors the model expects, in the same shapes (dtypes may be
+    cast): name the first that differs."""
     have, want = _flat_shapes(saved), _flat_shapes(target)
     for name, (shape, dtype) in want.items():
         if name not in have:

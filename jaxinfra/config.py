@@ -138,7 +138,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and linear
-    weight_decay: float = 0.1  # decoupled; applied to 2-D+ weights only
+    weight_decay: float = 0.1  # 2-D+ weights only; decoupled (adamw, lion, adafactor), L2 for sgd
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -157,7 +157,8 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete step in the run folder
     restore_step: int = -1  # resume from this step instead of the newest
     fallback: bool = False  # if the chosen step is unreadable, resume from the previous good one
-    export_every: int = 0  # also write exports/model-<step>.safetensors every N steps (0: never)
+    export_every: int = 0  # also save and export exports/model-<step>.safetensors every N steps (0: never);
+    # these saves count towards `keep`
     export_final: bool = True  # ... and at the end of the run
     export_dtype: str = "float32"
 
@@ -303,6 +304,11 @@ def validate(cfg: Config) -> None:
                         f"optim.grad_accum={cfg.optim.grad_accum}")
     if not 0 <= cfg.data.heldout_percent < 100:
         raise UserError(f"data.heldout_percent={cfg.data.heldout_percent} must lie in [0, 100)")
+    for prompt in cfg.run.sample_prompts:
+        data = prompt.encode("utf-8")
+        if not data or max(data) >= cfg.model.vocab_size:
+            raise UserError(f"run.sample_prompts: {prompt!r} is empty or holds a byte outside "
+                            f"model.vocab_size={cfg.model.vocab_size}")
     if cfg.run.sample_temperature < 0:
         raise UserError(f"run.sample_temperature={cfg.run.sample_temperature} must not be negative")
     sizes = cfg.mesh.sizes()

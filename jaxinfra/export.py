@@ -34,7 +34,10 @@ def tensor_name(path: tuple[Any, ...]) -> str:
 
 def _params_metadata(step_dir: str) -> dict[str, Any]:
     """Name -> (shape, dtype) metadata of the saved parameters, without reading arrays."""
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
+    except Exception as e:
+        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({str(e).splitlines()[0][:200]})") from None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
     return {tensor_name(p): (tree, p, x) for p, x in flat}
 
@@ -130,6 +133,9 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
             else np.dtype(m.dtype)
         entries.append((name, tuple(m.shape), dt))
     tag_of = {np.dtype(v[1]): v[0] for v in DTYPES.values()}
+    for name, _, dt in entries:
+        if dt not in tag_of:
+            raise UserError(f"tensor {name} has dtype {dt}, which this exporter does not write; pass --dtype")
     groups = _shard_plan(entries, max_shard_bytes)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
@@ -191,12 +197,17 @@ class BackgroundExporter:
         self.ckpt_dir, self.export_dir, self.dtype, self.enabled = ckpt_dir, export_dir, dtype, enabled
         self._pending: list[int] = []
         self._threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
+        self.errors: list[str] = []
         self.written: list[str] = []
 
     def path(self, step: int) -> str:
         """Where the export of `step` goes."""
         return os.path.join(self.export_dir, f"model-{step}.safetensors")
+
+    @property
+    def busy(self) -> bool:
+        """Whether an export is waiting or being written."""
+        return bool(self._pending or any(t.is_alive() for t in self._threads))
 
     def request(self, step: int) -> None:
         """Export `step` once its checkpoint is committed."""
@@ -209,8 +220,8 @@ class BackgroundExporter:
     def _write(self, step: int) -> None:
         try:
             self.written += export(self.ckpt_dir, self.path(step), step=step, dtype=self.dtype, force=True)
-        except BaseException as e:  # reported by finish(), not lost in the thread
-            self.errors.append(e)
+        except Exception as e:  # reported by finish(), not lost in the thread
+            self.errors.append(f"export of step {step} failed: {' '.join(str(e).split())[:300]}")
 
     def poll(self) -> None:
         """Start a writer thread for each requested step that is now committed (a stat per pending step)."""
@@ -221,13 +232,17 @@ class BackgroundExporter:
             thread.start()
             self._threads.append(thread)
 
-    def finish(self) -> list[str]:
-        """Write the remaining exports (call after the checkpoints are committed) and join the threads."""
+    def drain(self) -> None:
+        """Write every requested export now: call once the checkpoints are committed (before a save
+        that may rotate an exported step out, and at the end)."""
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
         for step in self._pending:
             self._write(step)
         self._pending.clear()
-        for thread in self._threads:
-            thread.join()
-        if self.errors:
-            raise self.errors[0]
-        return self.written
+
+    def finish(self) -> tuple[list[str], list[str]]:
+        """Drain, then (files written, one line per failed export)."""
+        self.drain()
+        return self.written, self.errors

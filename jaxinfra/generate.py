@@ -31,7 +31,7 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[str], *,
     rows = [encode(p, vocab_size) for p in prompts]
     divisor = shd.batch_divisor(mesh, rules)
     B = -(-len(rows) // divisor) * divisor  # pad the batch so it splits over the batch axes
-    rows += [rows[0]] * (B - len(rows))
+    rows += [list(rows[0]) for _ in range(B - len(rows))]  # copies, not aliases
     win_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))
 
     @jax.jit

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
-import signal
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -93,109 +93,134 @@ def run(cfg: Config) -> dict[str, Any]:
         tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
         plan = train.plan_state(model_fn, tx, mesh, rules, allowed_unused=DEFAULT_RULES)
         ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=c.keep, keep_every=c.keep_every)
-        state = ckpt_lib.resume(ckpt, plan.abstract, restore_step=c.restore_step, fallback=c.fallback,
-                                say=say) if c.resume else None
-        if state is None:
-            state = train.init_state(model_fn, tx, mesh, rules, plan=plan).state
-        else:
-            saved = ckpt.meta(int(state.step))["data"]
-            for key, now in (("batch_size", cfg.data.batch_size), ("seq_len", cfg.model.seq_len),
-                             ("seed", cfg.run.seed)):
-                if saved[key] != now:
-                    name = {"batch_size": "data.batch_size", "seq_len": "model.seq_len", "seed": "run.seed"}[key]
-                    raise UserError(f"checkpoint step {int(state.step)} was trained with {name}={saved[key]}, "
-                                    f"now {now}: the data position would not carry over "
-                                    f"(checkpoint.resume=false starts fresh)")
-            say(f"resumed from step {int(state.step)} of {ckpt_dir}")
-        start = int(state.step)
-        n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
-        lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
-                                    plan.abstract.opt_state, plan.shardings.opt_state,
-                                    meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
-        say(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
-        if warning:
-            say(warning)
-        if lead:
-            with open(os.path.join(run_dir, "sharding.txt"), "w") as f:
-                f.write("\n".join(lines + ([warning] if warning else [])) + "\n")
-
-        accum, L, B = cfg.optim.grad_accum, cfg.model.seq_len, cfg.data.batch_size
-        leading = 1 if accum > 1 else 0
-        batch_sh = NamedSharding(mesh, shd.batch_spec(rules, 2 + leading, leading))
-        shape = (accum, B // accum, L + 1) if accum > 1 else (B, L + 1)
-        example = {"tokens": jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sh)}
-        step_fn = train.make_train_step(plan.graphdef, lm_loss, tx, schedule, accum)
-        t0 = time.perf_counter()
-        compiled = train.compile_train_step(step_fn, plan, {"tokens": batch_sh}, example)
-        say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
-
-        loader = data_lib.train_batches(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed, start=start)
-        batches = data_lib.global_batches(iter(loader), batch_sh, accum)
-        eval_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))
-        eval_step = train.make_eval_step(plan.graphdef, lm_loss, plan.shardings.params, {"tokens": eval_sh}, mesh)
-        eval_set = [data_lib.from_host(b, eval_sh) for b in
-                    data_lib.eval_windows(corpus.heldout, L, B, cfg.run.eval_batches)] if cfg.run.eval_batches else []
-        writer = MetricsWriter(run_dir, cfg.run.steps, initial_step=start, enabled=lead, progress=cfg.run.progress)
-        final: dict[str, Any] = {"start_step": start}
-
-        def log(step: int, metrics: dict[str, float]) -> None:
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                writer.write(step, metrics)
-            writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
-            final.update(loss=metrics["loss"], step=step)
-
-        def evaluate(state: train.TrainState, step: int) -> None:
-            if not eval_set:
-                return
-            loss = float(np.mean([float(eval_step(state.params, b)) for b in eval_set]))
-            row = {"eval_loss": loss, "eval_bpb": loss / math.log(2)}
-            writer.write(step, row)
-            writer.print(f"step {step}: eval loss {loss:.4f}, {row['eval_bpb']:.3f} bits per byte")
-            final.update(row)
-
-        def on_step(state: train.TrainState, step: int) -> bool:
-            exporter.poll()
-            preempted = ckpt.preempted(step)
-            stop = preempted or bool(cfg.run.stop_after and step - start >= cfg.run.stop_after)
-            export_now = (c.export_every and step % c.export_every == 0) or (c.export_final and step == cfg.run.steps)
-            if stop or export_now or step == cfg.run.steps or (c.every and step % c.every == 0):
-                ckpt.save(step, state, run_meta(cfg, mesh, step))
-                if export_now:
-                    exporter.request(step)
-            if stop:
-                writer.print(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
-                             f"checkpoint saved, a restart resumes from it")
-                final["stopped_at"] = step
-            return stop
-
-        ckpt.watch_sigterm()
         try:
-            state = train.fit(state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
-                              log=log, eval_every=cfg.run.eval_every, evaluate=evaluate, on_step=on_step)
+            return _train(cfg, corpus, mesh, rules, model_fn, tx, schedule, plan, ckpt, exporter, say, t_start)
         finally:
-            writer.close()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if "stopped_at" in final:
-            ckpt.close()
-            exporter.finish()
-            return final
+            ckpt.close()  # waits for the last save to be committed
+            exporter.drain()
 
-        if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
-            final.update(data_lib.compression_bpb(corpus.heldout))
-        if "eval_bpb" in final:
-            yard = (f" (zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f} on all "
-                    f"{corpus.heldout.size:,} held-out bytes)" if "zlib_bpb" in final else "")
-            say(f"final held-out bits per byte: {final['eval_bpb']:.3f}{yard}")
-        if cfg.run.sample_tokens and cfg.run.sample_prompts:
-            texts = sample(plan.graphdef, state.params, cfg.run.sample_prompts,
-                           n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,
-                           temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=mesh, rules=rules)
-            say("samples:")
-            for text in texts:
-                say("  | " + "\n  | ".join(text.splitlines()[:6]))
-        ckpt.close()  # waits for the last save to be committed
-        for path in exporter.finish():
-            say(f"exported {path}")
-        final["wall_s"] = time.perf_counter() - t_start
-        say(f"done in {final['wall_s']:.0f}s; run folder {run_dir}")
+
+def _train(cfg: Config, corpus: data_lib.Corpus, mesh: Any, rules: dict, model_fn: Any, tx: Any, schedule: Any,
+           plan: train.Plan, ckpt: ckpt_lib.Checkpointer, exporter: export_lib.BackgroundExporter, say: Any,
+           t_start: float) -> dict[str, Any]:
+    """Resume or initialise, compile, train, evaluate, sample (inside the mesh scope)."""
+    c, run_dir, lead = cfg.checkpoint, cfg.run.path, jax.process_index() == 0
+    if not c.resume and ckpt.steps():
+        raise UserError(f"checkpoint.resume=false but {ckpt.directory} holds steps "
+                        f"{', '.join(map(str, ckpt.steps()))}: choose another run.dir (or remove them)")
+    state = ckpt_lib.resume(ckpt, plan.abstract, restore_step=c.restore_step, fallback=c.fallback,
+                            say=say) if c.resume else None
+    if state is None:
+        state = train.init_state(model_fn, tx, mesh, rules, plan=plan).state
+    else:
+        saved = ckpt.meta(int(state.step))["data"]
+        for key, now in (("batch_size", cfg.data.batch_size), ("seq_len", cfg.model.seq_len),
+                         ("seed", cfg.run.seed)):
+            if saved[key] != now:
+                name = {"batch_size": "data.batch_size", "seq_len": "model.seq_len", "seed": "run.seed"}[key]
+                raise UserError(f"checkpoint step {int(state.step)} was trained with {name}={saved[key]}, "
+                                f"now {now}: the data position would not carry over "
+                                f"(start fresh in another run.dir)")
+        say(f"resumed from step {int(state.step)} of {ckpt.directory}")
+        dropped = ckpt.delete_after(int(state.step))
+        if dropped:
+            say(f"removed newer checkpoint steps {', '.join(map(str, dropped))}: training writes them again")
+    start = int(state.step)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
+    lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
+                                plan.abstract.opt_state, plan.shardings.opt_state,
+                                meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
+    say(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
+    if warning:
+        say(warning)
+    if lead:
+        with open(os.path.join(run_dir, "sharding.txt"), "w") as f:
+            f.write("\n".join(lines + ([warning] if warning else [])) + "\n")
+
+    accum, L, B = cfg.optim.grad_accum, cfg.model.seq_len, cfg.data.batch_size
+    leading = 1 if accum > 1 else 0
+    batch_sh = NamedSharding(mesh, shd.batch_spec(rules, 2 + leading, leading))
+    shape = (accum, B // accum, L + 1) if accum > 1 else (B, L + 1)
+    example = {"tokens": jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sh)}
+    step_fn = train.make_train_step(plan.graphdef, lm_loss, tx, schedule, accum)
+    t0 = time.perf_counter()
+    compiled = train.compile_train_step(step_fn, plan, {"tokens": batch_sh}, example)
+    say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
+
+    loader = data_lib.train_batches(data_lib.Windows(corpus.train, L, "train"), B, cfg.run.seed, start=start)
+    batches = data_lib.global_batches(iter(loader), batch_sh, accum)
+    eval_sh = NamedSharding(mesh, shd.batch_spec(rules, 2))
+    eval_step = train.make_eval_step(plan.graphdef, lm_loss, plan.shardings.params, {"tokens": eval_sh}, mesh)
+    eval_set = [data_lib.from_host(b, eval_sh) for b in
+                data_lib.eval_windows(corpus.heldout, L, B, cfg.run.eval_batches)] if cfg.run.eval_batches else []
+    writer = MetricsWriter(run_dir, cfg.run.steps, initial_step=start, enabled=lead, progress=cfg.run.progress)
+    final: dict[str, Any] = {"start_step": start}
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+            writer.write(step, metrics)
+        writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+        final.update(loss=metrics["loss"], step=step)
+
+    def evaluate(state: train.TrainState, step: int) -> None:
+        if not eval_set:
+            return
+        loss = float(np.mean([float(eval_step(state.params, b)) for b in eval_set]))
+        row = {"eval_loss": loss, "eval_bpb": loss / math.log(2)}
+        writer.write(step, row)
+        writer.print(f"step {step}: eval loss {loss:.4f}, {row['eval_bpb']:.3f} bits per byte")
+        final.update(row)
+
+    def on_step(state: train.TrainState, step: int) -> bool:
+        exporter.poll()
+        preempted = ckpt.preempted(step)
+        stop = preempted or bool(cfg.run.stop_after and step - start >= cfg.run.stop_after)
+        export_now = (c.export_every and step % c.export_every == 0) or (c.export_final and step == cfg.run.steps)
+        if stop or export_now or step == cfg.run.steps or (c.every and step % c.every == 0):
+            if not bool(all_finite(state.params)):  # never save a diverged state to resume from
+                raise train.Diverged(f"parameters became NaN or Inf at step {step}; not checkpointed")
+            if exporter.busy:  # this save may rotate out a step still to be exported
+                ckpt.wait()
+                exporter.drain()
+            ckpt.save(step, state, run_meta(cfg, mesh, step))
+            if export_now:
+                exporter.request(step)
+        if stop:
+            writer.print(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
+                         f"checkpoint saved, a restart resumes from it")
+            final["stopped_at"] = step
+        return stop
+
+    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
+    restore_sigterm = ckpt.watch_sigterm()
+    try:
+        state = train.fit(state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
+                          log=log, eval_every=cfg.run.eval_every, evaluate=evaluate, on_step=on_step)
+    finally:
+        writer.close()
+        restore_sigterm()
+    if "stopped_at" in final:
         return final
+
+    if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
+        final.update(data_lib.compression_bpb(corpus.heldout))
+    if "eval_bpb" in final:
+        yard = (f" (zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f} on all "
+                f"{corpus.heldout.size:,} held-out bytes)" if "zlib_bpb" in final else "")
+        say(f"final held-out bits per byte: {final['eval_bpb']:.3f}{yard}")
+    if cfg.run.sample_tokens and cfg.run.sample_prompts:
+        texts = sample(plan.graphdef, state.params, cfg.run.sample_prompts,
+                       n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,
+                       temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=mesh, rules=rules)
+        say("samples:")
+        for text in texts:
+            say("  | " + "\n  | ".join(text.splitlines()[:6]))
+    ckpt.wait()
+    written, failed = exporter.finish()
+    for path in written:
+        say(f"exported {path}")
+    for line in failed:
+        say(f"warning: {line}")
+    final["wall_s"] = time.perf_counter() - t_start
+    say(f"done in {final['wall_s']:.0f}s; run folder {run_dir}")
+    return final

@@ -49,8 +49,12 @@ def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: 
                 f"distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}: a multi-process run needs all three, with "
                 f"0 <= process_id < num_processes")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                       process_id=process_id)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"distributed.coordinator={coordinator}: jax.distributed could not start "
+                            f"({str(e).splitlines()[0][:200]})") from None
         return True
     if num_processes == 0 and _cluster_from_env():
         jax.distributed.initialize()

@@ -8,6 +8,14 @@ from typing import Any
 from tqdm import tqdm
 
 
+def _step_of(line: str) -> float:
+    """A row's step; a torn last line (a process killed mid-write) sorts past every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class MetricsWriter:
     """Writes rows from process 0 only; other processes keep quiet."""
 
@@ -22,7 +30,7 @@ class MetricsWriter:
         kept = []
         if initial_step and os.path.exists(path):  # a resumed run: rows past the restored step are redone
             with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= initial_step]
+                kept = [line for line in f if _step_of(line) <= initial_step]
         self._jsonl = open(path, "w")
         self._jsonl.writelines(kept)
         if tensorboard:

@@ -37,7 +37,8 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTran
     "sgd": lambda c, lr: optax.chain(optax.add_decayed_weights(c.weight_decay, _decay_mask),
                                      optax.sgd(lr, momentum=c.momentum or None)),
     "lion": lambda c, lr: optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=_decay_mask),
-    "adafactor": lambda c, lr: optax.adafactor(lr, weight_decay_rate=c.weight_decay or None,
+    # adafactor adds its decay after the learning-rate scaling: scale it by the peak lr here
+    "adafactor": lambda c, lr: optax.adafactor(lr, weight_decay_rate=(c.weight_decay * c.lr) or None,
                                                weight_decay_mask=_decay_mask),
 }
 

@@ -6,7 +6,8 @@
 set -uo pipefail
 n=${1:?usage: scripts/launch_local.sh N [train.py arguments]}
 shift
-case $n in ''|*[!0-9]*|0) echo "error: N=$n must be a positive number of processes" >&2; exit 2;; esac
+case $n in ''|*[!0-9]*) echo "error: N=$n must be a positive number of processes" >&2; exit 2;; esac
+((10#$n > 0)) || { echo "error: N=$n must be a positive number of processes" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
 port=${JAXINFRA_PORT:-$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}

@@ -71,6 +71,16 @@ def test_empty_corpus_folder(tmp_path, capsys):
     assert "holds no files" in capsys.readouterr().err
 
 
+def test_divergence_exits_1_and_saves_nothing(tmp_path, capsys):
+    code = cli.main([*TINY, f"run.dir={tmp_path}", "optim.name=sgd", "optim.lr=1e30", "optim.clip_norm=0",
+                     "optim.warmup_steps=0", "checkpoint.every=1", "run.steps=8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "became" in err[0], err
+    bad = int(err[0].split("at step ")[1].split(";")[0])
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert all(s < bad for s in saved), (saved, bad)  # a diverged state is never checkpointed
+
+
 def test_script_exit_status_and_no_traceback(tmp_path):
     out = _script("model.n_heads=3", "model.d_model=48", f"run.dir={tmp_path}")
     assert out.returncode == 2

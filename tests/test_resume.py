@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
+from jaxinfra import cli
 from jaxinfra import export as export_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,15 @@ def test_export_during_the_run_equals_the_script(tmp_path, capsys):
     assert inspect_main([str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "steps 3, 6" in out and "params.blocks.0.mlp.w_up" in out and "('fsdp', 'tensor')" in out
+
+    # starting fresh over existing checkpoints is refused; going back to an older step drops the newer
+    assert cli.main([*TINY, "run.steps=6", f"run.dir={run_dir}", "checkpoint.resume=false"]) == 2
+    assert "checkpoint.resume=false" in capsys.readouterr().err
+    assert cli.main([*TINY, "run.steps=6", f"run.dir={run_dir}", "checkpoint.restore_step=3",
+                     "run.stop_after=1"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 3" in out and "removed newer checkpoint steps 6" in out
+    assert sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit()) == [3, 4]
 
 
 def _script_main(name):
