@@ -83,11 +83,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layouts", default=",".join("x".join(map(str, s)) for s in LAYOUTS),
+                   help="comma-separated data x fsdp x tensor shapes, e.g. 1x1x8,2x2x2")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "parallel-cpu.json"))
     args = p.parse_args()
     rows = []
     print(f"{'layout':8s} {'devices':>7s} {'step ms':>8s} {'baseline':>9s} {'ratio':>6s} {'tokens/s':>9s}")
-    for shape in LAYOUTS:
+    for shape in [tuple(int(n) for n in text.split("x")) for text in args.layouts.split(",")]:
         row = measure(shape, args.steps, args.rounds)
         rows.append(row)
         print(f"{row['layout']:8s} {row['devices']:7d} {row['step_ms']:8.1f} {row['baseline_step_ms']:9.1f} "
