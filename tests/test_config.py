@@ -63,3 +63,12 @@ def test_no_jax_import_needed():
     code = "import sys, jaxinfra.config as c; c.load_config(None, []); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(str(path))
+        assert cfg.run.name == path.stem
