@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from jaxinfra.config import Config, load_config
 from jaxinfra.errors import UserError
@@ -50,3 +51,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; '0' -> no limit."""
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * UNITS[t[len(num):]])
+    except (ValueError, KeyError):
+        raise UserError(f"--max-shard-size {text}: expected a size such as 500MB or 5GB") from None
+
+
+def _guard(body: Callable[[], int]) -> int:
+    """Run a command; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """jaxinfra-export / scripts/export.py: merge checkpoint shards into safetensors."""
+    p = argparse.ArgumentParser(prog="export.py", description="Merge checkpoint shards into safetensors.")
+    p.add_argument("directory", help="a run folder, its checkpoints/ folder, or one step's folder")
+    p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", default=None, help="cast floating tensors: f32, bf16 or f16 (default: as saved)")
+    p.add_argument("--max-shard-size", default="0", help="split into files of at most this size, plus an index")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from jaxinfra.export import export
+        files = export(args.directory, args.out, step=args.step, dtype=args.dtype,
+                       max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+        for f in files:
+            print(f"wrote {f} ({os.path.getsize(f):,} bytes)")
+        return 0
+    return _guard(body)
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    """jaxinfra-inspect / scripts/inspect_checkpoint.py: steps and tensors of a checkpoint, arrays unread."""
+    p = argparse.ArgumentParser(prog="inspect_checkpoint.py",
+                                description="List checkpoint steps and, per tensor, shape, dtype, sharding, bytes.")
+    p.add_argument("directory")
+    p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from jaxinfra.inspect import describe_checkpoint
+        print("\n".join(describe_checkpoint(args.directory, args.step)))
+        return 0
+    return _guard(body)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """jaxinfra-generate / scripts/generate.py: sample text from a trained run's newest checkpoint."""
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a trained run.")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=None, help="repeatable; default: 'def '")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        if args.tokens < 1 or args.temperature < 0:
+            raise UserError(f"--tokens={args.tokens} must be at least 1 and --temperature={args.temperature} "
+                            f"not negative")
+        from jaxinfra.generate import generate_from_run
+        texts, _ = generate_from_run(args.run_dir, args.prompt or ["def "], n_tokens=args.tokens,
+                                     temperature=args.temperature, seed=args.seed, step=args.step)
+        print("\n".join(texts))
+        return 0
+    return _guard(body)

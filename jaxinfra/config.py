@@ -51,6 +51,8 @@ class RunConfig:
     sample_temperature: float = 0.8
     progress: bool = True  # console progress bar
     stop_after: int = 0  # end this process after N steps of the run (checkpointed; a restart resumes)
+    peak_flops: float = 0.0  # FLOP/s of the whole mesh, the denominator of MFU; 0 = measure a matmul
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: jax.profiler trace of steps a..b
 
     @property
     def path(self) -> str:
@@ -304,6 +306,12 @@ def validate(cfg: Config) -> None:
                         f"optim.grad_accum={cfg.optim.grad_accum}")
     if not 0 <= cfg.data.heldout_percent < 100:
         raise UserError(f"data.heldout_percent={cfg.data.heldout_percent} must lie in [0, 100)")
+    ps = cfg.run.profile_steps
+    if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1] <= cfg.run.steps):
+        raise UserError(f"run.profile_steps={list(ps)} must be [first, last] with 1 <= first <= last <= "
+                        f"run.steps={cfg.run.steps}")
+    if cfg.run.peak_flops < 0:
+        raise UserError(f"run.peak_flops={cfg.run.peak_flops} must not be negative")
     for prompt in cfg.run.sample_prompts:
         data = prompt.encode("utf-8")
         if not data or max(data) >= cfg.model.vocab_size:

@@ -246,3 +246,10 @@ class BackgroundExporter:
         """Drain, then (files written, one line per failed export)."""
         self.drain()
         return self.written, self.errors
+
+
+def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
+    step_dir, step = step_dir_of(directory, step)
+    meta = _params_metadata(step_dir)
+    return {name: _read_one(step_dir, tree, path) for name, (tree, path, _) in meta.items()}, step

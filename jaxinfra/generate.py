@@ -58,3 +58,35 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[str], *,
             rows[i].append(int(tokens[i]))
     return [bytes(r).decode("utf-8", errors="replace") for r in rows[:len(prompts)]]
 
+
+
+def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 200, temperature: float = 0.8,
+                      seed: int = 0, step: int | None = None) -> tuple[list[str], int]:
+    """Load a run's newest (or given) checkpoint onto all local devices (data parallel) and sample.
+
+    Returns (texts, step). The model is rebuilt from the run's config.yaml.
+    """
+    import os
+
+    from jaxinfra import export
+    from jaxinfra.config import load_config
+    from jaxinfra.mesh import make_mesh
+    from jaxinfra.model import Transformer
+    from jaxinfra.train import abstract_model
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: no config.yaml (is it a run folder?)")
+    cfg = load_config(path)
+    for p in prompts:
+        encode(p, cfg.model.vocab_size)
+    flat, step = export.read_params(run_dir, step)
+    mesh = make_mesh(-1, 1, 1)
+    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
+    with jax.set_mesh(mesh):
+        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=shd.LogicalConstraint(mesh, rules))
+        graphdef, abstract, logical = abstract_model(model_fn)
+        params = export.to_params(flat, abstract, shd.tree_shardings(logical, mesh, rules))
+        texts = sample(graphdef, params, prompts, n_tokens=n_tokens, seq_len=cfg.model.seq_len,
+                       vocab_size=cfg.model.vocab_size, temperature=temperature, seed=seed, mesh=mesh, rules=rules)
+    return texts, step

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
 from jaxinfra import export as export_lib
+from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra import train
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
@@ -25,7 +26,7 @@ from jaxinfra.errors import UserError
 from jaxinfra.generate import sample
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter
-from jaxinfra.model import Transformer, lm_loss
+from jaxinfra.model import Transformer, lm_loss, train_flops_per_token
 from jaxinfra.optim import make_optimizer
 
 
@@ -76,8 +77,6 @@ def run(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run.path
     if lead:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
     say(describe(mesh))
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
@@ -87,6 +86,8 @@ def run(cfg: Config) -> dict[str, Any]:
     exporter = export_lib.BackgroundExporter(ckpt_dir, os.path.join(run_dir, "exports"), c.export_dtype,
                                              enabled=lead)
 
+    if not cfg.run.peak_flops:  # outside the mesh scope: a one-device matmul
+        cfg.run.peak_flops = perf.mesh_peak(mesh, cfg.model.dtype)
     with jax.set_mesh(mesh):
         constrain = shd.LogicalConstraint(mesh, rules)
         model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
@@ -126,6 +127,12 @@ def _train(cfg: Config, corpus: data_lib.Corpus, mesh: Any, rules: dict, model_f
         if dropped:
             say(f"removed newer checkpoint steps {', '.join(map(str, dropped))}: training writes them again")
     start = int(state.step)
+    flops_per_token = train_flops_per_token(cfg.model)
+    say(f"MFU is taken against {cfg.run.peak_flops / 1e9:,.1f} GFLOP/s ({cfg.model.dtype} matmul peak of the "
+        f"mesh); the model costs {flops_per_token / 1e6:,.2f} MFLOP per token")
+    if lead:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
     lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
                                 plan.abstract.opt_state, plan.shardings.opt_state,
@@ -157,9 +164,11 @@ def _train(cfg: Config, corpus: data_lib.Corpus, mesh: Any, rules: dict, model_f
     final: dict[str, Any] = {"start_step": start}
 
     def log(step: int, metrics: dict[str, float]) -> None:
+        metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / cfg.run.peak_flops
         if step % cfg.run.log_every == 0 or step == cfg.run.steps:
             writer.write(step, metrics)
-        writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+        writer.progress(step, loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}",
+                        mfu=f"{metrics['mfu']:.1%}")
         final.update(loss=metrics["loss"], step=step)
 
     def evaluate(state: train.TrainState, step: int) -> None:
@@ -173,6 +182,7 @@ def _train(cfg: Config, corpus: data_lib.Corpus, mesh: Any, rules: dict, model_f
 
     def on_step(state: train.TrainState, step: int) -> bool:
         exporter.poll()
+        profile.after_dispatch(step, state)
         preempted = ckpt.preempted(step)
         stop = preempted or bool(cfg.run.stop_after and step - start >= cfg.run.stop_after)
         export_now = (c.export_every and step % c.export_every == 0) or (c.export_final and step == cfg.run.steps)
@@ -193,10 +203,12 @@ def _train(cfg: Config, corpus: data_lib.Corpus, mesh: Any, rules: dict, model_f
 
     all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
     restore_sigterm = ckpt.watch_sigterm()
+    profile = perf.ProfileWindow(os.path.join(run_dir, "profile"), list(cfg.run.profile_steps))
     try:
         state = train.fit(state, compiled, batches, steps=cfg.run.steps, tokens_per_step=B * L,
                           log=log, eval_every=cfg.run.eval_every, evaluate=evaluate, on_step=on_step)
     finally:
+        profile.close()
         writer.close()
         restore_sigterm()
     if "stopped_at" in final:

@@ -146,6 +146,15 @@ class Transformer(nnx.Module):
         return self.constrain(logits_BxTxV.astype(jnp.float32), ("batch", "seq", "vocab"))
 
 
+def train_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token, counted as MaxText and Megatron do: 6 x the parameters used in
+    matmuls (every weight but the input embedding, a lookup) plus causal attention, 12 x layers x
+    seq_len x d_model halved for the mask."""
+    D, F, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+    matmul_params = L * (4 * D * D + 3 * D * F) + D * cfg.vocab_size
+    return 6.0 * matmul_params + 6.0 * L * cfg.seq_len * D
+
+
 def lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy (nats) over windows of seq_len + 1 tokens."""
     tokens_BxL = batch["tokens"]

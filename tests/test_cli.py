@@ -23,7 +23,7 @@ def _script(*args, timeout=300):
 def test_launch_script_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     out = _script(*TINY, f"run.dir={run_dir}", "run.steps=6", "run.eval_every=3", "run.log_every=2",
-                  "run.sample_tokens=8", "run.progress=true")
+                  "run.sample_tokens=8", "run.progress=true", "run.profile_steps=[2,3]")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in out.stdout
     assert "final held-out bits per byte" in out.stdout and "zlib -9" in out.stdout and "xz -9e" in out.stdout
@@ -35,7 +35,10 @@ def test_launch_script_end_to_end(tmp_path):
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     for r in train_rows:
-        assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s"} <= set(r)
+        assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"} <= set(r)
+        assert 0 < r["mfu"] < 1
+    assert "peak_flops: 0.0" not in (run_dir / "config.yaml").read_text()  # the measured peak is recorded
+    assert list((run_dir / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of steps 2..3
     assert [r["step"] for r in eval_rows] == [3, 6] and all("eval_bpb" in r for r in eval_rows)
     assert any(f.name.startswith("events.out.tfevents") for f in (run_dir / "tensorboard").iterdir())
 
@@ -88,3 +91,11 @@ def test_script_exit_status_and_no_traceback(tmp_path):
         "error: model.n_heads=3 is not divisible by mesh.tensor=2 = 2 (mesh.rules.heads=['tensor'])"]
     out = _script("--config", str(tmp_path / "nope.yaml"))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "nope.yaml" in out.stderr
+
+
+def test_console_entry_points_are_installed(tmp_path):
+    bindir = Path(sys.executable).parent
+    for name in ("jaxinfra-train", "jaxinfra-export", "jaxinfra-inspect", "jaxinfra-generate"):
+        assert (bindir / name).exists(), f"{name} missing: pip install -e '.[test]' installs it"
+    out = subprocess.run([str(bindir / "jaxinfra-inspect"), str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no complete checkpoint" in out.stderr

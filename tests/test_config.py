@@ -38,6 +38,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     (["mesh.rules.embed=[fsdq]"], ["mesh.rules.embed", "fsdq", "fsdp"]),
     (["data.path=/no/such/place"], ["data.path=/no/such/place"]),
     (["run.steps"], ["run.steps", "key.sub=value"]),
+    (["run.profile_steps=[3,2]"], ["run.profile_steps=[3, 2]"]),
     (["run.sample_prompts=['é']", "model.vocab_size=128"], ["run.sample_prompts", "model.vocab_size=128"]),
 ])
 def test_bad_values_name_the_key(override, words):

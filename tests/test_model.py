@@ -59,6 +59,12 @@ def test_remat_gives_the_same_gradients(tiny, remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_flops_per_token_formula(tiny):
+    from jaxinfra.model import train_flops_per_token
+    cfg = tiny().model  # D=32, F=64, L=2, V=256, T=16
+    assert train_flops_per_token(cfg) == 6 * (2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 256) + 6 * 2 * 16 * 32
+
+
 def test_bf16_compute_with_f32_params(tiny):
     model = _model(tiny("model.dtype=bfloat16"))
     assert model.blocks[0].mlp.w_up[...].dtype == jnp.float32

@@ -198,6 +198,15 @@ def test_export_during_the_run_equals_the_script(tmp_path, capsys):
     assert "resumed from step 3" in out and "removed newer checkpoint steps 6" in out
     assert sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit()) == [3, 4]
 
+    # sampling from the run's newest checkpoint, on whatever devices this process has
+    generate_main = _script_main("generate")
+    assert generate_main([str(run_dir), "--prompt", "def ", "--prompt", "x = ", "--tokens", "5",
+                          "--temperature", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("def ") and any(line.startswith("x = ") for line in lines)
+    assert generate_main([str(tmp_path / "nothing")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
 
 def _script_main(name):
     """A script's main() imported in this process (the scripts are not a package)."""
