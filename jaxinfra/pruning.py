@@ -1,0 +1,160 @@
+"""Magnitude pruning as an Optax transformation, computed inside the compiled step and sharding-native.
+
+`prune(inner, ...)` wraps an optimizer: its state holds a boolean mask per pruned parameter (so
+masks shard like the parameters and checkpoint with no extra code). Every update it (1) runs the
+inner optimizer, (2) on schedule steps recomputes the masks from the updated parameters under
+lax.cond, (3) returns updates that leave pruned coordinates exactly zero, and (4) zeroes the
+inner optimizer's moments there so momentum cannot revive them.
+
+Thresholds never gather a tensor: the k-th smallest |w| is found by bisection on the bit pattern
+of |w| (for non-negative floats the uint32 order is the float order), counting `bits <= t` on each
+shard and summing (a scalar all-reduce). Ties at the threshold are broken by flat index with a
+second bisection, so exactly round(s * n) entries are pruned. N:M keeps the N largest of each group
+of M consecutive entries along the kernel's input dimension (dim 0), a local operation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Include = Callable[[tuple[Any, ...], jax.Array], bool]
+
+
+def default_include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
+    """Kernels of 2 or more dimensions, but not embeddings or the output head."""
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return leaf.ndim >= 2 and not ({"embed", "head"} & set(names))
+
+
+def cubic_sparsity(step: jax.Array, final: float, start: int, end: int) -> jax.Array:
+    """Zhu & Gupta (2017): s_t = s_f (1 - (1 - p)^3), p the progress through [start, end]; 0 before."""
+    p = jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+    return jnp.where(step < start, 0.0, final * (1.0 - (1.0 - p) ** 3))
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """|x| as uint32 whose order is the order of |x| (float32 view)."""
+    return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major flat index of every element, built from iotas (shards compute their own part)."""
+    idx = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        idx = idx + jax.lax.broadcasted_iota(jnp.int32, shape, d) * stride
+        stride *= shape[d]
+    return idx
+
+
+def _bisect(count_le: Callable[[jax.Array], jax.Array], k: jax.Array, lo: int, hi: int, dtype: Any) -> jax.Array:
+    """Smallest t in [lo, hi] with count_le(t) >= k (32 rounds of scalar counts)."""
+    def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = count_le(mid) >= k
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+    lo_, hi_ = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
+    return jax.lax.fori_loop(0, 33, body, (lo_, hi_))[0]
+
+
+def exact_mask(w: jax.Array, k: jax.Array) -> jax.Array:
+    """True where kept: the k smallest |w| (ties by flat index) are pruned, exactly k of them."""
+    bits = _bits(w)
+    k = k.astype(jnp.int32)
+    t = _bisect(lambda t: jnp.sum(bits <= t, dtype=jnp.int32), k, 0, 0xFFFFFFFF, jnp.uint32)
+    below = jnp.sum(bits < t, dtype=jnp.int32)
+    need = k - below  # entries equal to t that must go too
+    idx = _flat_index(w.shape)
+    tied = bits == t
+    i = _bisect(lambda i: jnp.sum(tied & (idx <= i), dtype=jnp.int32), need, 0, w.size - 1, jnp.int32)
+    pruned = (bits < t) | (tied & (idx <= i) & (need > 0))
+    return ~pruned
+
+
+def n_of_m_mask(w: jax.Array, n: int, m: int) -> jax.Array:
+    """True where kept: the n largest |w| of each group of m consecutive entries along dim 0."""
+    if w.shape[0] % m:
+        raise ValueError(f"dim 0 of size {w.shape[0]} is not divisible by M={m}")
+    g = jnp.abs(w.astype(jnp.float32)).reshape(w.shape[0] // m, m, *w.shape[1:])
+    pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
+    ahead = jnp.zeros(g.shape, jnp.int32)  # entries of the group ranked before this one
+    for j in range(m):
+        other = jnp.take(g, j, axis=1)[:, None]
+        ahead += ((other > g) | ((other == g) & (j < pos))).astype(jnp.int32)
+    return (ahead < n).reshape(w.shape)
+
+
+class PruneState(NamedTuple):
+    """The inner optimizer's state, one mask per parameter (scalar True where not pruned), the step."""
+
+    inner: Any
+    masks: Any
+    count: jax.Array
+
+
+def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
+          update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
+          scope: str = "layer", include: Include = default_include) -> optax.GradientTransformation:
+    """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
+    (step - start) % update_every == 0 (N:M masks once, at `start`)."""
+
+    def init(params: Any) -> PruneState:
+        masks = jax.tree_util.tree_map_with_path(
+            lambda p, x: jnp.ones(x.shape, bool) if include(p, x) else jnp.ones((), bool), params)
+        return PruneState(inner.init(params), masks, jnp.zeros((), jnp.int32))
+
+    def compute(new_params: Any, masks: Any, step: jax.Array) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+        chosen = [include(p, x) for p, x in flat]
+        leaves = [x for _, x in flat]
+        old = jax.tree.leaves(masks)
+        if nm is not None:
+            out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
+        elif scope == "layer":
+            s = sparsity(step)
+            out = [exact_mask(x, jnp.round(s * x.size)) if c else o for x, c, o in zip(leaves, chosen, old)]
+        else:
+            out = _global_masks(leaves, chosen, old, sparsity(step))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def update(updates: Any, state: PruneState, params: Any = None) -> tuple[Any, PruneState]:
+        if params is None:
+            raise ValueError("prune needs params: call update(updates, state, params)")
+        updates, inner_state = inner.update(updates, state.inner, params)
+        new_params = optax.apply_updates(params, updates)
+        step = state.count
+        due = (step >= start) & (step <= max(end, start)) & ((step - start) % update_every == 0)
+        if nm is not None:
+            due = step == start
+        masks = jax.lax.cond(due, lambda: compute(new_params, state.masks, step), lambda: state.masks)
+        # parameters end the step exactly zero where pruned: update = masked new value - old value
+        updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks)
+        inner_state = optax.tree_map_params(
+            inner, lambda leaf, m: jnp.where(m, leaf, 0).astype(leaf.dtype) if leaf.shape == m.shape or
+            m.ndim == 0 else leaf, inner_state, masks)
+        return updates, PruneState(inner_state, masks, step + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _global_masks(leaves: list[jax.Array], chosen: list[bool], old: list[jax.Array], s: jax.Array) -> list[jax.Array]:
+    """One threshold across all chosen leaves; ties broken by (leaf order, flat index)."""
+    xs = [x for x, c in zip(leaves, chosen) if c]
+    total = sum(x.size for x in xs)
+    k = jnp.round(s * total).astype(jnp.int32)
+    bits = [_bits(x) for x in xs]
+    t = _bisect(lambda t: sum(jnp.sum(b <= t, dtype=jnp.int32) for b in bits), k, 0, 0xFFFFFFFF, jnp.uint32)
+    need = k - sum(jnp.sum(b < t, dtype=jnp.int32) for b in bits)
+    offsets, acc = [], 0
+    for x in xs:
+        offsets.append(acc)
+        acc += x.size
+    gidx = [_flat_index(x.shape) + off for x, off in zip(xs, offsets)]
+    i = _bisect(lambda i: sum(jnp.sum((b == t) & (g <= i), dtype=jnp.int32) for b, g in zip(bits, gidx)),
+                need, 0, total - 1, jnp.int32)
+    kept = iter([~((b < t) | ((b == t) & (g <= i) & (need > 0))) for b, g in zip(bits, gidx)])
+    return [next(kept) if c else o for c, o in zip(chosen, old)]

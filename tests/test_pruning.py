@@ -1,0 +1,102 @@
+"""Magnitude pruning: exact counts with ties, N:M, schedule, persistence under AdamW, sharded masks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxinfra.mesh import make_mesh
+from jaxinfra.pruning import cubic_sparsity, exact_mask, n_of_m_mask, prune
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(64, 48)).astype(np.float32)
+    w[:10] = 0.5  # many exact ties
+    return {"a": {"kernel": jnp.asarray(w)}, "b": {"kernel": jnp.asarray(rng.normal(size=(32, 4, 8)), jnp.float32)},
+            "norm": {"scale": jnp.ones(48)}, "embed": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.8, 0.99])
+def test_exact_count_even_with_ties(s):
+    w = _params()["a"]["kernel"]
+    k = round(s * w.size)
+    keep = jax.jit(exact_mask)(w, jnp.asarray(k))
+    assert int((~keep).sum()) == k
+    # the pruned set is the k smallest |w| (a kept entry is never smaller than a pruned one)
+    if 0 < k < w.size:
+        assert float(jnp.abs(w)[keep].min()) >= float(jnp.abs(w)[~keep].max())
+
+
+def test_n_of_m_keeps_exactly_n_per_group():
+    w = _params()["a"]["kernel"]
+    keep = np.asarray(jax.jit(n_of_m_mask, static_argnums=(1, 2))(w, 2, 4))
+    groups = keep.reshape(16, 4, 48).sum(axis=1)
+    assert (groups == 2).all()
+    a = np.abs(np.asarray(w)).reshape(16, 4, 48)
+    k = keep.reshape(16, 4, 48)
+    assert (np.where(k, a, np.inf).min(axis=1) >= np.where(k, -np.inf, a).max(axis=1)).all()
+
+
+def test_cubic_schedule():
+    for t, want in [(0, 0.0), (9, 0.0), (10, 0.0), (15, 0.8 * (1 - 0.5 ** 3)), (20, 0.8), (30, 0.8)]:
+        assert abs(float(cubic_sparsity(jnp.asarray(t), 0.8, 10, 20)) - want) < 1e-6
+
+
+def test_pruned_coordinates_stay_zero_under_adamw_and_moments_are_masked():
+    params = _params()
+    tx = prune(optax.adamw(1e-2, weight_decay=0.1), lambda t: cubic_sparsity(t, 0.8, 2, 6), update_every=2,
+               start=2, end=6)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        grads = jax.tree.map(lambda p: jnp.sin(p * 3.0 + i), params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for i in range(10):
+        params, state = step(params, state, i)
+        kernel = params["a"]["kernel"]
+        zeros = int((kernel == 0).sum())
+        if i >= 6:
+            assert zeros == round(0.8 * kernel.size)
+    assert int((params["b"]["kernel"] == 0).sum()) == round(0.8 * params["b"]["kernel"].size)
+    assert int((params["embed"] == 0).sum()) == 0 and bool((params["norm"]["scale"] != 0).all())  # excluded
+    mask = state.masks["a"]["kernel"]
+    mu = state.inner[0].mu["a"]["kernel"]
+    assert bool((mu[~mask] == 0).all()) and bool((params["a"]["kernel"][~mask] == 0).all())
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_sharded_masks_equal_one_device_and_gather_nothing(scope):
+    params = {"a": _params()["a"], "b": _params()["b"]}
+    tx = prune(optax.sgd(0.0), lambda t: jnp.asarray(0.7), start=0, end=0, scope=scope)
+
+    def masks_of(p):
+        return tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[1].masks
+
+    one = jax.jit(masks_of)(params)
+    mesh = make_mesh(2, 2, 2)
+    sh = {"a": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))},
+          "b": {"kernel": NamedSharding(mesh, P("fsdp", "tensor", None))}}
+    sharded = jax.device_put(params, sh)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(masks_of, in_shardings=(sh,)).lower(sharded).compile()
+        many = compiled(sharded)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    total = sum(x.size for x in jax.tree.leaves(params))
+    pruned = sum(int((~m).sum()) for m in jax.tree.leaves(many))
+    assert pruned == (round(0.7 * total) if scope == "global" else sum(round(0.7 * x.size) for x in jax.tree.leaves(params)))
+    assert "all-gather" not in compiled.as_text()  # thresholds from scalar counts, never a gathered tensor
+
+
+def test_ties_at_the_threshold_are_broken_by_index():
+    w = _params()["a"]["kernel"]  # rows 0..9 hold 480 entries equal to 0.5
+    below = int((jnp.abs(w) < 0.5).sum())
+    keep = np.asarray(jax.jit(exact_mask)(w, jnp.asarray(below + 100)))
+    tied_pruned = (~keep) & (np.abs(np.asarray(w)) == 0.5)
+    assert int((~keep).sum()) == below + 100 and int(tied_pruned.sum()) == 100
+    assert tied_pruned.reshape(-1).nonzero()[0].max() < np.flatnonzero(np.abs(np.asarray(w)).reshape(-1) == 0.5)[100]
