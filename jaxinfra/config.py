@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import os
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,19 @@ class OptimConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Magnitude pruning inside the train step (sparsity 0 = off)."""
+
+    sparsity: float = 0.0  # final fraction of zeros in each pruned tensor (or in all, scope=global)
+    schedule: str = "cubic"  # cubic (Zhu & Gupta 2017) between start_step and end_step | oneshot at start_step
+    start_step: int = 0
+    end_step: int = 0
+    every: int = 10  # steps between mask updates (cubic)
+    scope: str = "layer"  # layer | global (one threshold over all pruned tensors)
+    pattern: str = "unstructured"  # unstructured | N:M such as 2:4 (groups along a kernel's input dim)
+
+
+@dataclass
 class CheckpointConfig:
     """Orbax checkpoints in <run.dir>/checkpoints and merged exports in <run.dir>/exports."""
 
@@ -176,6 +190,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -186,6 +201,8 @@ CHOICES = {
     "optim.name": ("adamw", "sgd", "lion", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.export_dtype": DTYPES,
+    "prune.schedule": ("cubic", "oneshot"),
+    "prune.scope": ("layer", "global"),
 }
 
 
@@ -216,6 +233,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise UserError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
+    if re.fullmatch(r"\d+:\d+", raw.strip()):  # N:M, which YAML 1.1 would read as a base-60 integer
+        return key.strip(), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -306,6 +325,7 @@ def validate(cfg: Config) -> None:
                         f"optim.grad_accum={cfg.optim.grad_accum}")
     if not 0 <= cfg.data.heldout_percent < 100:
         raise UserError(f"data.heldout_percent={cfg.data.heldout_percent} must lie in [0, 100)")
+    validate_prune(cfg)
     ps = cfg.run.profile_steps
     if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1] <= cfg.run.steps):
         raise UserError(f"run.profile_steps={list(ps)} must be [first, last] with 1 <= first <= last <= "
@@ -339,3 +359,36 @@ def validate(cfg: Config) -> None:
             raise UserError(f"mesh.rules.{name}={axes} repeats a mesh axis")
     if cfg.data.path and not os.path.exists(cfg.data.path):
         raise UserError(f"data.path={cfg.data.path}: no such file or folder")
+
+
+def nm_pattern(pattern: str) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4); 'unstructured' -> None; anything else raises UserError."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise UserError(f"prune.pattern={pattern!r} is not 'unstructured' or N:M such as 2:4 "
+                        f"(quote it in YAML files: \"2:4\")") from None
+    if not 0 < n < m:
+        raise UserError(f"prune.pattern={pattern}: N={n} must be at least 1 and below M={m}")
+    return n, m
+
+
+def validate_prune(cfg: Config) -> None:
+    """Pruning settings that can be checked before any device work."""
+    p = cfg.prune
+    nm_pattern(p.pattern)
+    if not 0 <= p.sparsity < 1:
+        raise UserError(f"prune.sparsity={p.sparsity} must lie in [0, 1)")
+    if not p.sparsity and p.pattern == "unstructured":
+        return
+    end = p.start_step if p.schedule == "oneshot" or p.pattern != "unstructured" else p.end_step
+    if p.every < 1:
+        raise UserError(f"prune.every={p.every} must be at least 1")
+    if p.start_step < 0 or end < p.start_step:
+        raise UserError(f"prune.start_step={p.start_step} and prune.end_step={p.end_step}: no mask update "
+                        f"falls inside [start_step, end_step]")
+    if end >= cfg.run.steps:
+        raise UserError(f"prune.end_step={end} must be below run.steps={cfg.run.steps} "
+                        f"(steps after the last mask update let the model recover)")

@@ -21,13 +21,14 @@ from jaxinfra import export as export_lib
 from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra import train
-from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
+from jaxinfra.config import DEFAULT_RULES, Config, nm_pattern, to_yaml
 from jaxinfra.errors import UserError
 from jaxinfra.generate import sample
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter
 from jaxinfra.model import Transformer, lm_loss, train_flops_per_token
 from jaxinfra.optim import make_optimizer
+from jaxinfra.pruning import default_include
 
 
 def check_batch(cfg: Config, divisor: int) -> None:
@@ -43,6 +44,20 @@ def check_batch(cfg: Config, divisor: int) -> None:
         if micro % n:
             raise UserError(f"data.batch_size={cfg.data.batch_size} / optim.grad_accum={cfg.optim.grad_accum} "
                             f"= {micro} is not divisible by {what}")
+
+
+def check_nm(cfg: Config, plan: train.Plan) -> None:
+    """N:M groups run along dim 0 of each pruned kernel: it, and each device's shard of it, must divide by M."""
+    nm = nm_pattern(cfg.prune.pattern)
+    if nm is None:
+        return
+    flat, _ = jax.tree_util.tree_flatten_with_path(plan.abstract.params)
+    for path, a in flat:
+        if default_include(path, a):
+            local = a.sharding.shard_shape(a.shape)[0]
+            if a.shape[0] % nm[1] or local % nm[1]:
+                raise UserError(f"prune.pattern={cfg.prune.pattern}: parameter {jax.tree_util.keystr(path)} has "
+                                f"input dim {a.shape[0]} ({local} per device), not divisible by M={nm[1]}")
 
 
 def run_meta(cfg: Config, mesh: Any, step: int) -> dict[str, Any]:
@@ -91,8 +106,9 @@ def run(cfg: Config) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         constrain = shd.LogicalConstraint(mesh, rules)
         model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
-        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
+        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
         plan = train.plan_state(model_fn, tx, mesh, rules, allowed_unused=DEFAULT_RULES)
+        check_nm(cfg, plan)
         ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=c.keep, keep_every=c.keep_every)
         try:
             return _train(cfg, corpus, mesh, rules, model_fn, tx, schedule, plan, ckpt, exporter, say, t_start)

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 if TYPE_CHECKING:
-    from jaxinfra.config import OptimConfig
+    from jaxinfra.config import OptimConfig, PruneConfig
 
 
 def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
@@ -43,8 +44,19 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTran
 }
 
 
-def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip -> optimizer) and its schedule, for a run of `steps` optimizer updates."""
+def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule."""
     schedule = make_schedule(cfg, steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    return optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule)), schedule
+    tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule))
+    p = prune_cfg
+    if p is None or (not p.sparsity and p.pattern == "unstructured"):
+        return tx, schedule
+    from jaxinfra.config import nm_pattern  # no JAX in config: a plain import is fine
+    from jaxinfra.pruning import cubic_sparsity, prune
+    end = p.start_step if p.schedule == "oneshot" else p.end_step
+    sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
+        else jnp.where(t >= p.start_step, p.sparsity, 0.0)
+    return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=nm_pattern(p.pattern),
+                 scope=p.scope), schedule

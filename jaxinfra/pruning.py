@@ -88,6 +88,12 @@ def n_of_m_mask(w: jax.Array, n: int, m: int) -> jax.Array:
     return (ahead < n).reshape(w.shape)
 
 
+def sparsity_of(masks: Any) -> jax.Array:
+    """Fraction of pruned entries over all pruned (full-shaped) masks."""
+    full = [m for m in jax.tree.leaves(masks) if m.ndim]
+    return sum(jnp.sum(~m, dtype=jnp.float32) for m in full) / max(sum(m.size for m in full), 1)
+
+
 class PruneState(NamedTuple):
     """The inner optimizer's state, one mask per parameter (scalar True where not pruned), the step."""
 
@@ -100,7 +106,8 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
           update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
           scope: str = "layer", include: Include = default_include) -> optax.GradientTransformation:
     """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
-    (step - start) % update_every == 0 (N:M masks once, at `start`)."""
+    (step - start) % update_every == 0, and at `end` (N:M masks once, at `start`). `step` counts
+    the updates done before this one."""
 
     def init(params: Any) -> PruneState:
         masks = jax.tree_util.tree_map_with_path(
@@ -127,7 +134,8 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
         updates, inner_state = inner.update(updates, state.inner, params)
         new_params = optax.apply_updates(params, updates)
         step = state.count
-        due = (step >= start) & (step <= max(end, start)) & ((step - start) % update_every == 0)
+        due = (step >= start) & (step <= max(end, start)) & \
+            (((step - start) % update_every == 0) | (step == end))  # the last update lands on `end`
         if nm is not None:
             due = step == start
         masks = jax.lax.cond(due, lambda: compute(new_params, state.masks, step), lambda: state.masks)

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxinfra import sharding as shd
+from jaxinfra.pruning import PruneState, sparsity_of
 
 ModelFn = Callable[[], nnx.Module]
 LossFn = Callable[[nnx.Module, Any], jax.Array]
@@ -135,6 +136,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if isinstance(opt_state, PruneState):
+            metrics["sparsity"] = sparsity_of(opt_state.masks)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state), metrics

@@ -5,6 +5,7 @@ import sys
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+assert len(jax.devices()) == 8  # start the backend now: no test may change the device count later
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402

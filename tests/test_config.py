@@ -39,6 +39,11 @@ def test_resolved_yaml_round_trips(tmp_path):
     (["data.path=/no/such/place"], ["data.path=/no/such/place"]),
     (["run.steps"], ["run.steps", "key.sub=value"]),
     (["run.profile_steps=[3,2]"], ["run.profile_steps=[3, 2]"]),
+    (["prune.sparsity=1.0"], ["prune.sparsity=1.0"]),
+    (["prune.pattern=4:2"], ["prune.pattern=4:2", "N=4", "M=2"]),
+    (["prune.pattern=half"], ["prune.pattern='half'"]),
+    (["prune.sparsity=0.5", "prune.end_step=600", "run.steps=600"], ["prune.end_step=600", "run.steps=600"]),
+    (["prune.sparsity=0.5", "prune.start_step=50", "prune.end_step=40"], ["prune.start_step=50", "end_step=40"]),
     (["run.sample_prompts=['é']", "model.vocab_size=128"], ["run.sample_prompts", "model.vocab_size=128"]),
 ])
 def test_bad_values_name_the_key(override, words):

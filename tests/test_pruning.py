@@ -100,3 +100,31 @@ def test_ties_at_the_threshold_are_broken_by_index():
     tied_pruned = (~keep) & (np.abs(np.asarray(w)) == 0.5)
     assert int((~keep).sum()) == below + 100 and int(tied_pruned.sum()) == 100
     assert tied_pruned.reshape(-1).nonzero()[0].max() < np.flatnonzero(np.abs(np.asarray(w)).reshape(-1) == 0.5)[100]
+
+
+
+def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys):
+    import json
+    from conftest import TINY
+    from jaxinfra import cli
+    from jaxinfra import export as export_lib
+    run_dir = tmp_path / "run"
+    assert cli.main([*TINY, "run.steps=10", "run.log_every=1", f"run.dir={run_dir}", "prune.sparsity=0.5",
+                     "prune.start_step=2", "prune.end_step=5", "prune.every=2"]) == 0
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sparsity = {r["step"]: r["sparsity"] for r in rows if "sparsity" in r}
+    # updates 0..9 are logged as steps 1..10; masks change at updates 2, 4 and 5 (end)
+    assert sparsity[1] == sparsity[2] == 0.0
+    for update in (2, 4, 5):
+        assert abs(sparsity[update + 1] - float(cubic_sparsity(jnp.asarray(update), 0.5, 2, 5))) < 2e-3
+    assert sparsity[10] == sparsity[6] and abs(sparsity[10] - 0.5) < 1e-3
+    flat = export_lib.load(str(run_dir / "exports" / "model-10.safetensors"))
+    for name, w in flat.items():
+        zeros = int((w == 0).sum())
+        if w.ndim >= 2 and name not in ("embed", "head"):
+            assert zeros == round(0.5 * w.size), name
+        else:
+            assert zeros == 0, name
+    assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:8"]) == 2  # d_model 32 / fsdp 2 = 16
+    assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:32"]) == 2
+    assert "not divisible by M=32" in capsys.readouterr().err
