@@ -24,6 +24,7 @@ from jaxinfra.errors import UserError
 
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16), "float16": ("F16", np.float16),
           "int32": ("I32", np.int32), "int64": ("I64", np.int64), "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
+TAGS = {np.dtype(t): tag for tag, t in DTYPES.values()}  # numpy dtype -> safetensors dtype tag
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
 
 
@@ -96,14 +97,14 @@ def _shard_plan(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes:
     return groups
 
 
-def _write_file(path: str, names: list[str], shapes: list[tuple[int, ...]], tags: list[str],
-                arrays: Iterator[np.ndarray], metadata: dict[str, str]) -> None:
-    """Stream one safetensors file: header from shapes, then each array's bytes as it arrives."""
+def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterator[np.ndarray],
+                metadata: dict[str, str]) -> None:
+    """Stream one safetensors file: header from (name, shape, dtype), then each array's bytes as it arrives."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name, shape, tag in zip(names, shapes, tags):
-        n = math.prod(shape) * {"F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1}[tag]
-        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + n]}
+    for name, shape, dt in entries:
+        n = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": TAGS[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -111,7 +112,7 @@ def _write_file(path: str, names: list[str], shapes: list[tuple[int, ...]], tags
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for name, arr in zip(names, arrays):
+        for arr in arrays:
             f.write(np.ascontiguousarray(arr).tobytes())
     os.replace(tmp, path)  # never a half-written file under the final name
 
@@ -132,9 +133,8 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
         dt = np.dtype(DTYPES[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
             else np.dtype(m.dtype)
         entries.append((name, tuple(m.shape), dt))
-    tag_of = {np.dtype(v[1]): v[0] for v in DTYPES.values()}
     for name, _, dt in entries:
-        if dt not in tag_of:
+        if dt not in TAGS:
             raise UserError(f"tensor {name} has dtype {dt}, which this exporter does not write; pass --dtype")
     groups = _shard_plan(entries, max_shard_bytes)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
@@ -145,8 +145,7 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
     for path, group in zip(files, groups):
         sel = [entries[i] for i in group]
         arrays = (_read_one(step_dir, meta[n][0], meta[n][1]).astype(dt, copy=False) for n, _, dt in sel)
-        _write_file(path, [n for n, _, _ in sel], [s for _, s, _ in sel], [tag_of[dt] for _, _, dt in sel],
-                    arrays, metadata)
+        _write_file(path, sel, arrays, metadata)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(math.prod(s) * dt.itemsize for _, s, dt in entries)},
                  "weight_map": {n: os.path.basename(files[g]) for g, group in enumerate(groups)
