@@ -84,10 +84,21 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="cast floating tensors: f32, bf16 or f16 (default: as saved)")
     p.add_argument("--max-shard-size", default="0", help="split into files of at most this size, plus an index")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--sparse", action="store_true",
+                   help="store pruned tensors compressed (values + bitmask, or N:M values + indices)")
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.export import export
+        from jaxinfra.export import export, export_sparse
+        if args.sparse:
+            if parse_size(args.max_shard_size):
+                raise UserError(f"--max-shard-size {args.max_shard_size} with --sparse: a sparse export is one file")
+            s = export_sparse(args.directory, args.out, step=args.step, dtype=args.dtype, force=args.force)
+            packed = sum(e != "dense" for e in s.encodings.values())
+            print(f"wrote {args.out} ({s.sparse_bytes:,} bytes; the dense file would be {s.dense_bytes:,} bytes: "
+                  f"{s.sparse_bytes / s.dense_bytes:.1%}); {s.nonzeros:,} of {s.params:,} parameters nonzero, "
+                  f"{packed} of {len(s.encodings)} tensors compressed")
+            return 0
         files = export(args.directory, args.out, step=args.step, dtype=args.dtype,
                        max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
         for f in files:

@@ -1,9 +1,15 @@
 """Merge a sharded checkpoint's parameters into whole tensors in safetensors, a tensor at a time,
-and load such a file back onto any mesh.
+dense or sparse, and load such a file back onto any mesh.
 
 The writer streams: it lays out the safetensors header from the checkpoint's metadata, then
 reads one tensor from the checkpoint as a host array, appends its bytes, and drops it; the
 host holds about the largest tensor, not the model.
+
+A sparse export stores each pruned tensor as `<name>.values` plus either `<name>.mask` (np.packbits
+of the nonzero positions, row-major) or, for N:M tensors, `<name>.indices` (uint8 position of each
+kept value inside its group of M along dim 0); the `__metadata__` entry `encoding.<name>` holds its
+shape, dtype and layout as JSON. Other tensors stay dense under their own names. "Zero" means all
+bits zero, so -0.0 and NaN survive the round trip bitwise.
 """
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ import json
 import math
 import os
 import threading
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import jax
 import ml_dtypes
@@ -20,11 +27,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from safetensors import safe_open
 
+from jaxinfra import sparse
 from jaxinfra.errors import UserError
 
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16), "float16": ("F16", np.float16),
           "int32": ("I32", np.int32), "int64": ("I64", np.int64), "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
 TAGS = {np.dtype(t): tag for tag, t in DTYPES.values()}  # numpy dtype -> safetensors dtype tag
+ENCODING = "encoding."  # __metadata__ key prefix: how to rebuild one sparse-stored tensor
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
 
 
@@ -97,17 +106,31 @@ def _shard_plan(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes:
     return groups
 
 
-def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterator[np.ndarray],
-                metadata: dict[str, str]) -> None:
-    """Stream one safetensors file: header from (name, shape, dtype), then each array's bytes as it arrives."""
+def _header(entries: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str],
+            pad_to: int = 0) -> bytes:
+    """The safetensors header of tensors laid out in order, padded with spaces to 8 bytes (or to pad_to)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, shape, dt in entries:
-        n = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": TAGS[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        n = math.prod(shape) * np.dtype(dt).itemsize
+        header[name] = {"dtype": TAGS[np.dtype(dt)], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    if pad_to:
+        assert len(raw) <= pad_to, (len(raw), pad_to)  # the reserve is an upper bound by construction
+        return raw + b" " * (pad_to - len(raw))
+    return raw + b" " * (-len(raw) % 8)
+
+
+def file_size(entries: list[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str]) -> int:
+    """Bytes of the safetensors file these tensors make, without writing it."""
+    return 8 + len(_header(entries, metadata)) + sum(math.prod(s) * np.dtype(d).itemsize for _, s, d in entries)
+
+
+def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterator[np.ndarray],
+                metadata: dict[str, str]) -> None:
+    """Stream one safetensors file: header from (name, shape, dtype), then each array's bytes as it arrives."""
+    raw = _header(entries, metadata)
     tmp = path + ".partial"
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
@@ -117,9 +140,14 @@ def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
     os.replace(tmp, path)  # never a half-written file under the final name
 
 
-def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
-           max_shard_bytes: int = 0, force: bool = False) -> list[str]:
-    """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
+def base_metadata(step: int) -> dict[str, str]:
+    """The `__metadata__` of an export of `step`."""
+    return {"format": "jaxinfra", "step": str(step)}
+
+
+def _prepare(directory: str, out: str, step: int | None, dtype: str | None, force: bool
+             ) -> tuple[str, int, dict[str, Any], list[tuple[str, tuple[int, ...], np.dtype]]]:
+    """Checks shared by dense and sparse export: (step folder, step, metadata, (name, shape, dtype) to write)."""
     step_dir, step = step_dir_of(directory, step)
     if dtype is not None:
         dtype = ALIASES.get(dtype, dtype)
@@ -136,12 +164,19 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
     for name, _, dt in entries:
         if dt not in TAGS:
             raise UserError(f"tensor {name} has dtype {dt}, which this exporter does not write; pass --dtype")
+    return step_dir, step, meta, entries
+
+
+def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           max_shard_bytes: int = 0, force: bool = False) -> list[str]:
+    """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
+    step_dir, step, meta, entries = _prepare(directory, out, step, dtype, force)
     groups = _shard_plan(entries, max_shard_bytes)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
     files = [out] if len(groups) == 1 else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                             for i in range(len(groups))]
-    metadata = {"format": "jaxinfra", "step": str(step)}
+    metadata = base_metadata(step)
     for path, group in zip(files, groups):
         sel = [entries[i] for i in group]
         arrays = (_read_one(step_dir, meta[n][0], meta[n][1]).astype(dt, copy=False) for n, _, dt in sel)
@@ -156,8 +191,22 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
     return files
 
 
+def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, dense host array) of one safetensors file, dense or sparse, a tensor at a time."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such safetensors file")
+    with safe_open(path, framework="numpy") as f:
+        how = {k[len(ENCODING):]: json.loads(v) for k, v in (f.metadata() or {}).items() if k.startswith(ENCODING)}
+        pieces = {f"{name}.{part}" for name in how for part in ("values", "mask", "indices")}
+        for key in f.keys():
+            if key not in pieces:
+                yield key, f.get_tensor(key)
+        for name, info in how.items():
+            yield name, sparse.decode(info, lambda part: f.get_tensor(f"{name}.{part}"))
+
+
 def load(path: str) -> dict[str, np.ndarray]:
-    """Name -> host array from one safetensors file or a sharded export's index."""
+    """Name -> dense host array from one safetensors file (dense or sparse) or a sharded export's index."""
     if path.endswith(".index.json"):
         with open(path) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
@@ -165,10 +214,7 @@ def load(path: str) -> dict[str, np.ndarray]:
         for name in files:
             out.update(load(os.path.join(os.path.dirname(path), name)))
         return out
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such safetensors file")
-    with safe_open(path, framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    return dict(iter_file(path))
 
 
 def to_params(flat: dict[str, np.ndarray], abstract_params: Any, shardings: Any) -> Any:
@@ -247,8 +293,115 @@ class BackgroundExporter:
         return self.written, self.errors
 
 
-def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
-    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
+def iter_params(directory: str, step: int | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+    """(step, generator of (name, whole host array)) of a checkpoint step, read a tensor at a time."""
     step_dir, step = step_dir_of(directory, step)
     meta = _params_metadata(step_dir)
-    return {name: _read_one(step_dir, tree, path) for name, (tree, path, _) in meta.items()}, step
+    return step, ((name, _read_one(step_dir, tree, path)) for name, (tree, path, _) in meta.items())
+
+
+def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
+    step, tensors = iter_params(directory, step)
+    return dict(tensors), step
+
+
+def saved_pattern(step_dir: str) -> tuple[int, int] | None:
+    """The N:M pattern a checkpoint step was pruned with (its meta config's prune.pattern), if any."""
+    try:
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            n, m = (int(x) for x in json.load(f)["config"]["prune"]["pattern"].split(":"))
+        return (n, m) if 0 < n < m else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no meta, unstructured, or not ours
+        return None
+
+
+@dataclass
+class SparseSummary:
+    """What a sparse export of some tensors holds, and what the dense file would weigh."""
+
+    params: int
+    nonzeros: int  # entries that are not exactly 0 (+0.0 or -0.0)
+    dense_bytes: int  # the dense safetensors file, header included
+    sparse_bytes: int  # the sparse safetensors file, header included
+    encodings: dict[str, str]  # name -> dense, bitmask or nm N:M
+
+
+class _Tally:
+    """Running contents of a sparse file (and of its dense twin) as tensors are encoded one by one."""
+
+    def __init__(self, metadata: dict[str, str], pattern: tuple[int, int] | None):
+        self.base, self.pattern = metadata, pattern
+        self.dense: list[tuple[str, tuple[int, ...], np.dtype]] = []
+        self.stored: list[tuple[str, tuple[int, ...], np.dtype]] = []
+        self.meta = dict(metadata, sparse="1")
+        self.enc: dict[str, str] = {}
+        self.params = self.nonzeros = 0
+
+    def add(self, name: str, w: np.ndarray) -> sparse.Pieces:
+        """Encode one tensor; returns the pieces to write, in order."""
+        self.dense.append((name, w.shape, w.dtype))
+        self.params += w.size
+        self.nonzeros += int(np.count_nonzero(w))
+        pieces, how = sparse.encode(name, w, self.pattern)
+        self.stored += [(n, a.shape, a.dtype) for n, a in pieces]
+        if how is not None:
+            self.meta[ENCODING + name] = json.dumps(how, separators=(",", ":"))
+        self.enc[name] = "dense" if how is None else how["encoding"] + (f" {how['n']}:{how['m']}" if "m" in how else "")
+        return pieces
+
+    def summary(self) -> SparseSummary:
+        """The figures so far."""
+        data = sum(math.prod(s) * np.dtype(d).itemsize for _, s, d in self.stored)
+        return SparseSummary(self.params, self.nonzeros, file_size(self.dense, self.base),
+                             8 + _reserve(self.dense, self.base) + data, self.enc)
+
+
+def _reserve(entries: list[tuple[str, tuple[int, ...], np.dtype]], base: dict[str, str]) -> int:
+    """Header bytes of a sparse file: the longest header its tensors could need, whatever their zeros
+    (a function of names, shapes and dtypes alone, so the writer can stream the data behind it)."""
+    worst, worst_meta = [], dict(base, sparse="1")
+    for name, shape, dt in entries:
+        pieces, how = sparse.bound(name, shape, dt)
+        worst += pieces
+        worst_meta[ENCODING + name] = json.dumps(how, separators=(",", ":"))
+    return len(_header(worst, worst_meta))  # a multiple of 8: the data stays aligned
+
+
+def summarize(tensors: Iterable[tuple[str, np.ndarray]], pattern: tuple[int, int] | None = None,
+              metadata: dict[str, str] | None = None) -> SparseSummary:
+    """Sizes of the dense and the sparse file of these tensors, computed a tensor at a time without writing."""
+    tally = _Tally(metadata or {"format": "jaxinfra"}, pattern)
+    for name, w in tensors:
+        tally.add(name, w)
+    return tally.summary()
+
+
+def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
+                  force: bool = False, pattern: tuple[int, int] | None = None) -> SparseSummary:
+    """Write a checkpoint step's parameters as one sparse safetensors file (streamed, a tensor at a time).
+
+    Pieces are written as each tensor is encoded, after header space reserved for the longest header
+    the tensors could need; the real header then goes in front, padded with spaces to that size.
+    Returns the figures, sparse_bytes being the file's size.
+    """
+    step_dir, step, meta, entries = _prepare(directory, out, step, dtype, force)
+    pattern = pattern or saved_pattern(step_dir)
+    base = base_metadata(step)
+    reserve = _reserve(entries, base)
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    tally = _Tally(base, pattern)
+    tmp = out + ".partial"
+    with open(tmp, "wb") as f:
+        f.seek(8 + reserve)
+        for name, _, dt in entries:
+            for _, arr in tally.add(name, _read_one(step_dir, meta[name][0], meta[name][1]).astype(dt, copy=False)):
+                f.write(np.ascontiguousarray(arr).tobytes())  # the tensor is dropped after its pieces are out
+        raw = _header(tally.stored, tally.meta, pad_to=reserve)
+        f.seek(0)
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+    os.replace(tmp, out)  # never a half-written file under the final name
+    summary = tally.summary()
+    assert summary.sparse_bytes == os.path.getsize(out)
+    return summary
