@@ -106,6 +106,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # none | full | dots (keep matmul outputs, recompute the rest)
+    attention: str = "xla"  # xla | cudnn (fused flash attention on NVIDIA GPUs, bf16/fp16 compute)
 
     @property
     def head_dim(self) -> int:
@@ -198,6 +199,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
     "optim.name": ("adamw", "sgd", "lion", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.export_dtype": DTYPES,
@@ -318,6 +320,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must lie in [0, 1]")
     if cfg.model.d_model % cfg.model.n_heads:
         raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
+    if cfg.model.attention == "cudnn" and cfg.model.dtype == "float32":
+        raise UserError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused attention)")
     if cfg.model.head_dim % 2:
         raise UserError(f"model.d_model / model.n_heads = {cfg.model.head_dim} must be even for rotary positions")
     if cfg.data.batch_size % cfg.optim.grad_accum:

@@ -65,6 +65,8 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (D, H, K), ("embed", "heads", "kv"), D ** -0.5, pdt)
         self.wo = _param(rngs, (H, K, D), ("heads", "kv", "embed"), (D * 2 * cfg.n_layers) ** -0.5, pdt)
         self.dtype, self.theta, self.constrain = jnp.dtype(cfg.dtype), cfg.rope_theta, constrain
+        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
+        self.impl = None if cfg.attention == "xla" else cfg.attention
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         names = ("batch", "seq", "heads", "kv")
@@ -72,7 +74,8 @@ class Attention(nnx.Module):
         q_BxTxHxK = rotary(proj(self.wq), self.theta)
         k_BxTxHxK = rotary(proj(self.wk), self.theta)
         v_BxTxHxK = proj(self.wv)
-        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True)
+        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                                 implementation=self.impl)
         o_BxTxHxK = self.constrain(o_BxTxHxK, names)
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo[...].astype(self.dtype))
 

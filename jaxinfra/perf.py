@@ -8,16 +8,41 @@ import jax
 import jax.numpy as jnp
 
 
-def matmul_peak(device: jax.Device | None = None, dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
-    """Dense n x n matmul FLOP/s that one device reaches in `dtype` (median of `reps` after a warm-up)."""
+# Vendor dense peaks (FLOP/s, no sparsity) by device kind, for MFU against the datasheet as well.
+VENDOR_PEAKS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 67e12,
+    ("H200", "bfloat16"): 989e12, ("H200", "float16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12, ("TPU v5p", "bfloat16"): 459e12,
+}
+
+
+def vendor_peak(device: jax.Device, dtype: str) -> float | None:
+    """The datasheet's dense peak of one device for `dtype`, when this table knows its kind."""
+    kind = device.device_kind
+    for (name, dt), peak in VENDOR_PEAKS.items():
+        if name in kind and dt == dtype:
+            return peak
+    return None
+
+
+def matmul_peak(device: jax.Device | None = None, dtype: str = "float32", n: int | None = None,
+                reps: int = 5) -> float:
+    """Dense n x n matmul FLOP/s that one device reaches in `dtype` (median of `reps` after a warm-up).
+
+    Random operands (zeros or ones can run faster than real data); n defaults to 2048 on CPU and
+    8192 on accelerators, large enough to fill the chip.
+    """
     device = device or jax.devices()[0]
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    n = n or (2048 if device.platform == "cpu" else 8192)
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, b = (jax.device_put(jax.random.normal(k, (n, n), jnp.float32).astype(dtype), device) for k in keys)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        f(a).block_until_ready()
+        f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times)
 
