@@ -143,3 +143,35 @@ def generate_main(argv: list[str] | None = None) -> int:
         print("\n".join(texts))
         return 0
     return _guard(body)
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """jaxinfra-compare / scripts/compare.py: a dense and a pruned run side by side, and a PNG of both."""
+    p = argparse.ArgumentParser(prog="compare.py", description="Compare a dense run with a pruned one: parameters, "
+                                "nonzeros, file sizes, eval loss, bits per byte, step time; plot loss and sparsity.")
+    p.add_argument("dense_run")
+    p.add_argument("pruned_run")
+    p.add_argument("--out", default=None, help="the PNG to write (default: PRUNED_RUN/compare.png)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from jaxinfra.compare import compare
+        lines, png = compare(args.dense_run, args.pruned_run, args.out)
+        print("\n".join(lines))
+        print(f"wrote {png}")
+        return 0
+    return _guard(body)
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    """jaxinfra-plot / scripts/plot.py: a PNG of a run's loss, bits per byte, learning rate and sparsity."""
+    p = argparse.ArgumentParser(prog="plot.py", description="Plot a run's metrics.jsonl into RUN_DIR/plots.png.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/plots.png)")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from jaxinfra.plots import plot_run
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        return 0
+    return _guard(body)
