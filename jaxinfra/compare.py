@@ -18,7 +18,7 @@ class RunFigures:
     """What compare reports of one run."""
 
     run_dir: str
-    source: str  # where the tensors were read: "checkpoint N" or "export <file>"
+    source: str  # where the tensors were read: "checkpoint N" or "export N" (exports/model-N.safetensors)
     params: int
     nonzeros: int
     dense_bytes: int
@@ -66,7 +66,7 @@ def run_figures(run_dir: str) -> RunFigures:
     elif (found := _newest_export(run_dir)) is not None:
         path, step = found
         summary = ex.summarize(ex.iter_file(path), None, ex.base_metadata(step))
-        source = f"export {os.path.basename(path)}"
+        source = f"export {step}"
     else:
         raise UserError(f"{run_dir}: holds no complete checkpoint step and no exports/model-<step>.safetensors")
     return RunFigures(run_dir, source, summary.params, summary.nonzeros, summary.dense_bytes, summary.sparse_bytes,

@@ -195,8 +195,14 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """(name, dense host array) of one safetensors file, dense or sparse, a tensor at a time."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such safetensors file")
-    with safe_open(path, framework="numpy") as f:
-        how = {k[len(ENCODING):]: json.loads(v) for k, v in (f.metadata() or {}).items() if k.startswith(ENCODING)}
+    try:
+        f = safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200]})") from None
+    with f:
+        meta = f.metadata() or {}
+        how = {k[len(ENCODING):]: json.loads(v) for k, v in meta.items()
+               if k.startswith(ENCODING) and meta.get("sparse") == "1"}
         pieces = {f"{name}.{part}" for name in how for part in ("values", "mask", "indices")}
         for key in f.keys():
             if key not in pieces:

@@ -131,7 +131,10 @@ def test_cli_sparse_prints_sizes_and_bad_input_exits_2(saved, tmp_path, capsys):
         assert len(err) == 1 and all(w in err[0] for w in words), err
     with pytest.raises(UserError, match="no such safetensors file"):
         export_lib.load(str(tmp_path / "nope.safetensors"))
-    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="bad.safetensors: not a safetensors file"):
+        export_lib.load(str(tmp_path / "bad.safetensors"))
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # a failed export leaves nothing
 
 
 def test_reserved_header_bounds_the_real_one():
