@@ -1,4 +1,4 @@
-"""Byte-level text corpus, a grain pipeline over it, and global batch assembly.
+"""Byte-level text corpus, a seeded grain pipeline over any random-access source, global batches.
 
 Default corpus: the running interpreter's standard-library .py files (no download). Files are
 split into train and held-out by a hash of their path relative to the corpus root, so the split
@@ -14,7 +14,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import grain
 import jax
@@ -110,46 +110,153 @@ class Windows(grain.sources.RandomAccessDataSource):
         return f"Windows({self.name!r}, bytes={self.tokens.size}, seq_len={self.seq_len})"
 
 
-def train_batches(source: grain.sources.RandomAccessDataSource, global_batch: int, seed: int, *,
-                  start: int = 0, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+Source = Any  # random access: len(source) and source[i] -> dict of numpy arrays (grain.MapDataset, a list, ...)
+
+
+def check_source(source: Source, name: str) -> None:
+    """A trainable source has a finite length and integer indexing; raises UserError naming it."""
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise UserError(f"{name}: expected a random-access source with len() and [i] (grain.MapDataset.source("
+                        f"...), a grain RandomAccessDataSource, a list), got {type(source).__name__}")
+    try:
+        n = len(source)
+    except Exception as e:  # grain raises for infinite (repeated) datasets
+        raise UserError(f"{name}: len() failed ({str(e).splitlines()[0][:120]}); pass a finite source") from None
+    if n < 1:
+        raise UserError(f"{name} is empty: it holds no examples")
+
+
+def spec_of(example: Any, name: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The (shape, dtype) of each entry of an example, which must be a dict of arrays."""
+    if not isinstance(example, Mapping) or not example:
+        raise UserError(f"{name}: an example must be a non-empty dict of numpy arrays, got {type(example).__name__}")
+    out = {}
+    for key, value in example.items():
+        a = np.asarray(value)
+        if a.dtype == object:
+            raise UserError(f"{name}: example entry {key!r} is not a numeric array ({type(value).__name__})")
+        out[str(key)] = (a.shape, a.dtype)
+    return out
+
+
+def check_example(example: Any, spec: Mapping[str, tuple[tuple[int, ...], Any]], name: str, index: int,
+                  expected: str = "as example 0") -> None:
+    """Same keys, shapes and dtypes as `spec`; raises UserError naming the source, example and key."""
+    got = spec_of(example, f"{name} example {index}")
+    if set(got) != set(spec):
+        raise UserError(f"{name} example {index} has keys {sorted(got)}, expected {sorted(spec)} ({expected})")
+    for key, (shape, dtype) in spec.items():
+        if got[key][0] != tuple(shape) or got[key][1] != np.dtype(dtype):
+            raise UserError(f"{name} example {index}: {key!r} has shape {got[key][0]} and dtype {got[key][1]}, "
+                            f"expected shape {tuple(shape)} and dtype {np.dtype(dtype)} ({expected})")
+
+
+def train_batches(source: Source, global_batch: int, seed: int, *, start: int = 0,
+                  process_index: int | None = None, process_count: int | None = None,
+                  spec: Mapping[str, tuple[tuple[int, ...], Any]] | None = None,
+                  name: str = "train_source") -> grain.IterDataset:
     """This process's rows of global batch `start`, `start + 1`, ... (endless; reshuffled each epoch).
 
-    The order of windows is a seeded permutation of the whole corpus, the same for any number
-    of processes; global batch g is windows [g*B, (g+1)*B) of it, and process p reads only its
+    `source` is any random-access source of examples (dicts of numpy arrays). The order of
+    examples is a seeded permutation of the whole source, the same for any number of
+    processes; global batch g is examples [g*B, (g+1)*B) of it, and process p reads only its
     rows [p*B/P, (p+1)*B/P) of each. So losses do not depend on the process count, and the data
-    position of a resumed run is just the batch index, on any number of processes.
+    position of a resumed run is just the batch index, on any number of processes. With `spec`,
+    every example read is checked against it (a wrong shape or dtype raises UserError naming it).
     """
     P = jax.process_count() if process_count is None else process_count
     p = jax.process_index() if process_index is None else process_index
     if global_batch % P:
         raise UserError(f"data.batch_size={global_batch} is not divisible by the {P} processes")
+    check_source(source, name)
     b = global_batch // P
     order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()  # new permutation per epoch
+
+    def read(j: int) -> Any:
+        i = int(order[(j // b) * global_batch + p * b + j % b])
+        example = source[i]
+        if spec is not None:
+            check_example(example, spec, name, i)
+        return example
+
     rows = grain.MapDataset.range(sys.maxsize // global_batch * b)
-    local = rows.map(lambda j: source[order[(j // b) * global_batch + p * b + j % b]])
-    return local.batch(b, drop_remainder=True)[start:].to_iter_dataset(
+    return rows.map(read).batch(b, drop_remainder=True)[start:].to_iter_dataset(
         grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
 
 
-def global_batches(local_batches: Iterator[Any], sharding: NamedSharding, accum: int = 1) -> Iterator[Any]:
-    """Host-local batches -> global jax.Arrays (micro-batches on a leading axis when accum > 1)."""
+def _per_leaf(tree: Any, sharding: Any) -> Any:
+    """One sharding for every leaf, or a matching tree of them."""
+    if isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda _: sharding, tree)
+    return sharding
+
+
+def _canonical(x: Any) -> np.ndarray:
+    """A host array in the dtype JAX will hold it in (int64 -> int32 unless x64 is on)."""
+    x = np.asarray(x)
+    return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+
+
+def global_batches(local_batches: Iterator[Any], sharding: Any, accum: int = 1) -> Iterator[Any]:
+    """Host-local batches -> global jax.Arrays (micro-batches on a leading axis when accum > 1).
+
+    `sharding`: one NamedSharding for every entry, or a dict of them matching the batch.
+    """
     for local in local_batches:
         if accum > 1:
             local = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), local)
-        yield jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+        yield jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, _canonical(x)),
+                           local, _per_leaf(local, sharding))
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, global_batch: int, n_batches: int) -> list[dict[str, np.ndarray]]:
     """Fixed held-out global batches, windows spread evenly over the held-out bytes."""
-    starts = np.linspace(0, tokens.size - seq_len - 1, global_batch * n_batches).astype(np.int64)
-    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
-    return [{"tokens": rows[b * global_batch:(b + 1) * global_batch]} for b in range(n_batches)]
+    return fixed_batches(HeldOutWindows(tokens, seq_len, global_batch * n_batches), global_batch, n_batches)
 
 
-def from_host(batch: Any, sharding: NamedSharding) -> Any:
+def from_host(batch: Any, sharding: Any) -> Any:
     """A batch every process holds whole -> global arrays (each device copies its slice)."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]), batch)
+    def one(x: Any, s: NamedSharding) -> jax.Array:
+        x = _canonical(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(one, batch, _per_leaf(batch, sharding))
+
+
+def fixed_batches(source: Source, global_batch: int, n_batches: int, name: str = "eval_source",
+                  spec: Mapping[str, tuple[tuple[int, ...], Any]] | None = None) -> list[dict[str, np.ndarray]]:
+    """The first n_batches x global_batch examples of `source`, in order, as whole host batches
+    (fewer batches if the source is shorter; at least one)."""
+    check_source(source, name)
+    n = min(n_batches, len(source) // global_batch)
+    if n < 1:
+        raise UserError(f"{name} holds {len(source)} examples, fewer than one batch of "
+                        f"data.batch_size={global_batch}")
+    out = []
+    for g in range(n):
+        rows = [source[g * global_batch + r] for r in range(global_batch)]
+        if spec is not None:
+            for r, example in enumerate(rows):
+                check_example(example, spec, name, g * global_batch + r, "as train_source's examples")
+        out.append({k: np.stack([np.asarray(e[k]) for e in rows]) for k in rows[0]})
+    return out
+
+
+class HeldOutWindows(grain.sources.RandomAccessDataSource):
+    """`count` windows of seq_len + 1 tokens spread evenly over the held-out bytes (fixed eval set)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, count: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.starts = np.linspace(0, tokens.size - seq_len - 1, count).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s = int(self.starts[i])
+        return {"tokens": self.tokens[s:s + self.seq_len + 1].astype(np.int32)}
+
+    def __repr__(self) -> str:
+        return f"HeldOutWindows(bytes={self.tokens.size}, seq_len={self.seq_len}, count={len(self.starts)})"
 
 
 def compression_bpb(data: bytes | np.ndarray) -> dict[str, float]:
