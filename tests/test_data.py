@@ -100,3 +100,20 @@ def test_eval_windows_fixed_and_compression_yardsticks():
     np.testing.assert_array_equal(a[1]["tokens"], data.eval_windows(tokens, 32, 8, 2)[1]["tokens"])
     bpb = data.compression_bpb(tokens)
     assert 0 < bpb["xz_bpb"] < 8 and 0 < bpb["zlib_bpb"] < 8
+
+
+def test_any_random_access_source_keeps_the_seeded_global_order():
+    import grain
+    examples = [{"x": np.full(3, i, np.float32), "y": np.int32(i)} for i in range(40)]
+    whole = [b for b, _ in zip(data.train_batches(examples, 8, seed=5, process_index=0, process_count=1), range(10))]
+    assert whole[0]["x"].shape == (8, 3) and whole[0]["y"].dtype == np.int32
+    assert sorted(np.concatenate([b["y"] for b in whole[:5]]).tolist()) == list(range(40))  # an epoch: each once
+    as_grain = grain.MapDataset.source(examples)
+    halves = [[b for b, _ in zip(data.train_batches(as_grain, 8, 5, process_index=p, process_count=2), range(10))]
+              for p in range(2)]
+    for g in range(10):  # process p reads rows [4p, 4p + 4) of every global batch, whatever the source type
+        np.testing.assert_array_equal(np.concatenate([halves[0][g]["y"], halves[1][g]["y"]]), whole[g]["y"])
+    with pytest.raises(UserError, match="train_source: expected a random-access source"):
+        data.train_batches(iter(examples), 8, seed=0)
+    with pytest.raises(UserError, match="eval_source holds 40 examples, fewer than one batch of data.batch_size=64"):
+        data.fixed_batches(examples, 64, 1)
