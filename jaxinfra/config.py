@@ -162,6 +162,9 @@ class PruneConfig:
     every: int = 10  # steps between mask updates (cubic)
     scope: str = "layer"  # layer | global (one threshold over all pruned tensors)
     pattern: str = "unstructured"  # unstructured | N:M such as 2:4 (groups along a kernel's input dim)
+    distribution: str = "uniform"  # uniform (every tensor at `sparsity`) | erk (Erdos-Renyi-Kernel, scope layer)
+    params: list[str] = field(default_factory=list)  # path globs (blocks/*/mlp/*) or logical axis names
+    # (mlp) of the tensors to prune; empty: the 2-D+ kernels of attention and MLP (no embeddings, norms)
 
 
 @dataclass
@@ -205,6 +208,7 @@ CHOICES = {
     "checkpoint.export_dtype": DTYPES,
     "prune.schedule": ("cubic", "oneshot"),
     "prune.scope": ("layer", "global"),
+    "prune.distribution": ("uniform", "erk"),
 }
 
 
@@ -396,3 +400,20 @@ def validate_prune(cfg: Config) -> None:
     if end >= cfg.run.steps:
         raise UserError(f"prune.end_step={end} must be below run.steps={cfg.run.steps} "
                         f"(steps after the last mask update let the model recover)")
+    if p.distribution == "erk" and (p.scope != "layer" or p.pattern != "unstructured"):
+        raise UserError(f"prune.distribution=erk sets one sparsity per tensor: it needs prune.scope=layer and "
+                        f"prune.pattern=unstructured (got {p.scope}, {p.pattern})")
+
+
+def prune_warnings(cfg: Config) -> list[str]:
+    """Legal but risky pruning settings: too few steps after the last mask update."""
+    p = cfg.prune
+    if not p.sparsity and p.pattern == "unstructured":
+        return []
+    end = p.start_step if p.schedule == "oneshot" or p.pattern != "unstructured" else p.end_step
+    after = cfg.run.steps - end
+    if after < 0.2 * cfg.run.steps:
+        return [f"warning: only {after} of run.steps={cfg.run.steps} steps ({after / cfg.run.steps:.0%}) come after "
+                f"the last mask update (prune.end_step={end}); runs that stop pruning near the end often lose "
+                f"quality: keep at least 20% for recovery"]
+    return []

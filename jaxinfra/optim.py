@@ -44,9 +44,13 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTran
 }
 
 
-def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None
+def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None, logical: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule."""
+    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule.
+
+    `logical` (the logical PartitionSpec tree of the parameters) lets prune.params name logical axes
+    and is checked: a pattern that selects no parameter raises UserError.
+    """
     schedule = make_schedule(cfg, steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule))
@@ -54,9 +58,16 @@ def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None =
     if p is None or (not p.sparsity and p.pattern == "unstructured"):
         return tx, schedule
     from jaxinfra.config import nm_pattern  # no JAX in config: a plain import is fine
-    from jaxinfra.pruning import cubic_sparsity, prune
+    from jaxinfra.errors import UserError
+    from jaxinfra.pruning import cubic_sparsity, make_include, prune, unmatched
+    if logical is not None and p.params:
+        missing = unmatched(list(p.params), logical, logical)
+        if missing:
+            raise UserError(f"prune.params: {', '.join(map(repr, missing))} matches no parameter (give path globs "
+                            f"such as 'blocks/*/mlp/*' or logical axis names)")
     end = p.start_step if p.schedule == "oneshot" else p.end_step
     sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)
     return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=nm_pattern(p.pattern),
-                 scope=p.scope), schedule
+                 scope=p.scope, include=make_include(list(p.params), logical),
+                 erk=p.sparsity if p.distribution == "erk" else None), schedule

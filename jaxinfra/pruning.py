@@ -14,19 +14,71 @@ of M consecutive entries along the kernel's input dimension (dim 0), a local ope
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import fnmatch
+import math
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 Include = Callable[[tuple[Any, ...], jax.Array], bool]
 
 
+def path_str(path: tuple[Any, ...]) -> str:
+    """A pytree key path as 'blocks/0/attn/wq'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def default_include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
     """Kernels of 2 or more dimensions, but not embeddings or the output head."""
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    return leaf.ndim >= 2 and not ({"embed", "head"} & set(names))
+    return leaf.ndim >= 2 and not ({"embed", "head"} & set(path_str(path).split("/")))
+
+
+def _axis_names(spec: Any) -> set[str]:
+    """Logical axis names of one PartitionSpec (entries may be tuples of names)."""
+    out: set[str] = set()
+    for entry in tuple(spec) if spec is not None else ():
+        out.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
+    return out
+
+
+def make_include(patterns: Sequence[str], logical: Any = None) -> Include:
+    """Which parameters to prune: those whose path matches a glob (blocks/*/mlp/*) or that name a
+    logical axis in `patterns` (e.g. mlp); no patterns: `default_include`."""
+    if not patterns:
+        return default_include
+    names = {}
+    if logical is not None:
+        flat, _ = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))
+        names = {path_str(p): _axis_names(spec) for p, spec in flat}
+
+    def include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
+        where = path_str(path)
+        return any(fnmatch.fnmatchcase(where, pat) or pat in names.get(where, ()) for pat in patterns)
+    return include
+
+
+def unmatched(patterns: Sequence[str], params: Any, logical: Any = None) -> list[str]:
+    """The patterns that select no parameter (a user error: probably a typo)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [pat for pat in patterns if not any(make_include([pat], logical)(p, x) for p, x in flat)]
+
+
+def erk_sparsities(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[float]:
+    """Erdos-Renyi-Kernel (Evci et al. 2020): density of a tensor proportional to sum(shape) /
+    prod(shape), scaled so the total is `sparsity`; tensors that would exceed density 1 stay dense."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / n for s, n in zip(shapes, sizes)]
+    dense: set[int] = set()
+    while True:
+        budget = (1 - sparsity) * sum(sizes) - sum(sizes[i] for i in dense)
+        eps = budget / sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+        over = {i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1}
+        if not over:
+            return [0.0 if i in dense else 1 - eps * raw[i] for i in range(len(shapes))]
+        dense |= over
 
 
 def cubic_sparsity(step: jax.Array, final: float, start: int, end: int) -> jax.Array:
@@ -94,6 +146,12 @@ def sparsity_of(masks: Any) -> jax.Array:
     return sum(jnp.sum(~m, dtype=jnp.float32) for m in full) / max(sum(m.size for m in full), 1)
 
 
+def layer_sparsity(masks: Any) -> dict[str, jax.Array]:
+    """'sparsity/<path>' -> fraction pruned, for each pruned (full-shaped) mask."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks)
+    return {f"sparsity/{path_str(p)}": jnp.mean(~m, dtype=jnp.float32) for p, m in flat if m.ndim}
+
+
 class PruneState(NamedTuple):
     """The inner optimizer's state, one mask per parameter (scalar True where not pruned), the step."""
 
@@ -104,10 +162,12 @@ class PruneState(NamedTuple):
 
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
           update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
-          scope: str = "layer", include: Include = default_include) -> optax.GradientTransformation:
+          scope: str = "layer", include: Include = default_include, erk: float | None = None
+          ) -> optax.GradientTransformation:
     """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
     (step - start) % update_every == 0, and at `end` (N:M masks once, at `start`). `step` counts
-    the updates done before this one."""
+    the updates done before this one. erk=S: per-tensor targets from the ERK distribution for a
+    total sparsity S, each tensor following `sparsity(step) / S` of its own target (scope layer)."""
 
     def init(params: Any) -> PruneState:
         masks = jax.tree_util.tree_map_with_path(
@@ -123,7 +183,13 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
             out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
         elif scope == "layer":
             s = sparsity(step)
-            out = [exact_mask(x, jnp.round(s * x.size)) if c else o for x, c, o in zip(leaves, chosen, old)]
+            scale = [1.0] * len(leaves)  # static per-tensor factors: shapes are known at trace time
+            if erk:
+                chosen_shapes = [x.shape for x, c in zip(leaves, chosen) if c]
+                targets = iter(erk_sparsities(chosen_shapes, erk))
+                scale = [next(targets) / erk if c else 1.0 for c in chosen]
+            out = [exact_mask(x, jnp.round(s * f * x.size)) if c else o
+                   for x, c, o, f in zip(leaves, chosen, old, scale)]
         else:
             out = _global_masks(leaves, chosen, old, sparsity(step))
         return jax.tree_util.tree_unflatten(treedef, out)

@@ -128,3 +128,54 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
     assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:8"]) == 2  # d_model 32 / fsdp 2 = 16
     assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:32"]) == 2
     assert "not divisible by M=32" in capsys.readouterr().err
+
+
+def test_parameters_chosen_by_path_glob_or_logical_name():
+    from jaxinfra.config import load_config
+    from jaxinfra.errors import UserError
+    from jaxinfra.optim import make_optimizer
+    params = _params()
+    logical = {"a": {"kernel": P("embed", "mlp")}, "b": {"kernel": P("embed", "heads", "kv")},
+               "norm": {"scale": P("norm")}, "embed": P("vocab", "embed")}
+    for chosen, want in ((["a/*"], {"a"}), (["heads"], {"b"}), (["norm/*", "mlp"], {"a", "norm"})):
+        cfg = load_config(None, ["prune.sparsity=0.5", "prune.schedule=oneshot", "prune.start_step=0",
+                                 f"prune.params={chosen}"])
+        tx, _ = make_optimizer(cfg.optim, 10, cfg.prune, logical=logical)
+        state = tx.init(params)
+        updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+        pruned = {k for k, v in state.masks.items() if any(m.ndim and not bool(m.all()) for m in jax.tree.leaves(v))}
+        assert pruned == want, chosen
+    cfg = load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.params=[blocks/*/mpl/*, a/*]"])
+    with pytest.raises(UserError, match="'blocks/\\*/mpl/\\*' matches no parameter"):
+        make_optimizer(cfg.optim, 10, cfg.prune, logical=logical)
+
+
+def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
+    from jaxinfra.pruning import erk_sparsities, layer_sparsity
+    params = {"small": jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), jnp.float32),
+              "big": jnp.asarray(np.random.default_rng(2).normal(size=(256, 64)), jnp.float32),
+              "wide": jnp.asarray(np.random.default_rng(3).normal(size=(16, 4, 64)), jnp.float32)}
+    shapes = [x.shape for x in jax.tree.leaves(params)]
+    targets = erk_sparsities(shapes, 0.8)
+    sizes = [x.size for x in jax.tree.leaves(params)]
+    assert abs(sum(t * n for t, n in zip(targets, sizes)) / sum(sizes) - 0.8) < 1e-9
+    assert targets[jax.tree.leaves(params).index(params["big"])] > 0.8  # big tensors pruned harder
+    tx = prune(optax.sgd(0.0), lambda t: jnp.where(t >= 0, 0.8, 0.0), start=0, end=0, erk=0.8,
+               include=lambda p, x: True)
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    for x, mask, t in zip(jax.tree.leaves(params), jax.tree.leaves(state.masks), targets):
+        assert int((~mask).sum()) == round(t * x.size)
+    rows = jax.jit(layer_sparsity)(state.masks)
+    for name, mask in state.masks.items():
+        assert float(rows[f"sparsity/{name}"]) == pytest.approx(float((~mask).mean()), abs=1e-7)
+
+
+def test_pruning_config_errors_and_recovery_warning():
+    from jaxinfra.config import load_config, prune_warnings
+    from jaxinfra.errors import UserError
+    with pytest.raises(UserError, match="prune.distribution=erk .* prune.scope=layer"):
+        load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.distribution=erk", "prune.scope=global"])
+    late = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=90"])
+    assert "only 10 of run.steps=100" in prune_warnings(late)[0]
+    assert prune_warnings(load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=80"])) == []
