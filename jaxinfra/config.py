@@ -162,6 +162,7 @@ class PruneConfig:
     every: int = 10  # steps between mask updates (cubic)
     scope: str = "layer"  # layer | global (one threshold over all pruned tensors)
     pattern: str = "unstructured"  # unstructured | N:M such as 2:4 (groups along a kernel's input dim)
+    criterion: str = "magnitude"  # magnitude | random (a baseline for benchmarks)
     distribution: str = "uniform"  # uniform (every tensor at `sparsity`) | erk (Erdos-Renyi-Kernel, scope layer)
     params: list[str] = field(default_factory=list)  # path globs (blocks/*/mlp/*) or logical axis names
     # (mlp) of the tensors to prune; empty: the 2-D+ kernels of attention and MLP (no embeddings, norms)
@@ -209,6 +210,7 @@ CHOICES = {
     "prune.schedule": ("cubic", "oneshot"),
     "prune.scope": ("layer", "global"),
     "prune.distribution": ("uniform", "erk"),
+    "prune.criterion": ("magnitude", "random"),
 }
 
 

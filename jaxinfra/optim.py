@@ -70,4 +70,4 @@ def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None =
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)
     return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=nm_pattern(p.pattern),
                  scope=p.scope, include=make_include(list(p.params), logical),
-                 erk=p.sparsity if p.distribution == "erk" else None), schedule
+                 erk=p.sparsity if p.distribution == "erk" else None, criterion=p.criterion), schedule

@@ -162,12 +162,19 @@ class PruneState(NamedTuple):
 
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
           update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
-          scope: str = "layer", include: Include = default_include, erk: float | None = None
-          ) -> optax.GradientTransformation:
+          scope: str = "layer", include: Include = default_include, erk: float | None = None,
+          criterion: str = "magnitude") -> optax.GradientTransformation:
     """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
     (step - start) % update_every == 0, and at `end` (N:M masks once, at `start`). `step` counts
     the updates done before this one. erk=S: per-tensor targets from the ERK distribution for a
-    total sparsity S, each tensor following `sparsity(step) / S` of its own target (scope layer)."""
+    total sparsity S, each tensor following `sparsity(step) / S` of its own target (scope layer).
+    criterion="random" ranks by fixed random scores instead of |w| (the baseline magnitude must beat)."""
+
+    def scores(leaves: list[jax.Array]) -> list[jax.Array]:
+        if criterion == "magnitude":
+            return leaves
+        # one fixed key per tensor: the ranking never changes, so successive masks are nested
+        return [jax.random.uniform(jax.random.fold_in(jax.random.key(0), i), x.shape) for i, x in enumerate(leaves)]
 
     def init(params: Any) -> PruneState:
         masks = jax.tree_util.tree_map_with_path(
@@ -177,7 +184,7 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
     def compute(new_params: Any, masks: Any, step: jax.Array) -> Any:
         flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
         chosen = [include(p, x) for p, x in flat]
-        leaves = [x for _, x in flat]
+        leaves = scores([x for _, x in flat])
         old = jax.tree.leaves(masks)
         if nm is not None:
             out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
