@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             *rules, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"run.steps={args.steps}", f"run.dir={args.dir}",
             "run.log_every=10", "run.eval_every=50", "run.eval_batches=4", "run.progress=false",
             "data.batch_size=64", "optim.lr=3e-3", "optim.warmup_steps=5", "optim.weight_decay=0.0",
-            f"prune.sparsity=0.5", f"prune.start_step={args.steps // 5}", f"prune.end_step={args.steps * 3 // 5}",
+            "prune.sparsity=0.5", f"prune.start_step={args.steps // 5}", f"prune.end_step={args.steps * 3 // 5}",
             f"prune.every={max(args.steps // 20, 1)}", "checkpoint.every=20", *args.overrides])
         jaxinfra.use_cpu_devices(cfg.mesh.cpu_devices)  # 8 simulated devices where there is only a CPU
         result = jaxinfra.train_model(cfg, lambda: make_model(cfg.run.seed), loss_fn, Blobs(4096, seed=0),

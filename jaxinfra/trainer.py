@@ -171,7 +171,7 @@ def train_model(cfg: Config, model_fn: train.ModelFn, loss_fn: train.LossFn, tra
     if flops_per_token and not cfg.run.peak_flops:  # outside the mesh scope: a one-device matmul
         cfg.run.peak_flops = perf.mesh_peak(mesh, cfg.model.dtype)
     with jax.set_mesh(mesh):
-        _, abstract_params, logical = train.abstract_model(model_fn)
+        _, _, logical = train.abstract_model(model_fn)  # checked here to name the parameter
         check_logical(logical, rules)
         tx, schedule = optimizer if optimizer is not None else make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
         plan = train.plan_state(model_fn, tx, mesh, rules, allowed_unused=list(DEFAULT_RULES))
