@@ -33,7 +33,7 @@ from jaxinfra.errors import UserError
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter
 from jaxinfra.optim import make_optimizer
-from jaxinfra.pruning import default_include
+from jaxinfra.pruning import make_include
 
 EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 
@@ -68,9 +68,10 @@ def check_nm(cfg: Config, plan: train.Plan) -> None:
     nm = nm_pattern(cfg.prune.pattern)
     if nm is None:
         return
+    include = make_include(list(cfg.prune.params), plan.logical)  # the tensors prune.params selects
     flat, _ = jax.tree_util.tree_flatten_with_path(plan.abstract.params)
     for path, a in flat:
-        if default_include(path, a):
+        if include(path, a):
             local = a.sharding.shard_shape(a.shape)[0]
             if a.shape[0] % nm[1] or local % nm[1]:
                 raise UserError(f"prune.pattern={cfg.prune.pattern}: parameter {jax.tree_util.keystr(path)} has "
@@ -173,7 +174,8 @@ def train_model(cfg: Config, model_fn: train.ModelFn, loss_fn: train.LossFn, tra
     with jax.set_mesh(mesh):
         _, _, logical = train.abstract_model(model_fn)  # checked here to name the parameter
         check_logical(logical, rules)
-        tx, schedule = optimizer if optimizer is not None else make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+        tx, schedule = optimizer if optimizer is not None else make_optimizer(cfg.optim, cfg.run.steps, cfg.prune,
+                                                                                   logical=logical)
         plan = train.plan_state(model_fn, tx, mesh, rules, allowed_unused=list(DEFAULT_RULES))
         check_nm(cfg, plan)
         lead_names = (None,) if accum > 1 else ()
