@@ -51,6 +51,7 @@ class RunConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class "])
     sample_temperature: float = 0.8
     progress: bool = True  # console progress bar
+    plot: bool = True  # plots.png of the metrics in the run folder at the end
     stop_after: int = 0  # end this process after N steps of the run (checkpointed; a restart resumes)
     peak_flops: float = 0.0  # FLOP/s of the whole mesh, the denominator of MFU; 0 = measure a matmul
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: jax.profiler trace of steps a..b

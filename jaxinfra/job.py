@@ -12,6 +12,7 @@ from flax import nnx
 from jaxinfra import data as data_lib
 from jaxinfra import sharding as shd
 from jaxinfra.config import Config
+from jaxinfra.errors import UserError
 from jaxinfra.generate import sample
 from jaxinfra.mesh import make_mesh
 from jaxinfra.model import Transformer, lm_loss, train_flops_per_token
@@ -37,6 +38,10 @@ def run(cfg: Config) -> dict[str, Any]:
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
     rules = {k: tuple(v) for k, v in m.rules.items()}
     shd.check_sizes(cfg.model.logical_sizes(), rules, mesh)  # name the config key, not a parameter
+    platform = mesh.devices.flat[0].platform
+    if cfg.model.attention == "cudnn" and platform != "gpu":
+        raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
+                        f"use model.attention=xla")
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
     constrain = shd.LogicalConstraint(mesh, rules)

@@ -28,12 +28,12 @@ from jaxinfra import export as export_lib
 from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra import train
-from jaxinfra.config import DEFAULT_RULES, Config, nm_pattern, to_yaml
+from jaxinfra.config import DEFAULT_RULES, Config, nm_pattern, prune_warnings, to_yaml
 from jaxinfra.errors import UserError
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter
 from jaxinfra.optim import make_optimizer
-from jaxinfra.pruning import make_include
+from jaxinfra.pruning import PruneState, layer_sparsity, make_include
 
 EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 
@@ -269,6 +269,8 @@ def _train(s: _Setup) -> dict[str, Any]:
     if lead:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
+    for line in prune_warnings(cfg):
+        say(line)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract.params))
     lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
                                 plan.abstract.opt_state, plan.shardings.opt_state,
@@ -347,8 +349,16 @@ def _train(s: _Setup) -> dict[str, Any]:
         writer.close()
         restore_sigterm()
     final["model"] = nnx.merge(plan.graphdef, state.params)
+    if lead and cfg.run.plot:
+        _plot(run_dir, say)
     if "stopped_at" in final:
         return final
+    if isinstance(state.opt_state, PruneState):
+        lines = _sparsity_table(state)
+        say("sparsity per pruned tensor:\n  " + "\n  ".join(lines))
+        if lead:
+            with open(os.path.join(run_dir, "sparsity.txt"), "w") as f:
+                f.write("\n".join(lines) + "\n")
     if s.on_finish is not None:
         s.on_finish(Finished(plan.graphdef, state, mesh, s.rules, final))
     ckpt.wait()
@@ -360,3 +370,28 @@ def _train(s: _Setup) -> dict[str, Any]:
     final["wall_s"] = time.perf_counter() - s.t_start
     say(f"done in {final['wall_s']:.0f}s; run folder {run_dir}")
     return final
+
+
+def _sparsity_table(state: train.TrainState) -> list[str]:
+    """One row per pruned tensor: its path, zeros counted in the parameters, and the mask's fraction."""
+    fractions = jax.device_get(jax.jit(layer_sparsity)(state.opt_state.masks))
+    zeros = jax.device_get(jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x == 0), p))(state.params))
+    flat = {"sparsity/" + "/".join(str(getattr(k, "key", k)) for k in path): (int(z), x.size)
+            for (path, z), x in zip(jax.tree_util.tree_flatten_with_path(zeros)[0], jax.tree.leaves(state.params))}
+    rows = [f"{'tensor':32s} {'zeros':>10s} {'of':>10s} {'sparsity':>8s}"]
+    total = [0, 0]
+    for key, frac in fractions.items():
+        z, n = flat[key]
+        total[0], total[1] = total[0] + z, total[1] + n
+        rows.append(f"{key[len('sparsity/'):]:32s} {z:10,d} {n:10,d} {float(frac):8.2%}")
+    rows.append(f"{'all pruned tensors':32s} {total[0]:10,d} {total[1]:10,d} {total[0] / max(total[1], 1):8.2%}")
+    return rows
+
+
+def _plot(run_dir: str, say: Callable[..., None]) -> None:
+    """plots.png in the run folder; a failure to plot never fails the run."""
+    from jaxinfra.plots import plot_run  # matplotlib only when plotting
+    try:
+        say(f"plots: {plot_run(run_dir)}")
+    except Exception as e:  # noqa: BLE001 (a plot is a convenience: report and carry on)
+        say(f"warning: no plots ({str(e).splitlines()[0] if str(e) else type(e).__name__})")

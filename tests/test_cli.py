@@ -23,7 +23,7 @@ def _script(*args, timeout=300):
 def test_launch_script_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     out = _script(*TINY, f"run.dir={run_dir}", "run.steps=6", "run.eval_every=3", "run.log_every=2",
-                  "run.sample_tokens=8", "run.progress=true", "run.profile_steps=[2,3]")
+                  "run.sample_tokens=8", "run.progress=true", "run.profile_steps=[2,3]", "run.plot=true")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in out.stdout
     assert "final held-out bits per byte" in out.stdout and "zlib -9" in out.stdout and "xz -9e" in out.stdout
@@ -41,6 +41,7 @@ def test_launch_script_end_to_end(tmp_path):
     assert list((run_dir / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of steps 2..3
     assert [r["step"] for r in eval_rows] == [3, 6] and all("eval_bpb" in r for r in eval_rows)
     assert any(f.name.startswith("events.out.tfevents") for f in (run_dir / "tensorboard").iterdir())
+    assert (run_dir / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots: {run_dir}" in out.stdout
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -55,6 +56,8 @@ def test_launch_script_end_to_end(tmp_path):
     (["run.stesp=3"], ["run.stesp", "run.steps"]),
     (["mesh.cpu_devices=4"], ["mesh.cpu_devices=4"]),
     (["mesh.rules.embd=[fsdp]"], ["mesh.rules.embd", "embed"]),
+    (["model.attention=cudnn", "model.dtype=bfloat16"], ["model.attention=cudnn", "cpu"]),
+    (["prune.sparsity=0.5", "prune.end_step=3", "prune.params=[blocks/*/mpl/*]"], ["prune.params", "mpl"]),
     (["distributed.num_processes=3"], ["mesh.cpu_devices=8", "distributed.num_processes=3"]),
 ])
 def test_user_errors_are_one_line_before_compiling(overrides, words, capsys, tmp_path):
@@ -95,7 +98,8 @@ def test_script_exit_status_and_no_traceback(tmp_path):
 
 def test_console_entry_points_are_installed(tmp_path):
     bindir = Path(sys.executable).parent
-    for name in ("jaxinfra-train", "jaxinfra-export", "jaxinfra-inspect", "jaxinfra-generate"):
+    for name in ("jaxinfra-train", "jaxinfra-export", "jaxinfra-inspect", "jaxinfra-generate", "jaxinfra-compare",
+                 "jaxinfra-plot"):
         assert (bindir / name).exists(), f"{name} missing: pip install -e '.[test]' installs it"
     out = subprocess.run([str(bindir / "jaxinfra-inspect"), str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "no complete checkpoint" in out.stderr

@@ -123,8 +123,13 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
         zeros = int((w == 0).sum())
         if w.ndim >= 2 and name not in ("embed", "head"):
             assert zeros == round(0.5 * w.size), name
+            last = [r for r in rows if "sparsity" in r][-1]
+            assert last[f"sparsity/{name.replace('.', '/')}"] == pytest.approx(zeros / w.size)  # per layer
         else:
             assert zeros == 0, name
+    table = (run_dir / "sparsity.txt").read_text()
+    assert f"{'blocks/1/mlp/w_up':32s} {1024:10,d} {2048:10,d} {0.5:8.2%}" in table  # d_model 32 x d_ff 64
+    assert "sparsity per pruned tensor" in capsys.readouterr().out
     assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:8"]) == 2  # d_model 32 / fsdp 2 = 16
     assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:32"]) == 2
     assert "not divisible by M=32" in capsys.readouterr().err
