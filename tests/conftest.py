@@ -1,10 +1,15 @@
 """Eight simulated CPU devices for every test, set before JAX's backend starts."""
 import os
 import sys
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Many tests compile the same tiny step; JAX's persistent cache compiles each distinct program once
+# per suite run, in this process (subprocesses don't inherit it). Tests that read the compiler's log
+# take the `no_jit_cache` fixture: a cache hit prints nothing.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jaxinfra-tests-{os.getuid()}"))
 assert len(jax.devices()) == 8  # start the backend now: no test may change the device count later
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,3 +30,11 @@ def tiny_config(*overrides: str) -> Config:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture
+def no_jit_cache():
+    """Compile for real in this test (its assertions read what the compiler logs)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)

@@ -129,7 +129,7 @@ def test_hybrid_mesh_needs_matching_granules():
 
 
 @pytest.mark.parametrize("config", ["default", "dp", "fsdp", "tp"])
-def test_shipped_configs_compile_without_replicating_activations(config, capfd):
+def test_shipped_configs_compile_without_replicating_activations(config, capfd, no_jit_cache):
     cfg = load_config(str(ROOT / "configs" / f"{config}.yaml"))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     with jax.set_mesh(mesh):
