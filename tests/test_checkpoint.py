@@ -18,6 +18,9 @@ from jaxinfra.model import Transformer
 from jaxinfra.optim import make_optimizer
 from steps import compile_step, make_batch, mesh_of
 
+# one xdist worker runs the whole module, so its module-scoped training runs happen once
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 
 def _plan(cfg, mesh):
     rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}

@@ -19,6 +19,9 @@ import jaxinfra
 from jaxinfra import data
 from conftest import tiny_config
 
+# one xdist worker runs the whole module, so its module-scoped training runs happen once
+pytestmark = pytest.mark.xdist_group("test_user_model")
+
 ROOT = Path(__file__).resolve().parents[1]
 D_IN, WIDTH, N_OUT, N = 12, 32, 4, 256
 RULES = ["mesh.rules.d_in=[fsdp]", "mesh.rules.width=[tensor]", "mesh.rules.n_out=[]"]
