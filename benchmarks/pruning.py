@@ -85,6 +85,7 @@ def cost(steps: int, rounds: int) -> dict[str, Any]:
 QUALITY = {
     "dense": [],
     "80% unstructured": ["prune.sparsity=0.8"],
+    "80% ERK": ["prune.sparsity=0.8", "prune.distribution=erk"],
     "2:4": ["prune.pattern=2:4"],
     "90% magnitude": ["prune.sparsity=0.9"],
     "90% random": ["prune.sparsity=0.9", "prune.criterion=random"],
