@@ -33,7 +33,7 @@ from jaxinfra.errors import UserError
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter
 from jaxinfra.optim import make_optimizer
-from jaxinfra.pruning import PruneState, layer_sparsity, make_include
+from jaxinfra.pruning import PruneState, layer_sparsity, make_include, path_str
 
 EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 
@@ -376,7 +376,7 @@ def _sparsity_table(state: train.TrainState) -> list[str]:
     """One row per pruned tensor: its path, zeros counted in the parameters, and the mask's fraction."""
     fractions = jax.device_get(jax.jit(layer_sparsity)(state.opt_state.masks))
     zeros = jax.device_get(jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x == 0), p))(state.params))
-    flat = {"sparsity/" + "/".join(str(getattr(k, "key", k)) for k in path): (int(z), x.size)
+    flat = {f"sparsity/{path_str(path)}": (int(z), x.size)
             for (path, z), x in zip(jax.tree_util.tree_flatten_with_path(zeros)[0], jax.tree.leaves(state.params))}
     rows = [f"{'tensor':32s} {'zeros':>10s} {'of':>10s} {'sparsity':>8s}"]
     total = [0, 0]
