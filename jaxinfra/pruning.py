@@ -1,15 +1,16 @@
 """Magnitude pruning as an Optax transformation, computed inside the compiled step and sharding-native.
 
 `prune(inner, ...)` wraps an optimizer: its state holds a boolean mask per pruned parameter (so
-masks shard like the parameters and checkpoint with no extra code). Every update it (1) runs the
-inner optimizer, (2) on schedule steps recomputes the masks from the updated parameters under
-lax.cond, (3) returns updates that leave pruned coordinates exactly zero, and (4) zeroes the
-inner optimizer's moments there so momentum cannot revive them.
+masks shard like the parameters and checkpoint with no extra code). Every update it (1) on schedule
+steps recomputes the masks from the parameters under lax.cond, (2) masks the gradients and zeroes
+the inner optimizer's moments at pruned coordinates, so momentum cannot revive them, (3) runs the
+inner optimizer and (4) returns updates that leave pruned coordinates exactly zero.
 
 Thresholds never gather a tensor: the k-th smallest |w| is found by bisection on the bit pattern
 of |w| (for non-negative floats the uint32 order is the float order), counting `bits <= t` on each
-shard and summing (a scalar all-reduce). Ties at the threshold are broken by flat index with a
-second bisection, so exactly round(s * n) entries are pruned. N:M keeps the N largest of each group
+shard and summing (a scalar all-reduce); all tensors bisect together in one loop, one vector of
+counts per round. Ties at the threshold are broken by flat index with a second bisection (run only
+when some tensor has to split its ties), so exactly round(s * n) entries are pruned. N:M keeps the N largest of each group
 of M consecutive entries along the kernel's input dimension (dim 0), a local operation.
 """
 from __future__ import annotations
@@ -102,29 +103,50 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return idx
 
 
-def _bisect(count_le: Callable[[jax.Array], jax.Array], k: jax.Array, lo: int, hi: int, dtype: Any) -> jax.Array:
-    """Smallest t in [lo, hi] with count_le(t) >= k (32 rounds of scalar counts)."""
+def _bisect(count_le: Callable[[jax.Array], jax.Array], k: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Per entry g, the smallest t[g] in [lo[g], hi[g]] with count_le(t)[g] >= k[g] (33 rounds, every
+    entry at once: each round is one vector of counts, not one loop per tensor)."""
     def body(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
         ok = count_le(mid) >= k
         return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-    lo_, hi_ = jnp.asarray(lo, dtype), jnp.asarray(hi, dtype)
-    return jax.lax.fori_loop(0, 33, body, (lo_, hi_))[0]
+    return jax.lax.fori_loop(0, 33, body, (lo, hi))[0]
+
+
+def _select(bits: list[jax.Array], group: list[int], k: jax.Array) -> list[jax.Array]:
+    """True where kept. Group g (the leaves j with group[j] == g) prunes exactly k[g] entries: the
+    smallest bits, ties broken by (leaf order, flat index). Counts are local sums plus all-reduces of
+    scalars; the tie-break runs only when some group must split the entries tied at its threshold."""
+    n_groups = k.shape[0]
+    members = [[j for j, g in enumerate(group) if g == gi] for gi in range(n_groups)]
+
+    def counts(pred: Callable[[int, jax.Array], jax.Array]) -> jax.Array:
+        per = [jnp.sum(pred(j, b), dtype=jnp.int32) for j, b in enumerate(bits)]
+        return jnp.stack([sum((per[j] for j in m), jnp.int32(0)) for m in members])
+
+    k = k.astype(jnp.int32)
+    t = _bisect(lambda t: counts(lambda j, b: b <= t[group[j]]), k,
+                jnp.zeros(n_groups, jnp.uint32), jnp.full(n_groups, 0xFFFFFFFF, jnp.uint32))
+    need = k - counts(lambda j, b: b < t[group[j]])  # entries equal to t that must go too
+    tied = counts(lambda j, b: b == t[group[j]])
+    offset, total = [0] * len(bits), [0] * n_groups
+    for j, b in enumerate(bits):
+        offset[j], total[group[j]] = total[group[j]], total[group[j]] + b.size
+    index = lambda j: _flat_index(bits[j].shape) + offset[j]  # position within the group
+
+    def split_ties() -> jax.Array:
+        return _bisect(lambda i: counts(lambda j, b: (b == t[group[j]]) & (index(j) <= i[group[j]])), need,
+                       jnp.zeros(n_groups, jnp.int32), jnp.asarray(total, jnp.int32) - 1)
+    last = jax.lax.cond(jnp.any((need > 0) & (need < tied)), split_ties,
+                        lambda: jnp.asarray(total, jnp.int32) - 1)  # all tied entries go
+    return [~((b < t[g]) | ((b == t[g]) & (index(j) <= last[g]) & (need[g] > 0)))
+            for j, (b, g) in enumerate(zip(bits, group))]
 
 
 def exact_mask(w: jax.Array, k: jax.Array) -> jax.Array:
     """True where kept: the k smallest |w| (ties by flat index) are pruned, exactly k of them."""
-    bits = _bits(w)
-    k = k.astype(jnp.int32)
-    t = _bisect(lambda t: jnp.sum(bits <= t, dtype=jnp.int32), k, 0, 0xFFFFFFFF, jnp.uint32)
-    below = jnp.sum(bits < t, dtype=jnp.int32)
-    need = k - below  # entries equal to t that must go too
-    idx = _flat_index(w.shape)
-    tied = bits == t
-    i = _bisect(lambda i: jnp.sum(tied & (idx <= i), dtype=jnp.int32), need, 0, w.size - 1, jnp.int32)
-    pruned = (bits < t) | (tied & (idx <= i) & (need > 0))
-    return ~pruned
+    return _select([_bits(w)], [0], jnp.reshape(k, (1,)))[0]
 
 
 def n_of_m_mask(w: jax.Array, n: int, m: int) -> jax.Array:
@@ -152,12 +174,25 @@ def layer_sparsity(masks: Any) -> dict[str, jax.Array]:
     return {f"sparsity/{path_str(p)}": jnp.mean(~m, dtype=jnp.float32) for p, m in flat if m.ndim}
 
 
+def sparsity_metrics(state: PruneState) -> dict[str, jax.Array]:
+    """'sparsity' overall and 'sparsity/<path>' per pruned tensor, from the zeros counted when the
+    masks were last computed (no per-step pass over the masks)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state.masks)
+    full = [(path_str(p), m.size) for p, m in flat if m.ndim]
+    out = {"sparsity": jnp.sum(state.pruned).astype(jnp.float32) / max(sum(n for _, n in full), 1)}
+    fractions = state.pruned.astype(jnp.float32) / jnp.asarray([float(n) for _, n in full] or [1.0])
+    out.update({f"sparsity/{name}": fractions[i] for i, (name, _) in enumerate(full)})
+    return out
+
+
 class PruneState(NamedTuple):
-    """The inner optimizer's state, one mask per parameter (scalar True where not pruned), the step."""
+    """The inner optimizer's state, one mask per parameter (scalar True where not pruned), the
+    step, and the pruned count of each full-shaped mask (in leaf order, counted when computed)."""
 
     inner: Any
     masks: Any
     count: jax.Array
+    pruned: jax.Array
 
 
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
@@ -179,15 +214,18 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
     def init(params: Any) -> PruneState:
         masks = jax.tree_util.tree_map_with_path(
             lambda p, x: jnp.ones(x.shape, bool) if include(p, x) else jnp.ones((), bool), params)
-        return PruneState(inner.init(params), masks, jnp.zeros((), jnp.int32))
+        n_full = sum(m.ndim > 0 for m in jax.tree.leaves(masks))
+        return PruneState(inner.init(params), masks, jnp.zeros((), jnp.int32), jnp.zeros(n_full, jnp.int32))
 
-    def compute(new_params: Any, masks: Any, step: jax.Array) -> Any:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+    def compute(params: Any, masks: Any, step: jax.Array) -> tuple[Any, jax.Array]:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chosen = [include(p, x) for p, x in flat]
         leaves = scores([x for _, x in flat])
         old = jax.tree.leaves(masks)
         if nm is not None:
             out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
+        elif not any(chosen):
+            out = old
         elif scope == "layer":
             s = sparsity(step)
             scale = [1.0] * len(leaves)  # static per-tensor factors: shapes are known at trace time
@@ -195,47 +233,39 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
                 chosen_shapes = [x.shape for x, c in zip(leaves, chosen) if c]
                 targets = iter(erk_sparsities(chosen_shapes, erk))
                 scale = [next(targets) / erk if c else 1.0 for c in chosen]
-            out = [exact_mask(x, jnp.round(s * f * x.size)) if c else o
-                   for x, c, o, f in zip(leaves, chosen, old, scale)]
-        else:
-            out = _global_masks(leaves, chosen, old, sparsity(step))
-        return jax.tree_util.tree_unflatten(treedef, out)
+            xs = [(x, f) for x, c, f in zip(leaves, chosen, scale) if c]
+            k = jnp.stack([jnp.round(s * f * x.size) for x, f in xs])
+            kept = iter(_select([_bits(x) for x, _ in xs], list(range(len(xs))), k))
+            out = [next(kept) if c else o for c, o in zip(chosen, old)]
+        else:  # one threshold across all chosen leaves
+            xs = [x for x, c in zip(leaves, chosen) if c]
+            k = jnp.round(sparsity(step) * sum(x.size for x in xs))[None]
+            kept = iter(_select([_bits(x) for x in xs], [0] * len(xs), k))
+            out = [next(kept) if c else o for c, o in zip(chosen, old)]
+        pruned = jnp.asarray([jnp.sum(~m, dtype=jnp.int32) for m in out if m.ndim], jnp.int32)
+        return jax.tree_util.tree_unflatten(treedef, out), jnp.reshape(pruned, (-1,))
 
     def update(updates: Any, state: PruneState, params: Any = None) -> tuple[Any, PruneState]:
         if params is None:
             raise ValueError("prune needs params: call update(updates, state, params)")
-        updates, inner_state = inner.update(updates, state.inner, params)
-        new_params = optax.apply_updates(params, updates)
         step = state.count
         due = (step >= start) & (step <= max(end, start)) & \
             (((step - start) % update_every == 0) | (step == end))  # the last update lands on `end`
         if nm is not None:
             due = step == start
-        masks = jax.lax.cond(due, lambda: compute(new_params, state.masks, step), lambda: state.masks)
-        # parameters end the step exactly zero where pruned: update = masked new value - old value
-        updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks)
-        inner_state = optax.tree_map_params(
+        masks, pruned = jax.lax.cond(due, lambda: compute(params, state.masks, step),
+                                     lambda: (state.masks, state.pruned))
+        # Pruned coordinates get no gradient and enter the inner update with zero moments, so momentum
+        # cannot revive them and the moments stay zero there. These selects are elementwise producers
+        # of the optimizer's own loops: XLA fuses them, and a step between mask updates costs no extra pass.
+        grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0).astype(g.dtype), updates, masks)
+        inner_in = optax.tree_map_params(
             inner, lambda leaf, m: jnp.where(m, leaf, 0).astype(leaf.dtype) if leaf.shape == m.shape or
-            m.ndim == 0 else leaf, inner_state, masks)
-        return updates, PruneState(inner_state, masks, step + 1)
+            m.ndim == 0 else leaf, state.inner, masks)
+        updates, inner_state = inner.update(grads, inner_in, params)
+        # parameters end the step exactly zero where pruned, whatever the inner optimizer does
+        updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks)
+        return updates, PruneState(inner_state, masks, step + 1, pruned)
 
     return optax.GradientTransformation(init, update)
 
-
-def _global_masks(leaves: list[jax.Array], chosen: list[bool], old: list[jax.Array], s: jax.Array) -> list[jax.Array]:
-    """One threshold across all chosen leaves; ties broken by (leaf order, flat index)."""
-    xs = [x for x, c in zip(leaves, chosen) if c]
-    total = sum(x.size for x in xs)
-    k = jnp.round(s * total).astype(jnp.int32)
-    bits = [_bits(x) for x in xs]
-    t = _bisect(lambda t: sum(jnp.sum(b <= t, dtype=jnp.int32) for b in bits), k, 0, 0xFFFFFFFF, jnp.uint32)
-    need = k - sum(jnp.sum(b < t, dtype=jnp.int32) for b in bits)
-    offsets, acc = [], 0
-    for x in xs:
-        offsets.append(acc)
-        acc += x.size
-    gidx = [_flat_index(x.shape) + off for x, off in zip(xs, offsets)]
-    i = _bisect(lambda i: sum(jnp.sum((b == t) & (g <= i), dtype=jnp.int32) for b, g in zip(bits, gidx)),
-                need, 0, total - 1, jnp.int32)
-    kept = iter([~((b < t) | ((b == t) & (g <= i) & (need > 0))) for b, g in zip(bits, gidx)])
-    return [next(kept) if c else o for c, o in zip(chosen, old)]

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxinfra import sharding as shd
-from jaxinfra.pruning import PruneState, layer_sparsity, sparsity_of
+from jaxinfra.pruning import PruneState, sparsity_metrics
 
 ModelFn = Callable[[], nnx.Module]
 LossFn = Callable[[nnx.Module, Any], jax.Array]
@@ -140,8 +140,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if isinstance(opt_state, PruneState):
-            metrics["sparsity"] = sparsity_of(opt_state.masks)
-            metrics.update(layer_sparsity(opt_state.masks))  # scalars: a local count and one all-reduce each
+            metrics.update(sparsity_metrics(opt_state))  # counted when the masks changed: no pass per step
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state), metrics

@@ -103,6 +103,17 @@ def test_ties_at_the_threshold_are_broken_by_index():
 
 
 
+def test_tensors_bisected_together_match_each_alone():
+    """Layer scope bisects all tensors in one loop; a tensor with ties to split beside ones without."""
+    params = {"a": _params()["a"], "b": _params()["b"]}
+    w = params["a"]["kernel"]
+    s = (int((jnp.abs(w) < 0.5).sum()) + 100) / w.size  # the threshold of `a` falls inside its ties
+    tx = prune(optax.sgd(0.0), lambda t: jnp.asarray(s), start=0, end=0)
+    masks = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[1].masks)(params)
+    for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(exact_mask(x, jnp.round(s * x.size))))
+
+
 def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys):
     import json
     from conftest import TINY
