@@ -92,30 +92,31 @@ QUALITY = {
 }
 
 
-def quality(seeds: int, steps: int, only: list[str] | None) -> dict[str, Any]:
-    """Final held-out loss of each variant and seed (default job, shortened); ratios to dense."""
+def quality(seeds: int, steps: int, only: list[str] | None, window: tuple[float, float] = (0.1, 0.6),
+            extra: list[str] | None = None) -> dict[str, Any]:
+    """Final held-out loss of each variant and seed (default job, shortened, `extra` overrides on
+    top); ratios to dense. Pruning runs over the fractions `window` of the run; the rest recovers."""
     from jaxinfra.job import run
-    start, end = steps // 10, steps * 6 // 10  # prune over 10%..60% of the run, recover for 40%
+    start, end = round(steps * window[0]), round(steps * window[1])
     # (4, 2, 1): with tensor=2 the 4 heads of wo split 2 per device, and 2:4 groups need 4 per device
     common = ["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", f"run.steps={steps}", "run.eval_every=0",
               "run.eval_batches=8", "run.progress=false",
               "run.sample_tokens=0", "checkpoint.every=0", "checkpoint.export_final=false",
-              f"prune.start_step={start}", f"prune.end_step={end}", "prune.every=10"]
-    out: dict[str, Any] = {"steps": steps, "prune_window": [start, end], "runs": {}}
+              f"prune.start_step={start}", f"prune.end_step={end}", "prune.every=10"] + list(extra or [])
+    out: dict[str, Any] = {"steps": steps, "prune_window": [start, end], "overrides": list(extra or []), "runs": {}}
+    names = [name for name in QUALITY if not only or name in only]
+    losses: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in QUALITY.items():
-            if only and name not in only:
-                continue
-            losses = []
-            for seed in range(seeds):
-                cfg = load_config(DEFAULT, common + overrides + [f"run.seed={seed}",
-                                                                f"run.dir={tmp}/{len(out['runs'])}-{seed}"])
+        for seed in range(seeds):  # seeds outermost: the first seed's ratios print early
+            for name in names:
+                cfg = load_config(DEFAULT, common + QUALITY[name] + [f"run.seed={seed}",
+                                                                     f"run.dir={tmp}/{names.index(name)}-{seed}"])
                 t0 = time.perf_counter()
                 final = run(cfg)
-                losses.append(final["eval_loss"])
+                losses[name].append(final["eval_loss"])
                 print(f"## {name} seed {seed}: eval loss {final['eval_loss']:.4f} "
                       f"({time.perf_counter() - t0:.0f}s)", flush=True)
-            out["runs"][name] = {"eval_loss": losses, "mean": statistics.mean(losses)}
+    out["runs"] = {name: {"eval_loss": x, "mean": statistics.mean(x)} for name, x in losses.items()}
     dense = out["runs"].get("dense", {}).get("mean")
     for row in out["runs"].values():
         row["ratio_to_dense"] = row["mean"] / dense if dense else None
@@ -129,6 +130,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="cost: timed blocks after a warm-up block")
     p.add_argument("--seeds", type=int, default=3, help="quality: seeds per variant")
     p.add_argument("--only", nargs="*", help="quality: a subset of variants, e.g. dense '2:4'")
+    p.add_argument("--window", nargs=2, type=float, default=(0.1, 0.6), metavar=("START", "END"),
+                   help="quality: prune from START to END, as fractions of the run (0.1 0.6)")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                   help="quality: config overrides for every run, e.g. model.d_model=256 model.d_ff=1024")
     p.add_argument("--out")
     args = p.parse_args()
     if args.mode == "cost":
@@ -138,7 +143,7 @@ def main() -> None:
               f"({result['update_ratio']:.3f}x), masks held {s['held']:.1f} ms ({result['held_ratio']:.3f}x); "
               f"updates every 100 steps: mean step {result['every_100_ratio']:.3f}x dense")
     else:
-        result = quality(args.seeds, args.steps or 300, args.only)
+        result = quality(args.seeds, args.steps or 300, args.only, tuple(args.window), args.set)
         for name, row in result["runs"].items():
             ratio = f"{row['ratio_to_dense']:.3f}x dense" if row["ratio_to_dense"] else ""
             print(f"{name:18s} mean eval loss {row['mean']:.4f} {ratio}  "
