@@ -17,7 +17,7 @@ def make_setup(cfg, mesh):
     rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
     constrain = shd.LogicalConstraint(mesh, rules)
     model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
-    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
     setup = train.init_state(model_fn, tx, mesh, rules)
     accum = cfg.optim.grad_accum
     lead = 1 if accum > 1 else 0

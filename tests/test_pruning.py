@@ -167,7 +167,7 @@ def test_parameters_chosen_by_path_glob_or_logical_name():
 
 
 def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
-    from jaxinfra.pruning import erk_sparsities, layer_sparsity
+    from jaxinfra.pruning import erk_sparsities, layer_sparsity, sparsity_metrics
     params = {"small": jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), jnp.float32),
               "big": jnp.asarray(np.random.default_rng(2).normal(size=(256, 64)), jnp.float32),
               "wide": jnp.asarray(np.random.default_rng(3).normal(size=(16, 4, 64)), jnp.float32)}
@@ -183,8 +183,12 @@ def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
     for x, mask, t in zip(jax.tree.leaves(params), jax.tree.leaves(state.masks), targets):
         assert int((~mask).sum()) == round(t * x.size)
     rows = jax.jit(layer_sparsity)(state.masks)
+    reported = jax.jit(sparsity_metrics)(state)  # the per-step metrics: counts kept in the state
     for name, mask in state.masks.items():
         assert float(rows[f"sparsity/{name}"]) == pytest.approx(float((~mask).mean()), abs=1e-7)
+        assert float(reported[f"sparsity/{name}"]) == pytest.approx(float((~mask).mean()), abs=1e-7)
+    recount = sum(int((~m).sum()) for m in jax.tree.leaves(state.masks)) / sum(sizes)
+    assert float(reported["sparsity"]) == pytest.approx(recount, abs=1e-7)
 
 
 def test_pruning_config_errors_and_recovery_warning():
@@ -195,3 +199,20 @@ def test_pruning_config_errors_and_recovery_warning():
     late = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=90"])
     assert "only 10 of run.steps=100" in prune_warnings(late)[0]
     assert prune_warnings(load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=80"])) == []
+
+
+def test_compiled_step_keeps_masks_sharded_like_parameters_and_equal_across_meshes(tiny):
+    from steps import run_steps
+    cfg = tiny("prune.sparsity=0.5", "prune.schedule=oneshot", "prune.start_step=0")  # masks from the init
+    masks = {}
+    for shape in ((1, 1, 1), (2, 2, 2), (1, 8, 1)):
+        _, _, state, _ = run_steps(cfg, shape, n=1)
+        pruned = [(m, p) for m, p in zip(jax.tree.leaves(state.opt_state.masks), jax.tree.leaves(state.params))
+                  if m.ndim]
+        assert len(pruned) == 14  # 2 layers x (wq, wk, wv, wo and the 3 MLP kernels)
+        for m, p in pruned:
+            assert m.sharding == p.sharding  # the step's outputs: each mask sharded like its parameter
+        masks[shape] = [np.asarray(m) for m, _ in pruned]
+    for shape in ((2, 2, 2), (1, 8, 1)):
+        for a, b in zip(masks[(1, 1, 1)], masks[shape]):
+            np.testing.assert_array_equal(a, b)
