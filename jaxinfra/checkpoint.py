@@ -129,8 +129,8 @@ def check_shapes(saved: Any, target: Any, step: int) -> None:
     have, want = _flat_shapes(saved), _flat_shapes(target)
     for name, (shape, dtype) in want.items():
         if name not in have:
-            raise UserError(f"checkpoint step {step} has no tensor {name} (the model config differs from the "
-                            f"saved one?)")
+            raise UserError(f"checkpoint step {step} has no tensor {name} (the model, optim or prune config "
+                            f"differs from the saved one, or an older jaxinfra wrote it?)")
         if have[name][0] != shape:
             raise UserError(f"checkpoint step {step}: tensor {name} has shape {have[name][0]}, the model expects "
                             f"{shape} (the model config differs from the saved one)")
