@@ -10,8 +10,9 @@ Thresholds never gather a tensor: the k-th smallest |w| is found by bisection on
 of |w| (for non-negative floats the uint32 order is the float order), counting `bits <= t` on each
 shard and summing (a scalar all-reduce); all tensors bisect together in one loop, one vector of
 counts per round. Ties at the threshold are broken by flat index with a second bisection (run only
-when some tensor has to split its ties), so exactly round(s * n) entries are pruned. N:M keeps the N largest of each group
-of M consecutive entries along the kernel's input dimension (dim 0), a local operation.
+when some tensor has to split its ties), so exactly round(s * n) entries are pruned. N:M keeps
+the N largest of each group of M consecutive entries along the kernel's input dimension (dim 0),
+a local operation.
 """
 from __future__ import annotations
 
@@ -133,14 +134,14 @@ def _select(bits: list[jax.Array], group: list[int], k: jax.Array) -> list[jax.A
     offset, total = [0] * len(bits), [0] * n_groups
     for j, b in enumerate(bits):
         offset[j], total[group[j]] = total[group[j]], total[group[j]] + b.size
-    index = lambda j: _flat_index(bits[j].shape) + offset[j]  # position within the group
+    index = [_flat_index(b.shape) + offset[j] for j, b in enumerate(bits)]  # position within the group
 
     def split_ties() -> jax.Array:
-        return _bisect(lambda i: counts(lambda j, b: (b == t[group[j]]) & (index(j) <= i[group[j]])), need,
+        return _bisect(lambda i: counts(lambda j, b: (b == t[group[j]]) & (index[j] <= i[group[j]])), need,
                        jnp.zeros(n_groups, jnp.int32), jnp.asarray(total, jnp.int32) - 1)
     last = jax.lax.cond(jnp.any((need > 0) & (need < tied)), split_ties,
                         lambda: jnp.asarray(total, jnp.int32) - 1)  # all tied entries go
-    return [~((b < t[g]) | ((b == t[g]) & (index(j) <= last[g]) & (need[g] > 0)))
+    return [~((b < t[g]) | ((b == t[g]) & (index[j] <= last[g]) & (need[g] > 0)))
             for j, (b, g) in enumerate(zip(bits, group))]
 
 
@@ -226,21 +227,16 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
             out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
         elif not any(chosen):
             out = old
-        elif scope == "layer":
-            s = sparsity(step)
-            scale = [1.0] * len(leaves)  # static per-tensor factors: shapes are known at trace time
-            if erk:
-                chosen_shapes = [x.shape for x, c in zip(leaves, chosen) if c]
-                targets = iter(erk_sparsities(chosen_shapes, erk))
-                scale = [next(targets) / erk if c else 1.0 for c in chosen]
-            xs = [(x, f) for x, c, f in zip(leaves, chosen, scale) if c]
-            k = jnp.stack([jnp.round(s * f * x.size) for x, f in xs])
-            kept = iter(_select([_bits(x) for x, _ in xs], list(range(len(xs))), k))
-            out = [next(kept) if c else o for c, o in zip(chosen, old)]
-        else:  # one threshold across all chosen leaves
+        else:
             xs = [x for x, c in zip(leaves, chosen) if c]
-            k = jnp.round(sparsity(step) * sum(x.size for x in xs))[None]
-            kept = iter(_select([_bits(x) for x in xs], [0] * len(xs), k))
+            s = sparsity(step)
+            if scope == "layer":  # one threshold per tensor; ERK scales each target by a static factor
+                scale = [t / erk for t in erk_sparsities([x.shape for x in xs], erk)] if erk else [1.0] * len(xs)
+                k = jnp.stack([jnp.round(s * f * x.size) for x, f in zip(xs, scale)])
+                group = list(range(len(xs)))
+            else:  # one threshold across all chosen tensors
+                k, group = jnp.round(s * sum(x.size for x in xs))[None], [0] * len(xs)
+            kept = iter(_select([_bits(x) for x in xs], group, k))
             out = [next(kept) if c else o for c, o in zip(chosen, old)]
         pruned = jnp.asarray([jnp.sum(~m, dtype=jnp.int32) for m in out if m.ndim], jnp.int32)
         return jax.tree_util.tree_unflatten(treedef, out), jnp.reshape(pruned, (-1,))
