@@ -25,7 +25,7 @@ def make_baseline(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransfor
     graphdef, abstract = jax.eval_shape(lambda: nnx.split(_unsharded(model_fn), nnx.Param))
     specs = nnx.get_partition_spec(abstract)
     param_sh = linen.logical_to_mesh_sharding(specs, mesh, flax_rules)
-    params = jax.jit(init, out_shardings=param_sh).lower().compile(  # see train.init_state
+    params = jax.jit(init, out_shardings=param_sh).lower().compile(  # see step.StepPlan.init
         compiler_options={"xla_disable_hlo_passes": "constant_folding"})()
     rep = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,

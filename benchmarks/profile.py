@@ -22,18 +22,11 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from benchmarks.run import LARGE  # noqa: E402
-from jaxinfra import sharding as shd  # noqa: E402
-from jaxinfra import train  # noqa: E402
+from benchmarks.run import LARGE, lm_plan  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
-from jaxinfra.model import Transformer, lm_loss  # noqa: E402
-from jaxinfra.optim import make_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,19 +48,13 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), list(args.set) + ["run.steps=1000"])
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
     B, L = cfg.data.batch_size, cfg.model.seq_len
     with jax.set_mesh(mesh):
-        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=shd.LogicalConstraint(mesh, rules))
-        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-        setup = train.init_state(model_fn, tx, mesh, rules)
-        sh = {"tokens": NamedSharding(mesh, shd.batch_spec(rules, 2))}
+        plan = lm_plan(cfg, mesh)
+        step = plan.compile()
         tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, L + 1), dtype=np.int32)
-        example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=sh["tokens"])}
-        step = train.compile_train_step(train.make_train_step(setup.graphdef, lm_loss, tx, schedule), setup, sh,
-                                        example)
-        batch = {"tokens": jax.device_put(tokens, sh["tokens"])}
-        state, _ = step(setup.state, batch)
+        batch = {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}
+        state, _ = step(plan.init()[0], batch)
         jax.block_until_ready(state)
         with tempfile.TemporaryDirectory() as tmp:
             jax.profiler.start_trace(tmp, create_perfetto_trace=True)

@@ -22,18 +22,11 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from benchmarks.run import host_kind  # noqa: E402
-from jaxinfra import sharding as shd  # noqa: E402
-from jaxinfra import train  # noqa: E402
+from benchmarks.run import host_kind, lm_plan  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
-from jaxinfra.model import Transformer, lm_loss  # noqa: E402
-from jaxinfra.optim import make_optimizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -44,7 +37,6 @@ def cost(steps: int, rounds: int) -> dict[str, Any]:
     """Median step time of dense / update-every-step / masks-held steps, alternating in one process."""
     cfg = load_config(DEFAULT, [f"run.steps={BIG}"])
     mesh = make_mesh(2, 2, 2)
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
     B, L = cfg.data.batch_size, cfg.model.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, (B, L + 1), dtype=np.int32)
     variants = {  # the cubic schedule reaches 80% at step 1e6: every update re-ranks the tensor
@@ -52,29 +44,22 @@ def cost(steps: int, rounds: int) -> dict[str, Any]:
         "update": ["prune.sparsity=0.8", "prune.every=1", f"prune.end_step={BIG - 1}"],
         "held": ["prune.sparsity=0.8", f"prune.start_step={BIG - 2}", f"prune.end_step={BIG - 1}"],
     }
-    loops = {}
+    loops, times = {}, {name: [] for name in variants}
     with jax.set_mesh(mesh):
-        constrain = shd.LogicalConstraint(mesh, rules)
-        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)
-        batch_sh = {"tokens": NamedSharding(mesh, shd.batch_spec(rules, 2))}
-        batch = {"tokens": jax.device_put(tokens, batch_sh["tokens"])}
-        example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sh["tokens"])}
         for name, overrides in variants.items():
-            vcfg = load_config(DEFAULT, [f"run.steps={BIG}"] + overrides)
-            tx, schedule = make_optimizer(vcfg.optim, BIG, vcfg.prune)
-            setup = train.init_state(model_fn, tx, mesh, rules)
-            step = train.compile_train_step(train.make_train_step(setup.graphdef, lm_loss, tx, schedule), setup,
-                                            batch_sh, example)
-            loops[name] = {"state": setup.state, "step": step, "times": []}
+            plan = lm_plan(load_config(DEFAULT, [f"run.steps={BIG}"] + overrides), mesh)
+            loops[name] = (plan.compile(), plan.init()[0])
+        batch = {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}
         for r in range(rounds + 1):  # round 0 warms up
-            for name, loop in loops.items():
+            for name, (step, train_state) in loops.items():
                 t0 = time.perf_counter()
-                for _ in range(steps):
-                    loop["state"], metrics = loop["step"](loop["state"], batch)
-                jax.block_until_ready(loop["state"])
+                for _ in range(steps):  # bare dispatches: the step's own cost, not the loop's
+                    train_state, metrics = step(train_state, batch)
+                jax.block_until_ready(train_state)
+                loops[name] = (step, train_state)
                 if r:
-                    loop["times"].append((time.perf_counter() - t0) / steps)
-    med = {name: statistics.median(loop["times"]) for name, loop in loops.items()}
+                    times[name].append((time.perf_counter() - t0) / steps)
+    med = {name: statistics.median(t) for name, t in times.items()}
     sparsity = float(metrics["sparsity"])  # the last variant's: masks held at 0 (before start)
     every_100 = (99 * med["held"] + med["update"]) / 100
     return {"step_ms": {k: 1e3 * v for k, v in med.items()}, "update_ratio": med["update"] / med["dense"],

@@ -3,8 +3,10 @@ compile time, time to first step, host memory and per-device bytes, on the machi
 
 python benchmarks/run.py [--quick]            CPU: default and larger config, 1 device and meshes
 python benchmarks/run.py --config configs/gpu_1b.yaml --layouts 1x1x1 --set model.remat=dots
-Writes benchmarks/results/<host-kind>.json (or --out). Ratios are measured in one process,
-alternating the two loops; on shared CPUs the ratios are the claims, not absolute times.
+Writes benchmarks/results/<host-kind>.json (--quick: <host-kind>-quick.json, which git ignores; or
+--out). The step is built by step.plan_step and timed through trainer.fit, exactly as a run does.
+Ratios are measured in one process, alternating the two loops; on shared CPUs the ratios are the
+claims, not absolute times.
 """
 from __future__ import annotations
 
@@ -23,18 +25,19 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)  # only the CPU backend reads it
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks.baseline import make_baseline  # noqa: E402
-from jaxinfra import perf, train  # noqa: E402
+from jaxinfra import job, perf  # noqa: E402
 from jaxinfra import sharding as shd  # noqa: E402
 from jaxinfra.config import Config, load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
-from jaxinfra.model import Transformer, lm_loss, train_flops_per_token  # noqa: E402
+from jaxinfra.metrics import Reporter  # noqa: E402
+from jaxinfra.model import lm_loss, train_flops_per_token  # noqa: E402
 from jaxinfra.optim import make_optimizer  # noqa: E402
+from jaxinfra.step import Field, StepPlan, plan_step  # noqa: E402
+from jaxinfra.trainer import fit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_LAYOUTS = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
@@ -56,6 +59,31 @@ def peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
+    """The default LM's step on `mesh`, planned as the trainer plans it (call inside jax.set_mesh)."""
+    tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+    fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
+    return plan_step(job.model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
+                     accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule)
+
+
+class Loop:
+    """A compiled step and its state, advanced k steps at a time through the trainer's own loop."""
+
+    def __init__(self, plan: StepPlan, batch: Any, tokens_per_step: int):
+        self.state, _ = plan.init()
+        t0 = time.perf_counter()
+        self.compiled = plan.compile()
+        self.compile_s = time.perf_counter() - t0
+        self.batch, self.tokens = batch, tokens_per_step
+
+    def __call__(self, k: int) -> Any:
+        reporter = Reporter(None, log_every=1, last_step=0, tokens_per_step=self.tokens)
+        self.state = fit(self.state, self.compiled, iter(lambda: self.batch, None),
+                         steps=int(self.state.step) + k, reporter=reporter)
+        return self.state
+
+
 def _median_step(run_steps: Any, steps: int) -> float:
     """Seconds per step of one block of `steps`, synchronised at its end."""
     t0 = time.perf_counter()
@@ -68,40 +96,25 @@ def measure(cfg: Config, shape: tuple[int, int, int], steps: int, rounds: int, b
     """Set up, compile and time jaxinfra's loop (and the baseline's, alternating) on one layout."""
     n = int(np.prod(shape))
     mesh = make_mesh(*shape, devices=jax.devices()[:n])
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
+    rules = cfg.mesh.logical_rules
     B, L = cfg.data.batch_size, cfg.model.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, L + 1), dtype=np.int32)
     row: dict[str, Any] = {"layout": "x".join(map(str, shape)), "devices": n}
     with jax.set_mesh(mesh):
         t_setup = time.perf_counter()
-        constrain = shd.LogicalConstraint(mesh, rules)
-        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)
-        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-        setup = train.init_state(model_fn, tx, mesh, rules)
-        batch_sh = {"tokens": NamedSharding(mesh, shd.batch_spec(rules, 2))}
-        example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sh["tokens"])}
-        t0 = time.perf_counter()
-        compiled = train.compile_train_step(train.make_train_step(setup.graphdef, lm_loss, tx, schedule),
-                                            setup, batch_sh, example)
-        row["compile_s"] = time.perf_counter() - t0
-        batch = {"tokens": jax.device_put(tokens, batch_sh["tokens"])}
-        box = {"state": setup.state}
-
-        def ours(k: int) -> Any:
-            box["state"] = train.fit(box["state"], compiled, iter(lambda: batch, None),
-                                     steps=int(box["state"].step) + k, tokens_per_step=B * L, log=lambda s, m: None)
-            return box["state"]
-
+        plan = lm_plan(cfg, mesh)
+        ours = Loop(plan, {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}, B * L)
+        row["compile_s"] = ours.compile_s
         ours(1)
         row["first_step_s"] = time.perf_counter() - t_setup  # init + compile + one step
-        mem = compiled.memory_analysis()
+        mem = ours.compiled.memory_analysis()
         if mem is not None:
             row["device_temp_gb"] = getattr(mem, "temp_size_in_bytes", 0) / 1e9
-        row["param_mb_per_device"] = shd.shard_bytes(setup.state.params, setup.shardings.params) / 1e6
-        row["opt_mb_per_device"] = shd.shard_bytes(setup.state.opt_state, setup.shardings.opt_state) / 1e6
+        row["param_mb_per_device"] = shd.shard_bytes(ours.state.params, plan.shardings.params) / 1e6
+        row["opt_mb_per_device"] = shd.shard_bytes(ours.state.opt_state, plan.shardings.opt_state) / 1e6
         base_times, our_times = [], []
         if baseline:
-            base_step, bparams, bopt, base_sh = make_baseline(model_fn, tx, mesh, rules)
+            base_step, bparams, bopt, base_sh = make_baseline(plan.model_fn, plan.tx, mesh, rules)
             bbox = {"s": (bparams, bopt, None), "tokens": jax.device_put(tokens, base_sh)}
 
             def theirs(k: int) -> Any:
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "peak_flops": peak, "vendor_peak_flops": vendor, "dtype": first.model.dtype,
                        "simulated_devices": on_cpu, "steps": steps, "rounds": rounds},
               "rows": rows}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{host_kind()}.json")
+    # --quick is a smoke run: it never replaces the recorded full figures
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{host_kind()}{'-quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -33,13 +33,13 @@ _EXPORTS = {
     # training
     "train_model": ("trainer", "train_model"),
     "Finished": ("trainer", "Finished"),
-    "TrainState": ("train", "TrainState"),
+    "TrainState": ("step", "TrainState"),
     # checkpoints and exports
     "Checkpointer": ("checkpoint", "Checkpointer"),
     "export_checkpoint": ("export", "export"),
     "load_safetensors": ("export", "load"),
     "to_params": ("export", "to_params"),
-    "read_params": ("export", "read_params"),
+    "read_params": ("checkpoint", "read_params"),
     # pruning
     "prune": ("pruning", "prune"),
     "cubic_sparsity": ("pruning", "cubic_sparsity"),

@@ -1,26 +1,53 @@
-"""Orbax checkpoints of the train state: async sharded saves, resume, restore onto any mesh,
-preemption, and integrity (a step is either complete or invisible).
+"""The one owner of the checkpoint layout: Orbax async sharded saves, the metadata record, which
+steps are complete, resume and restore onto any mesh, preemption, and reading one step's
+parameters tensor by tensor (for exports, inspection and sampling).
 
-One Composite per step: `state` (step, params, optimizer state: every leaf sharded as in training)
-and `meta` (JSON: resolved config, versions, mesh, data position). The data position is the
-number of global batches consumed, equal to the step, on any number of processes (see data.py),
-so no per-process iterator state is needed to resume exactly.
+A run folder holds `checkpoints/<step>/`, one Orbax Composite per step: `state` (step, params,
+optimizer state: every leaf sharded as in training) and `meta` (JSON: resolved config, versions,
+mesh, data position). A step is complete once Orbax has committed it; an interrupted save is never
+listed. The data position is the number of global batches consumed, equal to the step, on any
+number of processes (see data.py), so no per-process iterator state is needed to resume exactly.
+No other module names these folders or items.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxinfra.errors import UserError
-from jaxinfra.train import TrainState
+from jaxinfra.names import path_str, tensor_name
+from jaxinfra.step import TrainState
 
 STATE, META = "state", "meta"
+CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    """Where a run folder keeps its checkpoint steps."""
+    return os.path.join(run_dir, CHECKPOINTS)
+
+
+def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any]) -> dict[str, Any]:
+    """The metadata record a step carries besides arrays: config, versions, mesh, data position."""
+    from omegaconf import OmegaConf
+    versions = {}
+    for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    return {"step": step, "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "versions": versions,
+            "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "data": {"global_batches_consumed": step, **data}}
 
 
 def as_dict(state: TrainState) -> dict[str, Any]:
@@ -54,6 +81,10 @@ class Checkpointer:
     def preempted(self, step: int) -> bool:
         """True on every process at one agreed step after a SIGTERM (or on this one, if alone)."""
         return self._sigterm or self.manager.reached_preemption(step)
+
+    def committed(self, step: int) -> bool:
+        """Whether `step` is on disk and committed (a stat or two: cheap enough to poll each step)."""
+        return is_committed(os.path.join(self.directory, str(step)))
 
     def steps(self) -> list[int]:
         """Complete steps on disk, oldest first (interrupted saves are never listed)."""
@@ -120,7 +151,7 @@ class CorruptCheckpoint(UserError):
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): (tuple(x.shape), str(x.dtype)) for p, x in flat}
+    return {path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
 
 
 def check_shapes(saved: Any, target: Any, step: int) -> None:
@@ -162,3 +193,105 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
                 raise
             say(f"warning: {str(e).split('; checkpoint.fallback')[0]}; trying the previous step")
     raise UserError(f"no readable checkpoint in {ckpt.directory} (tried steps {', '.join(map(str, steps))})")
+
+
+# Reading a step without a manager: the readers (export, inspect, compare, generate) never write.
+
+def is_committed(step_dir: str) -> bool:
+    """Whether a step folder holds a complete, committed checkpoint."""
+    return os.path.isdir(step_dir) and ocp.step.is_checkpoint_finalized(step_dir)
+
+
+def complete_steps(root: str) -> list[int]:
+    """The committed steps of a checkpoints folder, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and is_committed(os.path.join(root, d)))
+
+
+def has_steps(run_dir: str) -> bool:
+    """Whether a run folder holds at least one complete checkpoint step."""
+    return bool(complete_steps(checkpoints_dir(run_dir)))
+
+
+def locate(directory: str, step: int | None = None) -> tuple[str, int]:
+    """A run folder, its checkpoints folder, or one step's folder -> (step folder, step); the newest
+    complete step unless `step` is given."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: no such checkpoint folder")
+    if os.path.isdir(os.path.join(directory, STATE)) and os.path.basename(directory).isdigit():
+        found = int(os.path.basename(directory))
+        if step is not None and step != found:
+            raise UserError(f"--step {step} does not match the step folder {directory}")
+        return directory, found
+    root = checkpoints_dir(directory) if os.path.isdir(checkpoints_dir(directory)) else directory
+    steps = complete_steps(root)
+    if not steps:
+        raise UserError(f"{directory}: holds no complete checkpoint step")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"--step {step} is not in {root} (steps: {', '.join(map(str, steps))})")
+    return os.path.join(root, str(step)), step
+
+
+def state_metadata(step_dir: str) -> Any:
+    """The saved state's tree of (shape, dtype, sharding) metadata, read from one step folder."""
+    try:
+        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE).tree
+    except Exception as e:
+        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({str(e).splitlines()[0][:200]})") from None
+
+
+def saved_config(step_dir: str) -> dict[str, Any] | None:
+    """The resolved config a step was trained with (its metadata record), or None if it has none."""
+    import json
+    try:
+        with open(os.path.join(step_dir, META, "metadata")) as f:
+            found = json.load(f)["config"]
+        return found if isinstance(found, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):  # no record, or not ours
+        return None
+
+
+class SavedParams:
+    """One step's parameters, read a whole tensor at a time as host arrays (every other leaf skipped)."""
+
+    def __init__(self, step_dir: str):
+        self.step_dir = step_dir
+        self.tree = state_metadata(step_dir)
+        flat, _ = jax.tree_util.tree_flatten_with_path(self.tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
+        self.entries = {tensor_name(p): (p, x) for p, x in flat}  # name -> (key path, shape/dtype metadata)
+
+    def read(self, name: str) -> np.ndarray:
+        """One saved parameter as a whole host array."""
+        path = self.entries[name][0]
+        item = jax.tree.map(lambda _: ocp.PLACEHOLDER, self.tree, is_leaf=lambda x: hasattr(x, "shape"))
+        node = item["params"]
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = np.zeros((), np.float32)  # any array marks the leaf to read
+        args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        out = ocp.PyTreeCheckpointHandler().restore(epath.Path(self.step_dir) / STATE,
+                                                    args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+        node = out["params"]
+        for k in keys:
+            node = node[k]
+        return np.asarray(node)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return ((name, self.read(name)) for name in self.entries)
+
+
+def iter_params(directory: str, step: int | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+    """(step, generator of (name, whole host array)) of a checkpoint step, read a tensor at a time."""
+    step_dir, step = locate(directory, step)
+    return step, iter(SavedParams(step_dir))
+
+
+def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
+    step, tensors = iter_params(directory, step)
+    return dict(tensors), step

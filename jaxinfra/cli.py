@@ -4,20 +4,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
-from jaxinfra.config import Config, load_config
+from jaxinfra.config import Config, load_config, shipped_configs
 from jaxinfra.errors import UserError
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """--config PATH and key.sub=value overrides."""
     p = argparse.ArgumentParser(prog="train.py", description="Train a model on a device mesh.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
-                   help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--config", default="default",
+                   help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())} (default: default)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. run.steps=20")
     return p.parse_args(argv)
 
@@ -40,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         setup_devices(cfg)
+        from jaxinfra.errors import Diverged
         from jaxinfra.job import run  # imports JAX-heavy modules only after the config is valid
-        from jaxinfra.train import Diverged
         try:
             run(cfg)
         except Diverged as e:

@@ -2,9 +2,7 @@
 and sparsity over the steps."""
 from __future__ import annotations
 
-import glob
 import os
-import re
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -44,26 +42,18 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _newest_export(run_dir: str) -> tuple[str, int] | None:
-    """(path, step) of the newest exports/model-<step>.safetensors, if any."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, "exports", "model-*.safetensors"))
-             if (m := re.fullmatch(r"model-(\d+)\.safetensors", os.path.basename(p)))]
-    return (max(found)[1], max(found)[0]) if found else None
-
-
 def run_figures(run_dir: str) -> RunFigures:
     """Figures of one run folder: tensors from its newest checkpoint (else its newest export), the rest
     from metrics.jsonl."""
-    from jaxinfra import export as ex  # JAX and Orbax only once the folder looks like a run
+    from jaxinfra import checkpoint as ckpt_lib  # JAX and Orbax only once the folder looks like a run
+    from jaxinfra import export as ex
     rows = read_metrics(run_dir)
-    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and any(
-            os.path.isfile(os.path.join(run_dir, "checkpoints", d, "commit_success.txt"))
-            for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()):
-        step_dir, step = ex.step_dir_of(run_dir)
-        _, tensors = ex.iter_params(step_dir)
+    if ckpt_lib.has_steps(run_dir):
+        step_dir, step = ckpt_lib.locate(run_dir)
+        _, tensors = ckpt_lib.iter_params(step_dir)
         summary = ex.summarize(tensors, ex.saved_pattern(step_dir), ex.base_metadata(step))
         source = f"checkpoint {step}"
-    elif (found := _newest_export(run_dir)) is not None:
+    elif (found := ex.newest_export(run_dir)) is not None:
         path, step = found
         summary = ex.summarize(ex.iter_file(path), None, ex.base_metadata(step))
         source = f"export {step}"

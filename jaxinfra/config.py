@@ -11,6 +11,7 @@ import re
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,7 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jaxinfra.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
+DTYPES = ("float32", "bfloat16", "float16")  # compute, master-weight and export dtypes
+SHIPPED = Path(__file__).resolve().parent / "configs"  # the configs installed with the package
 
 # Logical axis -> mesh axes. Models name logical axes only; this table is the one place that
 # decides what is split across devices. A mesh axis is used at most once per array: when two
@@ -34,6 +37,21 @@ DEFAULT_RULES: dict[str, list[str]] = {
     "mlp": ["tensor"],
     "norm": [],
 }
+
+
+def _at_least(values: dict[str, float], low: float, what: str) -> None:
+    """Each key=value must be >= low; raises UserError naming the first that is not."""
+    for key, value in values.items():
+        if value < low:
+            raise UserError(f"{key}={value} must {what}")
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
+    """value must be one of options; the error names the closest one."""
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")
 
 
 @dataclass
@@ -61,6 +79,29 @@ class RunConfig:
         """The run folder."""
         return self.dir or os.path.join("runs", self.name)
 
+    def check(self) -> None:
+        """What the trainer reads of this section."""
+        _at_least({"run.steps": self.steps, "run.log_every": self.log_every}, 1, "be at least 1")
+        _at_least({"run.eval_every": self.eval_every, "run.eval_batches": self.eval_batches,
+                   "run.stop_after": self.stop_after}, 0, "not be negative")
+        ps = self.profile_steps
+        if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1] <= self.steps):
+            raise UserError(f"run.profile_steps={list(ps)} must be [first, last] with 1 <= first <= last <= "
+                            f"run.steps={self.steps}")
+        if self.peak_flops < 0:
+            raise UserError(f"run.peak_flops={self.peak_flops} must not be negative")
+
+    def check_sampling(self, vocab_size: int) -> None:
+        """The LM job's end-of-run samples: prompts must be bytes of the model's vocabulary."""
+        _at_least({"run.sample_tokens": self.sample_tokens}, 0, "not be negative")
+        for prompt in self.sample_prompts:
+            data = prompt.encode("utf-8")
+            if not data or max(data) >= vocab_size:
+                raise UserError(f"run.sample_prompts: {prompt!r} is empty or holds a byte outside "
+                                f"model.vocab_size={vocab_size}")
+        if self.sample_temperature < 0:
+            raise UserError(f"run.sample_temperature={self.sample_temperature} must not be negative")
+
 
 @dataclass
 class MeshConfig:
@@ -83,6 +124,31 @@ class MeshConfig:
         """Across-node factor of each axis (all 1: a plain mesh)."""
         return tuple(getattr(self, f"dcn_{a}") for a in MESH_AXES)
 
+    @property
+    def logical_rules(self) -> dict[str, tuple[str, ...]]:
+        """The rules as sharding.py takes them: logical name -> tuple of mesh axes."""
+        return {name: tuple(axes) for name, axes in self.rules.items()}
+
+    def check(self) -> None:
+        """Sizes and rules, before any device exists."""
+        _at_least({"mesh.cpu_devices": self.cpu_devices}, 0, "not be negative")
+        sizes = self.sizes()
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise UserError(f"mesh.{axis}={size} must be a positive size or -1 (fill from the device count)")
+        _at_least({f"mesh.dcn_{a}": d for a, d in zip(MESH_AXES, self.dcn())}, 1, "be at least 1")
+        if list(sizes.values()).count(-1) > 1:
+            raise UserError(f"at most one mesh size may be -1, got {sizes}")
+        for name, axes in self.rules.items():
+            for axis in axes:
+                if axis not in MESH_AXES:
+                    close = difflib.get_close_matches(axis, MESH_AXES, n=1)
+                    hint = f" (did you mean {close[0]}?)" if close else ""
+                    raise UserError(f"mesh.rules.{name} names mesh axis {axis!r}, not one of "
+                                    f"{', '.join(MESH_AXES)}{hint}")
+            if len(set(axes)) != len(axes):
+                raise UserError(f"mesh.rules.{name}={axes} repeats a mesh axis")
+
 
 @dataclass
 class DistributedConfig:
@@ -92,10 +158,14 @@ class DistributedConfig:
     num_processes: int = 0  # 0: from the environment, else 1
     process_id: int = -1  # -1: from the environment
 
+    def check(self) -> None:
+        """Counts that cannot be negative (the rest is checked when jax.distributed starts)."""
+        _at_least({"distributed.num_processes": self.num_processes}, 0, "not be negative")
+
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer sizes and numerics."""
+    """Decoder-only transformer sizes and numerics (the LM job's model only)."""
 
     vocab_size: int = 256  # byte-level tokens
     d_model: int = 128
@@ -123,6 +193,21 @@ class ModelConfig:
             "vocab": ("model.vocab_size", self.vocab_size),
         }
 
+    def check(self) -> None:
+        """Sizes and numerics of the default Transformer."""
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _one_of("model.param_dtype", self.param_dtype, DTYPES)
+        _one_of("model.remat", self.remat, ("none", "full", "dots"))
+        _one_of("model.attention", self.attention, ("xla", "cudnn"))
+        _at_least({f"model.{k}": getattr(self, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len",
+                                                             "vocab_size")}, 1, "be at least 1")
+        if self.d_model % self.n_heads:
+            raise UserError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise UserError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused attention)")
+        if self.head_dim % 2:
+            raise UserError(f"model.d_model / model.n_heads = {self.head_dim} must be even for rotary positions")
+
 
 @dataclass
 class DataConfig:
@@ -132,6 +217,17 @@ class DataConfig:
     glob: str = "*.py"  # files taken from a folder (recursively)
     batch_size: int = 32  # global batch, in windows of model.seq_len + 1 bytes
     heldout_percent: float = 1.0  # files held out for eval, chosen by a hash of their path
+
+    def check(self) -> None:
+        """The batch, which every trainer reads."""
+        _at_least({"data.batch_size": self.batch_size}, 1, "be at least 1")
+
+    def check_corpus(self) -> None:
+        """The LM job's corpus settings."""
+        if not 0 <= self.heldout_percent < 100:
+            raise UserError(f"data.heldout_percent={self.heldout_percent} must lie in [0, 100)")
+        if self.path and not os.path.exists(self.path):
+            raise UserError(f"data.path={self.path}: no such file or folder")
 
 
 @dataclass
@@ -151,6 +247,20 @@ class OptimConfig:
     clip_norm: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per step (data.batch_size must divide)
 
+    def check(self, batch_size: int) -> None:
+        """The optimizer's settings and the micro-batch split of `batch_size`."""
+        _one_of("optim.name", self.name, ("adamw", "sgd", "lion", "adafactor"))
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _at_least({"optim.grad_accum": self.grad_accum}, 1, "be at least 1")
+        _at_least({"optim.warmup_steps": self.warmup_steps, "optim.clip_norm": self.clip_norm,
+                   "optim.weight_decay": self.weight_decay}, 0, "not be negative")
+        if self.lr <= 0:
+            raise UserError(f"optim.lr={self.lr} must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if batch_size % self.grad_accum:
+            raise UserError(f"data.batch_size={batch_size} is not divisible by optim.grad_accum={self.grad_accum}")
+
 
 @dataclass
 class PruneConfig:
@@ -168,6 +278,57 @@ class PruneConfig:
     params: list[str] = field(default_factory=list)  # path globs (blocks/*/mlp/*) or logical axis names
     # (mlp) of the tensors to prune; empty: the 2-D+ kernels of attention and MLP (no embeddings, norms)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the run prunes at all (a sparsity, or an N:M pattern)."""
+        return bool(self.sparsity) or self.pattern != "unstructured"
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M pattern, None when unstructured."""
+        return nm_pattern(self.pattern)
+
+    @property
+    def last_update(self) -> int:
+        """The step of the last mask update: start_step for one-shot and N:M masks, else end_step."""
+        return self.start_step if self.schedule == "oneshot" or self.pattern != "unstructured" else self.end_step
+
+    def check(self, steps: int) -> None:
+        """Pruning settings that can be checked before any device work."""
+        _one_of("prune.schedule", self.schedule, ("cubic", "oneshot"))
+        _one_of("prune.scope", self.scope, ("layer", "global"))
+        _one_of("prune.distribution", self.distribution, ("uniform", "erk"))
+        _one_of("prune.criterion", self.criterion, ("magnitude", "random"))
+        nm_pattern(self.pattern)
+        if not 0 <= self.sparsity < 1:
+            raise UserError(f"prune.sparsity={self.sparsity} must lie in [0, 1)")
+        if not self.enabled:
+            return
+        end = self.last_update
+        if self.every < 1:
+            raise UserError(f"prune.every={self.every} must be at least 1")
+        if self.start_step < 0 or end < self.start_step:
+            raise UserError(f"prune.start_step={self.start_step} and prune.end_step={self.end_step}: no mask "
+                            f"update falls inside [start_step, end_step]")
+        if end >= steps:
+            raise UserError(f"prune.end_step={end} must be below run.steps={steps} "
+                            f"(steps after the last mask update let the model recover)")
+        if self.distribution == "erk" and (self.scope != "layer" or self.pattern != "unstructured"):
+            raise UserError(f"prune.distribution=erk sets one sparsity per tensor: it needs prune.scope=layer and "
+                            f"prune.pattern=unstructured (got {self.scope}, {self.pattern})")
+
+    def warnings(self, steps: int) -> list[str]:
+        """Legal but risky settings: too few steps after the last mask update."""
+        if not self.enabled:
+            return []
+        end = self.last_update
+        after = steps - end
+        if after < 0.2 * steps:
+            return [f"warning: only {after} of run.steps={steps} steps ({after / steps:.0%}) come after "
+                    f"the last mask update (prune.end_step={end}); runs that stop pruning near the end often lose "
+                    f"quality: keep at least 20% for recovery"]
+        return []
+
 
 @dataclass
 class CheckpointConfig:
@@ -184,10 +345,17 @@ class CheckpointConfig:
     export_final: bool = True  # ... and at the end of the run
     export_dtype: str = "float32"
 
+    def check(self) -> None:
+        """Frequencies, rotation and the export dtype."""
+        _one_of("checkpoint.export_dtype", self.export_dtype, DTYPES)
+        _at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
+                   "checkpoint.export_every": self.export_every}, 0, "not be negative")
+        _at_least({"checkpoint.keep": self.keep}, 1, "be at least 1")
+
 
 @dataclass
 class Config:
-    """The whole run."""
+    """The whole run: the sections every trainer reads, plus the LM job's (model, corpus, sampling)."""
 
     run: RunConfig = field(default_factory=RunConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -198,21 +366,35 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
 
+    def check_train(self) -> None:
+        """What `train_model` reads, for any model: run, mesh, batch, optimizer, checkpoints, pruning."""
+        self.run.check()
+        self.mesh.check()
+        self.distributed.check()
+        self.data.check()
+        self.optim.check(self.data.batch_size)
+        self.checkpoint.check()
+        self.prune.check(self.run.steps)
 
-DTYPES = ("float32", "bfloat16", "float16")
-CHOICES = {
-    "model.dtype": DTYPES,
-    "model.param_dtype": DTYPES,
-    "model.remat": ("none", "full", "dots"),
-    "model.attention": ("xla", "cudnn"),
-    "optim.name": ("adamw", "sgd", "lion", "adafactor"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "checkpoint.export_dtype": DTYPES,
-    "prune.schedule": ("cubic", "oneshot"),
-    "prune.scope": ("layer", "global"),
-    "prune.distribution": ("uniform", "erk"),
-    "prune.criterion": ("magnitude", "random"),
-}
+    def check_lm(self) -> None:
+        """What only the default LM job reads: the model, the corpus, the samples."""
+        self.model.check()
+        self.data.check_corpus()
+        self.run.check_sampling(self.model.vocab_size)
+
+
+def nm_pattern(pattern: str) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4); 'unstructured' -> None; anything else raises UserError."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise UserError(f"prune.pattern={pattern!r} is not 'unstructured' or N:M such as 2:4 "
+                        f"(quote it in YAML files: \"2:4\")") from None
+    if not 0 < n < m:
+        raise UserError(f"prune.pattern={pattern}: N={n} must be at least 1 and below M={m}")
+    return n, m
 
 
 def _omegaconf_error(e: OmegaConfBaseException) -> UserError:
@@ -259,12 +441,27 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs that come with the package (default, accelerator, dp, ...)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def config_path(name: str) -> str:
+    """A YAML file's path, or the name of a shipped config (`accelerator`), from any folder."""
+    if os.path.isfile(name):
+        return name
+    shipped = SHIPPED / f"{name.removesuffix('.yaml')}.yaml"
+    if os.sep not in name and shipped.is_file():
+        return str(shipped)
+    raise UserError(f"--config {name}: no such file (shipped configs: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated; raises UserError naming the key."""
+    """Defaults <- YAML file (a path or a shipped config's name) <- dotted overrides, validated;
+    raises UserError naming the key."""
     layers = []
     if path:
-        if not os.path.isfile(path):
-            raise UserError(f"--config {path}: no such file")
+        path = config_path(path)
         with open(path) as f:
             try:
                 data = yaml.safe_load(f) or {}
@@ -286,7 +483,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
-    validate(out)
+    out.check_train()
+    out.check_lm()  # a config file is the LM job's too: its sections must be valid even when unused
     return out
 
 
@@ -295,128 +493,3 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need no devices; raises UserError with the key and the numbers."""
-    for key, options in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in options:
-            close = difflib.get_close_matches(str(value), options, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")
-    for key in ("run.steps", "run.log_every", "data.batch_size", "optim.grad_accum", "model.d_model",
-                "model.n_layers", "model.n_heads", "model.d_ff", "model.seq_len", "model.vocab_size"):
-        if _get(cfg, key) < 1:
-            raise UserError(f"{key}={_get(cfg, key)} must be at least 1")
-    for key in ("run.eval_every", "run.eval_batches", "run.sample_tokens", "optim.warmup_steps",
-                "mesh.cpu_devices", "distributed.num_processes", "optim.clip_norm", "optim.weight_decay",
-                "run.stop_after", "checkpoint.every", "checkpoint.keep_every", "checkpoint.export_every"):
-        if _get(cfg, key) < 0:
-            raise UserError(f"{key}={_get(cfg, key)} must not be negative")
-    if cfg.checkpoint.keep < 1:
-        raise UserError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr={cfg.optim.lr} must be positive")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise UserError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must lie in [0, 1]")
-    if cfg.model.d_model % cfg.model.n_heads:
-        raise UserError(f"model.d_model={cfg.model.d_model} is not divisible by model.n_heads={cfg.model.n_heads}")
-    if cfg.model.attention == "cudnn" and cfg.model.dtype == "float32":
-        raise UserError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused attention)")
-    if cfg.model.head_dim % 2:
-        raise UserError(f"model.d_model / model.n_heads = {cfg.model.head_dim} must be even for rotary positions")
-    if cfg.data.batch_size % cfg.optim.grad_accum:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                        f"optim.grad_accum={cfg.optim.grad_accum}")
-    if not 0 <= cfg.data.heldout_percent < 100:
-        raise UserError(f"data.heldout_percent={cfg.data.heldout_percent} must lie in [0, 100)")
-    validate_prune(cfg)
-    ps = cfg.run.profile_steps
-    if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1] <= cfg.run.steps):
-        raise UserError(f"run.profile_steps={list(ps)} must be [first, last] with 1 <= first <= last <= "
-                        f"run.steps={cfg.run.steps}")
-    if cfg.run.peak_flops < 0:
-        raise UserError(f"run.peak_flops={cfg.run.peak_flops} must not be negative")
-    for prompt in cfg.run.sample_prompts:
-        data = prompt.encode("utf-8")
-        if not data or max(data) >= cfg.model.vocab_size:
-            raise UserError(f"run.sample_prompts: {prompt!r} is empty or holds a byte outside "
-                            f"model.vocab_size={cfg.model.vocab_size}")
-    if cfg.run.sample_temperature < 0:
-        raise UserError(f"run.sample_temperature={cfg.run.sample_temperature} must not be negative")
-    sizes = cfg.mesh.sizes()
-    for axis, size in sizes.items():
-        if size == 0 or size < -1:
-            raise UserError(f"mesh.{axis}={size} must be a positive size or -1 (fill from the device count)")
-    for axis, size in zip(MESH_AXES, cfg.mesh.dcn()):
-        if size < 1:
-            raise UserError(f"mesh.dcn_{axis}={size} must be at least 1")
-    if list(sizes.values()).count(-1) > 1:
-        raise UserError(f"at most one mesh size may be -1, got {sizes}")
-    for name, axes in cfg.mesh.rules.items():
-        for axis in axes:
-            if axis not in MESH_AXES:
-                close = difflib.get_close_matches(axis, MESH_AXES, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise UserError(f"mesh.rules.{name} names mesh axis {axis!r}, not one of "
-                                f"{', '.join(MESH_AXES)}{hint}")
-        if len(set(axes)) != len(axes):
-            raise UserError(f"mesh.rules.{name}={axes} repeats a mesh axis")
-    if cfg.data.path and not os.path.exists(cfg.data.path):
-        raise UserError(f"data.path={cfg.data.path}: no such file or folder")
-
-
-def nm_pattern(pattern: str) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4); 'unstructured' -> None; anything else raises UserError."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(x) for x in pattern.split(":"))
-    except ValueError:
-        raise UserError(f"prune.pattern={pattern!r} is not 'unstructured' or N:M such as 2:4 "
-                        f"(quote it in YAML files: \"2:4\")") from None
-    if not 0 < n < m:
-        raise UserError(f"prune.pattern={pattern}: N={n} must be at least 1 and below M={m}")
-    return n, m
-
-
-def validate_prune(cfg: Config) -> None:
-    """Pruning settings that can be checked before any device work."""
-    p = cfg.prune
-    nm_pattern(p.pattern)
-    if not 0 <= p.sparsity < 1:
-        raise UserError(f"prune.sparsity={p.sparsity} must lie in [0, 1)")
-    if not p.sparsity and p.pattern == "unstructured":
-        return
-    end = p.start_step if p.schedule == "oneshot" or p.pattern != "unstructured" else p.end_step
-    if p.every < 1:
-        raise UserError(f"prune.every={p.every} must be at least 1")
-    if p.start_step < 0 or end < p.start_step:
-        raise UserError(f"prune.start_step={p.start_step} and prune.end_step={p.end_step}: no mask update "
-                        f"falls inside [start_step, end_step]")
-    if end >= cfg.run.steps:
-        raise UserError(f"prune.end_step={end} must be below run.steps={cfg.run.steps} "
-                        f"(steps after the last mask update let the model recover)")
-    if p.distribution == "erk" and (p.scope != "layer" or p.pattern != "unstructured"):
-        raise UserError(f"prune.distribution=erk sets one sparsity per tensor: it needs prune.scope=layer and "
-                        f"prune.pattern=unstructured (got {p.scope}, {p.pattern})")
-
-
-def prune_warnings(cfg: Config) -> list[str]:
-    """Legal but risky pruning settings: too few steps after the last mask update."""
-    p = cfg.prune
-    if not p.sparsity and p.pattern == "unstructured":
-        return []
-    end = p.start_step if p.schedule == "oneshot" or p.pattern != "unstructured" else p.end_step
-    after = cfg.run.steps - end
-    if after < 0.2 * cfg.run.steps:
-        return [f"warning: only {after} of run.steps={cfg.run.steps} steps ({after / cfg.run.steps:.0%}) come after "
-                f"the last mask update (prune.end_step={end}); runs that stop pruning near the end often lose "
-                f"quality: keep at least 20% for recovery"]
-    return []

@@ -82,7 +82,7 @@ def load_corpus(path: str = "", glob: str = "*.py", heldout_percent: float = 1.0
     return Corpus(path or "stdlib", tr, ho, len(train), len(held))
 
 
-def check_sizes(corpus: Corpus, seq_len: int, batch_size: int, eval_batches: int) -> None:
+def check_corpus(corpus: Corpus, seq_len: int, batch_size: int, eval_batches: int) -> None:
     """The corpus must hold at least one global batch of windows (and one held-out window)."""
     need = seq_len + 1
     if corpus.train.size // seq_len < batch_size or corpus.train.size < need:

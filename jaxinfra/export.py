@@ -13,9 +13,11 @@ bits zero, so -0.0 and NaN survive the round trip bitwise.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -23,73 +25,34 @@ from typing import Any, Iterable, Iterator
 import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 from safetensors import safe_open
 
+from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import sparse
+from jaxinfra.config import DTYPES
 from jaxinfra.errors import UserError
+from jaxinfra.names import tensor_name
 
-DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16), "float16": ("F16", np.float16),
-          "int32": ("I32", np.int32), "int64": ("I64", np.int64), "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
-TAGS = {np.dtype(t): tag for tag, t in DTYPES.values()}  # numpy dtype -> safetensors dtype tag
+# dtype name -> (safetensors tag, numpy type) of every dtype an export may hold
+SAFETENSORS = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
+               "float16": ("F16", np.float16), "int32": ("I32", np.int32), "int64": ("I64", np.int64),
+               "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
+TAGS = {np.dtype(t): tag for tag, t in SAFETENSORS.values()}  # numpy dtype -> safetensors dtype tag
 ENCODING = "encoding."  # __metadata__ key prefix: how to rebuild one sparse-stored tensor
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
+EXPORTS = "exports"  # the folder of a run that holds exports/model-<step>.safetensors
 
 
-def tensor_name(path: tuple[Any, ...]) -> str:
-    """('blocks', 0, 'attn', 'wq') -> 'blocks.0.attn.wq'."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def export_path(run_dir: str, step: int) -> str:
+    """Where a run exports `step` during training."""
+    return os.path.join(run_dir, EXPORTS, f"model-{step}.safetensors")
 
 
-def _params_metadata(step_dir: str) -> dict[str, Any]:
-    """Name -> (shape, dtype) metadata of the saved parameters, without reading arrays."""
-    try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
-    except Exception as e:
-        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({str(e).splitlines()[0][:200]})") from None
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
-    return {tensor_name(p): (tree, p, x) for p, x in flat}
-
-
-def _read_one(step_dir: str, tree: Any, path: tuple[Any, ...]) -> np.ndarray:
-    """One saved parameter as a whole host array (every other leaf skipped)."""
-    item = jax.tree.map(lambda _: ocp.PLACEHOLDER, tree, is_leaf=lambda x: hasattr(x, "shape"))
-    node = item["params"]
-    for k in path[:-1]:
-        node = node[getattr(k, "key", getattr(k, "idx", k))]
-    last = getattr(path[-1], "key", getattr(path[-1], "idx", path[-1]))
-    node[last] = np.zeros((), np.float32)  # any array marks the leaf to read
-    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = ocp.PyTreeCheckpointHandler().restore(epath.Path(step_dir) / "state",
-                                                args=ocp.args.PyTreeRestore(item=item, restore_args=args))
-    node = out["params"]
-    for k in path:
-        node = node[getattr(k, "key", getattr(k, "idx", k))]
-    return np.asarray(node)
-
-
-def step_dir_of(directory: str, step: int | None = None) -> tuple[str, int]:
-    """A run folder, its checkpoints folder, or one step's folder -> (step folder, step)."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
-        raise UserError(f"{directory}: no such checkpoint folder")
-    if os.path.isdir(os.path.join(directory, "state")) and os.path.basename(directory).isdigit():
-        found = int(os.path.basename(directory))
-        if step is not None and step != found:
-            raise UserError(f"--step {step} does not match the step folder {directory}")
-        return directory, found
-    root = os.path.join(directory, "checkpoints") if os.path.isdir(os.path.join(directory, "checkpoints")) \
-        else directory
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit() and
-                   os.path.isfile(os.path.join(root, d, "commit_success.txt")))
-    if not steps:
-        raise UserError(f"{directory}: holds no complete checkpoint step")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"--step {step} is not in {root} (steps: {', '.join(map(str, steps))})")
-    return os.path.join(root, str(step)), step
+def newest_export(run_dir: str) -> tuple[str, int] | None:
+    """(path, step) of a run's newest exports/model-<step>.safetensors, if any."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, EXPORTS, "model-*.safetensors"))
+             if (m := re.fullmatch(r"model-(\d+)\.safetensors", os.path.basename(p)))]
+    return (max(found)[1], max(found)[0]) if found else None
 
 
 def _shard_plan(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int) -> list[list[int]]:
@@ -146,31 +109,31 @@ def base_metadata(step: int) -> dict[str, str]:
 
 
 def _prepare(directory: str, out: str, step: int | None, dtype: str | None, force: bool
-             ) -> tuple[str, int, dict[str, Any], list[tuple[str, tuple[int, ...], np.dtype]]]:
-    """Checks shared by dense and sparse export: (step folder, step, metadata, (name, shape, dtype) to write)."""
-    step_dir, step = step_dir_of(directory, step)
+             ) -> tuple[str, int, ckpt_lib.SavedParams, list[tuple[str, tuple[int, ...], np.dtype]]]:
+    """Checks shared by dense and sparse export: (step folder, step, saved params, (name, shape, dtype) to write)."""
+    step_dir, step = ckpt_lib.locate(directory, step)
     if dtype is not None:
         dtype = ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype}: not one of {', '.join(list(ALIASES) + list(DTYPES))}")
     if os.path.exists(out) and not force:
         raise UserError(f"--out {out} exists; pass --force to overwrite it")
-    meta = _params_metadata(step_dir)
+    saved = ckpt_lib.SavedParams(step_dir)
     entries = []
-    for name, (_, _, m) in meta.items():
-        dt = np.dtype(DTYPES[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
+    for name, (_, m) in saved.entries.items():
+        dt = np.dtype(SAFETENSORS[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
             else np.dtype(m.dtype)
         entries.append((name, tuple(m.shape), dt))
     for name, _, dt in entries:
         if dt not in TAGS:
             raise UserError(f"tensor {name} has dtype {dt}, which this exporter does not write; pass --dtype")
-    return step_dir, step, meta, entries
+    return step_dir, step, saved, entries
 
 
 def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
            max_shard_bytes: int = 0, force: bool = False) -> list[str]:
     """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
-    step_dir, step, meta, entries = _prepare(directory, out, step, dtype, force)
+    _, step, saved, entries = _prepare(directory, out, step, dtype, force)
     groups = _shard_plan(entries, max_shard_bytes)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
@@ -179,7 +142,7 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
     metadata = base_metadata(step)
     for path, group in zip(files, groups):
         sel = [entries[i] for i in group]
-        arrays = (_read_one(step_dir, meta[n][0], meta[n][1]).astype(dt, copy=False) for n, _, dt in sel)
+        arrays = (saved.read(n).astype(dt, copy=False) for n, _, dt in sel)
         _write_file(path, sel, arrays, metadata)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(math.prod(s) * dt.itemsize for _, s, dt in entries)},
@@ -241,19 +204,15 @@ class BackgroundExporter:
     """Merges committed checkpoint steps into exports/model-<step>.safetensors off the train loop.
 
     `request(step)` after saving a step; `poll()` each step starts a writer thread once that step is
-    committed on disk; `finish()` (after the last save is committed) writes what is left and joins.
+    committed; `drain()` (once the checkpoints are committed) writes what is left and joins.
     """
 
-    def __init__(self, ckpt_dir: str, export_dir: str, dtype: str | None = None, enabled: bool = True):
-        self.ckpt_dir, self.export_dir, self.dtype, self.enabled = ckpt_dir, export_dir, dtype, enabled
+    def __init__(self, ckpt: ckpt_lib.Checkpointer, run_dir: str, dtype: str | None = None, enabled: bool = True):
+        self.ckpt, self.run_dir, self.dtype, self.enabled = ckpt, run_dir, dtype, enabled
         self._pending: list[int] = []
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
         self.written: list[str] = []
-
-    def path(self, step: int) -> str:
-        """Where the export of `step` goes."""
-        return os.path.join(self.export_dir, f"model-{step}.safetensors")
 
     @property
     def busy(self) -> bool:
@@ -265,27 +224,23 @@ class BackgroundExporter:
         if self.enabled:
             self._pending.append(step)
 
-    def _committed(self, step: int) -> bool:
-        return ocp.step.is_checkpoint_finalized(os.path.join(self.ckpt_dir, str(step)))
-
     def _write(self, step: int) -> None:
         try:
-            self.written += export(self.ckpt_dir, self.path(step), step=step, dtype=self.dtype, force=True)
-        except Exception as e:  # reported by finish(), not lost in the thread
+            self.written += export(self.ckpt.directory, export_path(self.run_dir, step), step=step, dtype=self.dtype,
+                                   force=True)
+        except Exception as e:  # reported by the run's end, not lost in the thread
             self.errors.append(f"export of step {step} failed: {' '.join(str(e).split())[:300]}")
 
     def poll(self) -> None:
         """Start a writer thread for each requested step that is now committed (a stat per pending step)."""
-        for step in [s for s in self._pending if os.path.isdir(os.path.join(self.ckpt_dir, str(s)))
-                     and self._committed(s)]:
+        for step in [s for s in self._pending if self.ckpt.committed(s)]:
             self._pending.remove(step)
             thread = threading.Thread(target=self._write, args=(step,), name=f"export-{step}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def drain(self) -> None:
-        """Write every requested export now: call once the checkpoints are committed (before a save
-        that may rotate an exported step out, and at the end)."""
+        """Write every requested export now: call once the checkpoints are committed."""
         for thread in self._threads:
             thread.join()
         self._threads.clear()
@@ -293,32 +248,13 @@ class BackgroundExporter:
             self._write(step)
         self._pending.clear()
 
-    def finish(self) -> tuple[list[str], list[str]]:
-        """Drain, then (files written, one line per failed export)."""
-        self.drain()
-        return self.written, self.errors
-
-
-def iter_params(directory: str, step: int | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
-    """(step, generator of (name, whole host array)) of a checkpoint step, read a tensor at a time."""
-    step_dir, step = step_dir_of(directory, step)
-    meta = _params_metadata(step_dir)
-    return step, ((name, _read_one(step_dir, tree, path)) for name, (tree, path, _) in meta.items())
-
-
-def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
-    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
-    step, tensors = iter_params(directory, step)
-    return dict(tensors), step
-
 
 def saved_pattern(step_dir: str) -> tuple[int, int] | None:
-    """The N:M pattern a checkpoint step was pruned with (its meta config's prune.pattern), if any."""
+    """The N:M pattern a checkpoint step was pruned with (its recorded prune.pattern), if any."""
     try:
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
-            n, m = (int(x) for x in json.load(f)["config"]["prune"]["pattern"].split(":"))
+        n, m = (int(x) for x in (ckpt_lib.saved_config(step_dir) or {})["prune"]["pattern"].split(":"))
         return (n, m) if 0 < n < m else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no meta, unstructured, or not ours
+    except (ValueError, KeyError, TypeError, AttributeError):  # unstructured, or not ours
         return None
 
 
@@ -391,7 +327,7 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     the tensors could need; the real header then goes in front, padded with spaces to that size.
     Returns the figures, sparse_bytes being the file's size.
     """
-    step_dir, step, meta, entries = _prepare(directory, out, step, dtype, force)
+    step_dir, step, saved, entries = _prepare(directory, out, step, dtype, force)
     pattern = pattern or saved_pattern(step_dir)
     base = base_metadata(step)
     reserve = _reserve(entries, base)
@@ -401,7 +337,7 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     with open(tmp, "wb") as f:
         f.seek(8 + reserve)
         for name, _, dt in entries:
-            for _, arr in tally.add(name, _read_one(step_dir, meta[name][0], meta[name][1]).astype(dt, copy=False)):
+            for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
                 f.write(np.ascontiguousarray(arr).tobytes())  # the tensor is dropped after its pieces are out
         raw = _header(tally.stored, tally.meta, pad_to=reserve)
         f.seek(0)

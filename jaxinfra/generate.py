@@ -68,11 +68,11 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     """
     import os
 
-    from jaxinfra import export
+    from jaxinfra import checkpoint, export
     from jaxinfra.config import load_config
+    from jaxinfra.job import model_fn
     from jaxinfra.mesh import make_mesh
-    from jaxinfra.model import Transformer
-    from jaxinfra.train import abstract_model
+    from jaxinfra.step import abstract_model
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -80,12 +80,11 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     cfg = load_config(path)
     for p in prompts:
         encode(p, cfg.model.vocab_size)
-    flat, step = export.read_params(run_dir, step)
+    flat, step = checkpoint.read_params(run_dir, step)
     mesh = make_mesh(-1, 1, 1)
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
+    rules = cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
-        model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=shd.LogicalConstraint(mesh, rules))
-        graphdef, abstract, logical = abstract_model(model_fn)
+        graphdef, abstract, logical = abstract_model(model_fn(cfg, mesh))
         params = export.to_params(flat, abstract, shd.tree_shardings(logical, mesh, rules))
         texts = sample(graphdef, params, prompts, n_tokens=n_tokens, seq_len=cfg.model.seq_len,
                        vocab_size=cfg.model.vocab_size, temperature=temperature, seed=seed, mesh=mesh, rules=rules)

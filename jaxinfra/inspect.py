@@ -6,11 +6,9 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
-from jaxinfra.errors import UserError
-from jaxinfra.export import step_dir_of, tensor_name
+from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra.names import tensor_name
 
 
 def _sharding(meta: object) -> str:
@@ -23,14 +21,9 @@ def _sharding(meta: object) -> str:
 
 def describe_checkpoint(directory: str, step: int | None = None) -> list[str]:
     """Lines: the complete steps, then a row per tensor of one step (shape, dtype, saved sharding, bytes)."""
-    step_dir, step = step_dir_of(directory, step)
+    step_dir, step = ckpt_lib.locate(directory, step)
     root = os.path.dirname(step_dir)
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()
-                   and ocp.step.is_checkpoint_finalized(os.path.join(root, d)))
-    try:
-        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
-    except Exception as e:
-        raise UserError(f"checkpoint step {step} ({step_dir}): unreadable metadata ({str(e).splitlines()[0]})") from None
+    tree = ckpt_lib.state_metadata(step_dir)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     rows = [("tensor", "shape", "dtype", "saved sharding", "bytes")]
     total = 0
@@ -39,6 +32,7 @@ def describe_checkpoint(directory: str, step: int | None = None) -> list[str]:
         total += n
         rows.append((tensor_name(path), "x".join(map(str, m.shape)) or "()", str(m.dtype), _sharding(m), f"{n:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = [f"{root}: steps {', '.join(map(str, steps))}", f"step {step}: {len(flat)} tensors, {total:,} bytes"]
+    lines = [f"{root}: steps {', '.join(map(str, ckpt_lib.complete_steps(root)))}",
+             f"step {step}: {len(flat)} tensors, {total:,} bytes"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return lines

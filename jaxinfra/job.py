@@ -16,7 +16,15 @@ from jaxinfra.errors import UserError
 from jaxinfra.generate import sample
 from jaxinfra.mesh import make_mesh
 from jaxinfra.model import Transformer, lm_loss, train_flops_per_token
+from jaxinfra.step import ModelFn
 from jaxinfra.trainer import Finished, train_model
+
+
+def model_fn(cfg: Config, mesh: jax.sharding.Mesh) -> ModelFn:
+    """The default Transformer of cfg.model, its activations pinned by cfg.mesh.rules on `mesh`:
+    the one place the LM job, generation, the benchmarks and the tests build it."""
+    constrain = shd.LogicalConstraint(mesh, cfg.mesh.logical_rules)
+    return lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
 
 
 def lm_eval(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -30,22 +38,20 @@ def run(cfg: Config) -> dict[str, Any]:
 
     Raises UserError before compiling the train step.
     """
+    cfg.check_lm()
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
-    data_lib.check_sizes(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
+    data_lib.check_corpus(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
-    rules = {k: tuple(v) for k, v in m.rules.items()}
-    shd.check_sizes(cfg.model.logical_sizes(), rules, mesh)  # name the config key, not a parameter
+    shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
     platform = mesh.devices.flat[0].platform
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
                         f"use model.attention=xla")
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
-    constrain = shd.LogicalConstraint(mesh, rules)
-    model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
     L, B = cfg.model.seq_len, cfg.data.batch_size
     held = data_lib.HeldOutWindows(corpus.heldout, L, B * cfg.run.eval_batches) if cfg.run.eval_batches else None
 
@@ -66,7 +72,8 @@ def run(cfg: Config) -> dict[str, Any]:
             for text in texts:
                 say("  | " + "\n  | ".join(text.splitlines()[:6]))
 
-    return train_model(cfg, model_fn, lm_loss, data_lib.Windows(corpus.train, L, "train"), held, mesh=mesh,
+    return train_model(cfg, model_fn(cfg, mesh), lm_loss, data_lib.Windows(corpus.train, L, "train"), held, mesh=mesh,
                        example_spec={"tokens": ((L + 1,), np.int32)}, batch_axes={"tokens": ("batch", "seq")},
                        eval_fn=lm_eval, tokens_per_example=L, flops_per_token=train_flops_per_token(cfg.model),
+                       compute_dtype=cfg.model.dtype,
                        resume_keys={"seq_len": ("model.seq_len", L)}, on_finish=finish)

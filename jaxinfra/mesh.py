@@ -1,6 +1,7 @@
 """Device mesh utilities: simulated CPU devices, jax.distributed, the named (data, fsdp, tensor) mesh.
 
-Importable on its own (imports nothing else of jaxinfra) so user code can build meshes with it.
+Importable on its own (of jaxinfra it takes only the error type and the axis names, neither of
+which imports JAX) so user code can build meshes with it.
 """
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from jaxinfra.config import MESH_AXES as AXES
 from jaxinfra.errors import UserError
-
-AXES = ("data", "fsdp", "tensor")
 
 
 def use_cpu_devices(n: int) -> None:

@@ -1,11 +1,17 @@
-"""Where metrics go: metrics.jsonl, TensorBoard event files and a console progress bar."""
+"""Step metrics on the host: fetched one step late, timed and reported (the Reporter), and where
+they go (metrics.jsonl, TensorBoard event files and a console progress bar)."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from typing import Any
 
+import jax
 from tqdm import tqdm
+
+from jaxinfra.errors import Diverged
 
 
 def _step_of(line: str) -> float:
@@ -70,3 +76,65 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+class Reporter:
+    """Owns the host side of each step's metrics: fetched one step late (so the device never waits),
+    timed, written every `log_every` steps and at `last_step`, shown on the progress bar, with MFU
+    when the model's FLOPs are known; `final` holds the run's latest figures."""
+
+    def __init__(self, writer: MetricsWriter | None, *, log_every: int, last_step: int, tokens_per_step: int,
+                 tokens_per_example: int = 1, flops_per_token: float = 0.0, peak_flops: float = 0.0):
+        self.writer, self.log_every, self.last_step = writer, log_every, last_step
+        self.tokens_per_step, self.tokens_per_example = tokens_per_step, tokens_per_example
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.unit = "tok_s" if tokens_per_example > 1 else "ex_s"
+        self.final: dict[str, Any] = {}
+        self._pending: tuple[int, dict[str, Any]] | None = None
+        self._clock = time.perf_counter()
+
+    def dispatched(self, step: int, metrics: dict[str, Any]) -> None:
+        """Step `step` was just dispatched: fetch the previous step's metrics (done by now, or nearly)."""
+        self.flush()
+        self._pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Fetch and report the pending step; raises Diverged if its loss is not finite."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if not math.isfinite(values["loss"]):
+            raise Diverged(f"loss became {values['loss']} at step {step}; lower optim.lr or check the data")
+        values["step_time_s"] = now - self._clock
+        values["tokens_per_sec"] = self.tokens_per_step / max(now - self._clock, 1e-9)
+        self._clock = now
+        values["examples_per_sec"] = values["tokens_per_sec"] / self.tokens_per_example
+        if self.flops_per_token and self.peak_flops:
+            values["mfu"] = self.flops_per_token * values["tokens_per_sec"] / self.peak_flops
+        self.final.update(loss=values["loss"], step=step)
+        if self.writer is None:
+            return
+        if step % self.log_every == 0 or step == self.last_step:
+            self.writer.write(step, values)
+        shown = {"loss": f"{values['loss']:.3f}", self.unit: f"{values['tokens_per_sec']:,.0f}"}
+        if "mfu" in values:
+            shown["mfu"] = f"{values['mfu']:.1%}"
+        self.writer.progress(step, **shown)
+
+    def evaluated(self, step: int, row: dict[str, float]) -> None:
+        """An evaluation after `step` (its time is not step time): written, printed, kept in `final`."""
+        self.flush()
+        if row:
+            self.final.update(row)
+            if self.writer is not None:
+                self.writer.write(step, row)
+                self.writer.print(f"step {step}: eval " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in row.items()))
+        self._clock = time.perf_counter()
+
+    def print(self, line: str) -> None:
+        """A console line that does not break the progress bar."""
+        if self.writer is not None:
+            self.writer.print(line)

@@ -55,9 +55,8 @@ def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None =
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule))
     p = prune_cfg
-    if p is None or (not p.sparsity and p.pattern == "unstructured"):
+    if p is None or not p.enabled:
         return tx, schedule
-    from jaxinfra.config import nm_pattern  # no JAX in config: a plain import is fine
     from jaxinfra.errors import UserError
     from jaxinfra.pruning import cubic_sparsity, make_include, prune, unmatched
     if logical is not None and p.params:
@@ -65,9 +64,9 @@ def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None =
         if missing:
             raise UserError(f"prune.params: {', '.join(map(repr, missing))} matches no parameter (give path globs "
                             f"such as 'blocks/*/mlp/*' or logical axis names)")
-    end = p.start_step if p.schedule == "oneshot" else p.end_step
+    end = p.last_update  # N:M masks are set once, at start_step, whatever the schedule
     sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)
-    return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=nm_pattern(p.pattern),
+    return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=p.nm,
                  scope=p.scope, include=make_include(list(p.params), logical),
                  erk=p.sparsity if p.distribution == "erk" else None, criterion=p.criterion), schedule

@@ -25,12 +25,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from jaxinfra.names import path_str
+
 Include = Callable[[tuple[Any, ...], jax.Array], bool]
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-    """A pytree key path as 'blocks/0/attn/wq'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def default_include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
@@ -194,6 +191,13 @@ class PruneState(NamedTuple):
     masks: Any
     count: jax.Array
     pruned: jax.Array
+
+
+def find_prune_state(opt_state: Any) -> PruneState | None:
+    """The PruneState anywhere inside an optimizer state (prune may sit inside an optax.chain), or None."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+             if isinstance(x, PruneState)]
+    return found[0] if found else None
 
 
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,

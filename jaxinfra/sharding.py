@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinfra.errors import UserError
+from jaxinfra.names import path_str
 
 Rules = Mapping[str, Sequence[str]]
 LogicalNames = Sequence[str | None]
@@ -77,11 +78,11 @@ def check_divisible(abstract: Any, shardings: Any, logical: Any | None = None) -
             n = _axis_size(sh.mesh, entry)
             if size % n:
                 lname = f" (logical {lnames[dim]!r})" if lnames is not None else ""
-                raise UserError(f"parameter {jax.tree_util.keystr(path)} dim {dim}{lname} has size {size}, "
+                raise UserError(f"parameter {path_str(path)} dim {dim}{lname} has size {size}, "
                                 f"not divisible by mesh axes {entry} = {n}")
 
 
-def check_sizes(sizes: Mapping[str, tuple[str, int]], rules: Rules, mesh: Mesh) -> None:
+def check_logical_sizes(sizes: Mapping[str, tuple[str, int]], rules: Rules, mesh: Mesh) -> None:
     """Config-level check: each logical size divides by the mesh axes its rule names."""
     for name, (key, size) in sizes.items():
         axes = [a for a in rules.get(name, ()) if a in mesh.shape]

@@ -1,29 +1,50 @@
-"""Shared test helpers: the default model's sharded state and compiled steps on a mesh."""
+"""Shared test helpers: the default model's sharded state and compiled steps on a mesh, built
+through `step.plan_step` exactly as the trainer builds them."""
+from typing import Any, NamedTuple
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxinfra import sharding as shd
-from jaxinfra import train
+from jaxinfra.job import model_fn
 from jaxinfra.mesh import make_mesh
-from jaxinfra.model import Transformer, lm_loss
+from jaxinfra.model import lm_loss
 from jaxinfra.optim import make_optimizer
+from jaxinfra.step import Field, StepPlan, TrainState, plan_step
+
+
+class Setup(NamedTuple):
+    """A plan, the born-sharded state it initialised, and the compiled initialiser."""
+
+    plan: StepPlan
+    state: TrainState
+    init_compiled: Any
+
+    @property
+    def graphdef(self):
+        return self.plan.graphdef
+
+    @property
+    def shardings(self):
+        return self.plan.shardings
+
+    @property
+    def logical(self):
+        return self.plan.logical
+
+
+def model_plan(cfg, mesh) -> StepPlan:
+    """The default model's StepPlan for cfg on mesh (call inside jax.set_mesh)."""
+    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+    fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
+    return plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
+                     accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule)
 
 
 def make_setup(cfg, mesh):
     """(Setup, pure step, batch shardings) for cfg's model on mesh (call inside jax.set_mesh)."""
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
-    constrain = shd.LogicalConstraint(mesh, rules)
-    model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
-    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
-    setup = train.init_state(model_fn, tx, mesh, rules)
-    accum = cfg.optim.grad_accum
-    lead = 1 if accum > 1 else 0
-    batch_sh = {"tokens": NamedSharding(mesh, shd.batch_spec(rules, 2 + lead, lead))}
-    step = train.make_train_step(setup.graphdef, lm_loss, tx, schedule, accum)
-    return setup, step, batch_sh
+    plan = model_plan(cfg, mesh)
+    return Setup(plan, *plan.init()), plan.step_fn, plan.batch_shardings
 
 
 def make_batch(cfg, seed=0, accum_reshape=False):
@@ -42,10 +63,8 @@ def mesh_of(shape):
 
 def compile_step(cfg, mesh, accum_reshape=False):
     """(compiled step, setup, batch shardings); call inside jax.set_mesh(mesh)."""
-    setup, step, batch_sh = make_setup(cfg, mesh)
-    tokens = make_batch(cfg, accum_reshape=accum_reshape)
-    example = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32, sharding=batch_sh["tokens"])}
-    return train.compile_train_step(step, setup, batch_sh, example), setup, batch_sh
+    setup, _, batch_sh = make_setup(cfg, mesh)
+    return setup.plan.compile(), setup, batch_sh
 
 
 def run_steps(cfg, mesh_shape, n=2, accum_reshape=False, same_batch=False):

@@ -12,21 +12,15 @@ from conftest import tiny_config
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
 from jaxinfra import sharding as shd
-from jaxinfra import train
 from jaxinfra.errors import UserError
-from jaxinfra.model import Transformer
-from jaxinfra.optim import make_optimizer
-from steps import compile_step, make_batch, mesh_of
+from steps import compile_step, make_batch, mesh_of, model_plan
 
 # one xdist worker runs the whole module, so its module-scoped training runs happen once
 pytestmark = pytest.mark.xdist_group("test_checkpoint")
 
 
 def _plan(cfg, mesh):
-    rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
-    model_fn = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=shd.LogicalConstraint(mesh, rules))
-    tx, _ = make_optimizer(cfg.optim, cfg.run.steps)
-    return train.plan_state(model_fn, tx, mesh, rules)
+    return model_plan(cfg, mesh)
 
 
 def _train_and_save(cfg, directory, steps=3):

@@ -19,7 +19,7 @@ from jaxinfra import cli
 from jaxinfra import export as export_lib
 from jaxinfra.metrics import MetricsWriter
 from jaxinfra.plots import plot_run, read_metrics
-from jaxinfra.train import TrainState
+from jaxinfra.step import TrainState
 from test_sparse_export import _pruned
 
 ROOT = Path(__file__).resolve().parents[1]

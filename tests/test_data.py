@@ -50,7 +50,7 @@ def test_missing_and_empty_corpora(tmp_path):
         data.load_corpus(str(tmp_path / "empty"), "*.txt")
     corpus = data.load_corpus(_folder(tmp_path, 3), "*.txt")
     with pytest.raises(UserError, match="data.batch_size=64 windows of model.seq_len=128"):
-        data.check_sizes(corpus, 128, 64, 1)
+        data.check_corpus(corpus, 128, 64, 1)
 
 
 def test_windows_and_loader_are_deterministic_from_the_seed():

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from jaxinfra.model import Transformer, lm_loss, rotary
-from jaxinfra.train import abstract_model
+from jaxinfra.step import abstract_model
 
 
 def _model(cfg):

@@ -192,13 +192,14 @@ def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
 
 
 def test_pruning_config_errors_and_recovery_warning():
-    from jaxinfra.config import load_config, prune_warnings
+    from jaxinfra.config import load_config
     from jaxinfra.errors import UserError
     with pytest.raises(UserError, match="prune.distribution=erk .* prune.scope=layer"):
         load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.distribution=erk", "prune.scope=global"])
     late = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=90"])
-    assert "only 10 of run.steps=100" in prune_warnings(late)[0]
-    assert prune_warnings(load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=80"])) == []
+    assert "only 10 of run.steps=100" in late.prune.warnings(late.run.steps)[0]
+    ok = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=80"])
+    assert ok.prune.warnings(ok.run.steps) == []
 
 
 def test_compiled_step_keeps_masks_sharded_like_parameters_and_equal_across_meshes(tiny):

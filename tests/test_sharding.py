@@ -53,9 +53,9 @@ def test_divisibility_errors_name_the_parameter_and_key():
     sh = shd.tree_shardings(logical, mesh, RULES)
     with pytest.raises(UserError) as e:
         shd.check_divisible(abstract, sh, logical)
-    assert "['layer']['w']" in str(e.value) and "size 6" in str(e.value) and "'embed'" in str(e.value)
+    assert "parameter layer/w " in str(e.value) and "size 6" in str(e.value) and "'embed'" in str(e.value)
     with pytest.raises(UserError) as e:
-        shd.check_sizes({"heads": ("model.n_heads", 3)}, RULES, mesh)
+        shd.check_logical_sizes({"heads": ("model.n_heads", 3)}, RULES, mesh)
     assert "model.n_heads=3" in str(e.value) and "mesh.tensor=2" in str(e.value)
 
 

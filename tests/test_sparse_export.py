@@ -14,7 +14,7 @@ from jaxinfra import cli
 from jaxinfra import export as export_lib
 from jaxinfra import sparse
 from jaxinfra.errors import UserError
-from jaxinfra.train import TrainState
+from jaxinfra.step import TrainState
 
 
 def _pruned(seed=0):
@@ -82,7 +82,7 @@ def test_round_trip_is_bitwise_and_sizes_are_as_expected(saved, tmp_path):
     info = json.loads(head["__metadata__"]["encoding.blocks.0.mlp.w_up"])
     assert info == {"encoding": "nm", "n": 2, "m": 4, "shape": [64, 4, 8], "dtype": "float32"}
     # summarize() (compare's numbers) gives the same sizes without writing anything
-    step, tensors = export_lib.iter_params(directory)
+    step, tensors = ckpt_lib.iter_params(directory)
     again = export_lib.summarize(tensors, (2, 4), export_lib.base_metadata(step))
     assert (again.sparse_bytes, again.dense_bytes, again.nonzeros) == (s.sparse_bytes, s.dense_bytes, s.nonzeros)
 

@@ -1,10 +1,14 @@
 """State born sharded; one compiled step equal across meshes; accumulation, optimizers, divergence."""
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from jaxinfra import train
+from jaxinfra import step as train
 from jaxinfra.mesh import make_mesh
+from jaxinfra.metrics import MetricsWriter, Reporter
+from jaxinfra.trainer import Evaluator, fit
 from steps import compile_step, make_batch, make_setup, run_steps
 
 
@@ -45,30 +49,46 @@ def test_each_optimizer_lowers_the_loss(tiny, name):
 
 
 class _Recorder:
-    def __init__(self):
-        self.rows, self.evals = [], []
+    """What the loop reported, read back from the real metrics.jsonl: every step's row, and each
+    evaluation's (step it was logged at, the step of the state it saw)."""
 
-    def log(self, step, metrics):
-        self.rows.append((step, metrics))
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
 
-    def evaluate(self, state, step):
-        self.evals.append((step, int(state.step)))
+    def evaluate(self, state):
+        return {"eval_state_step": float(state.step)}
+
+    def _rows(self):
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    @property
+    def rows(self):
+        return [(r.pop("step"), r) for r in self._rows() if "loss" in r]
+
+    @property
+    def evals(self):
+        return [(r["step"], int(r["eval_state_step"])) for r in self._rows() if "eval_state_step" in r]
 
 
-def _fit(cfg, steps):
+def _fit(cfg, steps, run_dir):
     mesh = make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
         compiled, setup, batch_sh = compile_step(cfg, mesh)
         tokens = make_batch(cfg)
         batches = iter(lambda: {"tokens": jax.device_put(tokens, batch_sh["tokens"])}, None)
-        rec = _Recorder()
-        state = train.fit(setup.state, compiled, batches, steps=steps, tokens_per_step=tokens.size,
-                          log=rec.log, eval_every=3, evaluate=rec.evaluate)
+        rec = _Recorder(run_dir)
+        writer = MetricsWriter(str(run_dir), steps, progress=False, tensorboard=False)
+        reporter = Reporter(writer, log_every=1, last_step=steps, tokens_per_step=tokens.size)
+        try:
+            state = fit(setup.state, compiled, batches, steps=steps, reporter=reporter,
+                        evaluator=Evaluator(rec.evaluate, every=3, last_step=steps))
+        finally:
+            writer.close()
         return state, rec
 
 
-def test_fit_logs_every_step_in_order_and_evaluates(tiny):
-    state, rec = _fit(tiny(), steps=7)
+def test_fit_logs_every_step_in_order_and_evaluates(tiny, tmp_path):
+    state, rec = _fit(tiny(), steps=7, run_dir=tmp_path)
     assert [s for s, _ in rec.rows] == list(range(1, 8))
     assert rec.evals == [(3, 3), (6, 6), (7, 7)]
     for _, m in rec.rows:
@@ -76,6 +96,7 @@ def test_fit_logs_every_step_in_order_and_evaluates(tiny):
     assert int(state.step) == 7
 
 
-def test_divergence_stops_naming_the_step(tiny):
+def test_divergence_stops_naming_the_step(tiny, tmp_path):
     with pytest.raises(train.Diverged, match=r"at step \d+"):
-        _fit(tiny("optim.name=sgd", "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0"), steps=8)
+        _fit(tiny("optim.name=sgd", "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0"), steps=8,
+             run_dir=tmp_path)

@@ -107,6 +107,27 @@ def test_resume_continues_bitwise(runs):
     assert _losses(d / "b") == _losses(d / "a")
 
 
+def _sparsity_rows(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("sparsity")} for r in rows if "loss" in r]
+
+
+def test_prune_inside_an_optax_chain_reports_sparsity_like_the_default(runs):
+    d, straight, *_ = runs  # the default: prune.* in the config wraps the optimizer built from optim.*
+    schedule = optax.constant_schedule(1e-2)
+    sparsity = lambda step: jaxinfra.cubic_sparsity(step, 0.75, 2, 6)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     jaxinfra.prune(optax.adamw(schedule), sparsity, update_every=2, start=2, end=6))
+    mine = jaxinfra.train_model(tiny_config(*BASE, f"run.dir={d / 'chain'}", "prune.sparsity=0"), Net, xent,
+                                dataset(), dataset(64, 1), optimizer=(tx, schedule))
+    rows, default_rows = _sparsity_rows(d / "chain"), _sparsity_rows(d / "a")
+    assert len(rows) == 10 and rows[-1]["sparsity"] == 0.75 and set(rows[-1]) == set(default_rows[-1])
+    assert [r["sparsity"] for r in rows] == [r["sparsity"] for r in default_rows]  # exact counts on both
+    assert (d / "chain" / "sparsity.txt").read_text() == (d / "a" / "sparsity.txt").read_text()
+    w1 = np.asarray(jaxinfra.gather(nnx.state(mine["model"], nnx.Param)["w1"][...]))
+    assert int((w1 == 0).sum()) == round(0.75 * w1.size)
+
+
 def test_one_device_matches_the_sharded_mesh(runs):
     d, *_ = runs
     np.testing.assert_allclose(_losses(d / "c"), _losses(d / "a"), rtol=2e-5)

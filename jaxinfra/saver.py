@@ -1,0 +1,104 @@
+"""When to save, export and stop: the checkpointer of a run decides its own frequency.
+
+The loop calls `Saver.maybe_save(step, state, last=...)` after every step; the saver decides among
+`checkpoint.every`, `checkpoint.export_every`, the final step, `run.stop_after` and preemption
+(SIGTERM), refuses to save a non-finite state, and keeps the checkpointer's rotation from deleting
+a step the exporter has still to read. It also owns the resume at start-up (`restore`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra import export as export_lib
+from jaxinfra.config import CheckpointConfig
+from jaxinfra.errors import Diverged, UserError
+from jaxinfra.step import TrainState
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """One fused reduction over every leaf: no host pass over the state."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+class Saver:
+    """The run's checkpointer and exporter, asked once per step what is due."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, last_step: int, stop_after: int,
+                 record: Callable[[int], dict[str, Any]], say: Callable[[str], None], lead: bool):
+        self.cfg, self.last_step, self.stop_after, self.record, self.say = cfg, last_step, stop_after, record, say
+        self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
+        self.exporter = export_lib.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead)
+        self.start = 0
+        self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
+
+    def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
+        """The newest (or checkpoint.restore_step's) state onto target's shardings, None for a fresh run.
+
+        `data` is this run's data position record and `names` the config name of each of its keys: a
+        step trained with other values cannot continue this run's data order (UserError).
+        """
+        c, ckpt = self.cfg, self.ckpt
+        if not c.resume and ckpt.steps():
+            raise UserError(f"checkpoint.resume=false but {ckpt.directory} holds steps "
+                            f"{', '.join(map(str, ckpt.steps()))}: choose another run.dir (or remove them)")
+        state = ckpt_lib.resume(ckpt, target, restore_step=c.restore_step, fallback=c.fallback,
+                                say=self.say) if c.resume else None
+        if state is None:
+            return None
+        step = int(state.step)
+        saved = ckpt.meta(step)["data"]
+        for key, name in names.items():
+            if key in saved and saved[key] != data[key]:
+                raise UserError(f"checkpoint step {step} was trained with {name}={saved[key]}, now {data[key]}: "
+                                f"the data position would not carry over (start fresh in another run.dir)")
+        self.say(f"resumed from step {step} of {ckpt.directory}")
+        dropped = ckpt.delete_after(step)
+        if dropped:
+            self.say(f"removed newer checkpoint steps {', '.join(map(str, dropped))}: training writes them again")
+        self.start = step
+        return state
+
+    def watch_sigterm(self) -> Callable[[], None]:
+        """Catch SIGTERM for the rest of the run; returns the function that restores the old handler."""
+        return self.ckpt.watch_sigterm()
+
+    def maybe_save(self, step: int, state: TrainState, *, last: bool) -> bool:
+        """Save and export what is due after `step`; True when the run must stop here."""
+        c = self.cfg
+        self.exporter.poll()
+        preempted = self.ckpt.preempted(step)
+        stop = preempted or bool(self.stop_after and step - self.start >= self.stop_after)
+        export_now = bool(c.export_every and step % c.export_every == 0) or (c.export_final and last)
+        if stop or export_now or last or (c.every and step % c.every == 0):
+            self._save(step, state)
+            if export_now:
+                self.exporter.request(step)
+        if stop:
+            self.say(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
+                     f"checkpoint saved, a restart resumes from it")
+            self.stopped_at = step
+        return stop
+
+    def _save(self, step: int, state: TrainState) -> None:
+        if not bool(_all_finite(state.params)):  # never save a diverged state to resume from
+            raise Diverged(f"parameters became NaN or Inf at step {step}; not checkpointed")
+        if self.exporter.busy:  # this save may rotate out a step still to be exported
+            self.ckpt.wait()
+            self.exporter.drain()
+        self.ckpt.save(step, state, self.record(step))
+
+    def finish(self) -> tuple[list[str], list[str]]:
+        """Wait for the last save, write the exports still owed: (files written, one line per failure)."""
+        self.ckpt.wait()
+        self.exporter.drain()
+        return self.exporter.written, self.exporter.errors
+
+    def close(self) -> None:
+        """Finish pending saves and exports and release the checkpointer (also after a failure)."""
+        self.ckpt.close()
+        self.exporter.drain()
