@@ -141,10 +141,11 @@ class CorruptCheckpoint(UserError):
     """A step that exists but cannot be read back."""
 
     def __init__(self, step: int, directory: str, cause: BaseException):
-        text = " ".join(str(cause).split())
+        text = re.sub(r"<bound method [^>]*>", "", " ".join(str(cause).split())) or type(cause).__name__
         found = re.search(rf"{re.escape(os.path.join(directory, str(step)))}[^\s'\"]*", text)
         where = found.group(0) if found else os.path.join(directory, str(step))
-        super().__init__(f"checkpoint step {step} is unreadable ({where}): {text[:200]}; "
+        short = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+        super().__init__(f"checkpoint step {step} is unreadable ({where}): {short}; "
                          f"checkpoint.fallback=true resumes from the previous good step")
         self.step = step
 
@@ -172,9 +173,11 @@ def check_shapes(saved: Any, target: Any, step: int) -> None:
 
 
 def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
-           fallback: bool = False, say: Callable[[str], None] = print) -> TrainState | None:
+           fallback: bool = False, say: Callable[[str], None] = print,
+           meta: Callable[[int, dict[str, Any]], None] | None = None) -> TrainState | None:
     """The newest complete step (or `restore_step`) restored onto target's shardings; None if none.
 
+    `meta(step, record)` checks the step's metadata record (read first: a step without one is unreadable).
     With `fallback`, an unreadable step is reported and the previous one tried instead.
     """
     steps = ckpt.steps()
@@ -187,6 +190,9 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
         steps = [s for s in steps if s <= restore_step]
     for step in reversed(steps):
         try:
+            record = ckpt.meta(step)
+            if meta is not None:
+                meta(step, record)
             return ckpt.restore(step, target)
         except CorruptCheckpoint as e:
             if not fallback:

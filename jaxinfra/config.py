@@ -419,6 +419,35 @@ def _check_keys(data: Any, schema: Any, prefix: str = "") -> None:
         _check_keys(value, hints[key], f"{name}.")
 
 
+# A config is a few hundred values: more (YAML aliases expand without bound, a "billion laughs") or
+# deeper nesting is refused before OmegaConf copies it, which would take minutes or recurse too deep.
+MAX_VALUES, MAX_DEPTH = 100_000, 32
+
+
+def _bounded(data: Any, where: str) -> Any:
+    """`data` if it expands to at most MAX_VALUES values nested at most MAX_DEPTH deep; the walk stops
+    at the first excess, so a hostile file costs no more than the limit."""
+    stack, seen = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise UserError(f"{where}: expands to more than {MAX_VALUES:,} values (YAML aliases?): not a config")
+        if depth > MAX_DEPTH:
+            raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep: not a config")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return data
+
+
+def _safe_load(text: Any, where: str) -> Any:
+    """yaml.safe_load, with nesting too deep for the parser reported as one line."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to parse: not a config") from None
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     """'a.b=value' -> ('a.b', YAML-parsed value)."""
     if "=" not in item:
@@ -427,10 +456,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if re.fullmatch(r"\d+:\d+", raw.strip()):  # N:M, which YAML 1.1 would read as a base-60 integer
         return key.strip(), raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _safe_load(raw, f"override {key.strip()}") if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key.strip(), _bounded(value, f"override {key.strip()}")
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -464,7 +493,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         path = config_path(path)
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _bounded(_safe_load(f, f"--config {path}") or {}, f"--config {path}")
             except yaml.YAMLError as e:
                 raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

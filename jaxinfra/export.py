@@ -163,15 +163,50 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200]})") from None
     with f:
-        meta = f.metadata() or {}
-        how = {k[len(ENCODING):]: json.loads(v) for k, v in meta.items()
-               if k.startswith(ENCODING) and meta.get("sparse") == "1"}
+        how = _encodings(path, f)
         pieces = {f"{name}.{part}" for name in how for part in ("values", "mask", "indices")}
         for key in f.keys():
             if key not in pieces:
                 yield key, f.get_tensor(key)
         for name, info in how.items():
-            yield name, sparse.decode(info, lambda part: f.get_tensor(f"{name}.{part}"))
+            try:
+                yield name, sparse.decode(info, lambda part: f.get_tensor(f"{name}.{part}"))
+            except ValueError as e:
+                raise UserError(f"{path}: tensor {name} cannot be rebuilt ({e})") from None
+
+
+_BY_TAG = {tag: np.dtype(t) for tag, t in SAFETENSORS.values()}
+
+
+def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
+    """The sparse rebuild info of a file's tensors, each checked against the header before use."""
+    meta = f.metadata() or {}
+    if meta.get("sparse") != "1":
+        return {}
+    keys = set(f.keys())
+
+    def stored(name: str) -> sparse.Stored:
+        def one(part: str) -> tuple[tuple[int, ...], Any] | None:
+            key = f"{name}.{part}"
+            if key not in keys:
+                return None
+            piece = f.get_slice(key)
+            return tuple(piece.get_shape()), _BY_TAG.get(piece.get_dtype(), piece.get_dtype())
+        return one
+
+    out = {}
+    for key, raw in meta.items():
+        if not key.startswith(ENCODING):
+            continue
+        name = key[len(ENCODING):]
+        try:
+            info = json.loads(raw)
+            sparse.check(info, stored(name))
+        except ValueError as e:  # json's errors are ValueErrors too
+            raise UserError(f"{path}: __metadata__ entry {key} is not a valid encoding "
+                            f"({' '.join(str(e).split())[:200]})") from None
+        out[name] = info
+    return out
 
 
 def load(path: str) -> dict[str, np.ndarray]:

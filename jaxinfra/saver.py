@@ -7,22 +7,18 @@ a step the exporter has still to read. It also owns the resume at start-up (`res
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
 from jaxinfra.config import CheckpointConfig
 from jaxinfra.errors import Diverged, UserError
-from jaxinfra.step import TrainState
+from jaxinfra.step import TrainState, all_finite
 
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    """One fused reduction over every leaf: no host pass over the state."""
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+_all_finite = jax.jit(all_finite)  # on the device: no host pass over the state
 
 
 class Saver:
@@ -46,16 +42,21 @@ class Saver:
         if not c.resume and ckpt.steps():
             raise UserError(f"checkpoint.resume=false but {ckpt.directory} holds steps "
                             f"{', '.join(map(str, ckpt.steps()))}: choose another run.dir (or remove them)")
+
+        def same_data(step: int, record: dict[str, Any]) -> None:
+            saved = record.get("data") if isinstance(record, dict) else None
+            if not isinstance(saved, dict):
+                raise ckpt_lib.CorruptCheckpoint(step, ckpt.directory, ValueError("no data position in meta/metadata"))
+            for key, name in names.items():
+                if key in saved and saved[key] != data[key]:
+                    raise UserError(f"checkpoint step {step} was trained with {name}={saved[key]}, now {data[key]}: "
+                                    f"the data position would not carry over (start fresh in another run.dir)")
+
         state = ckpt_lib.resume(ckpt, target, restore_step=c.restore_step, fallback=c.fallback,
-                                say=self.say) if c.resume else None
+                                say=self.say, meta=same_data) if c.resume else None
         if state is None:
             return None
         step = int(state.step)
-        saved = ckpt.meta(step)["data"]
-        for key, name in names.items():
-            if key in saved and saved[key] != data[key]:
-                raise UserError(f"checkpoint step {step} was trained with {name}={saved[key]}, now {data[key]}: "
-                                f"the data position would not carry over (start fresh in another run.dir)")
         self.say(f"resumed from step {step} of {ckpt.directory}")
         dropped = ckpt.delete_after(step)
         if dropped:
@@ -84,9 +85,14 @@ class Saver:
             self.stopped_at = step
         return stop
 
+    def owe_final_export(self, step: int) -> None:
+        """Export the last step, already committed, if the run wants it and its file is missing."""
+        if self.cfg.export_final and not os.path.isfile(export_lib.export_path(self.exporter.run_dir, step)):
+            self.exporter.request(step)
+
     def _save(self, step: int, state: TrainState) -> None:
-        if not bool(_all_finite(state.params)):  # never save a diverged state to resume from
-            raise Diverged(f"parameters became NaN or Inf at step {step}; not checkpointed")
+        if not bool(_all_finite((state.params, state.opt_state))):  # never save a diverged state to resume from
+            raise Diverged(f"parameters or optimizer state became NaN or Inf at step {step}; not checkpointed")
         if self.exporter.busy:  # this save may rotate out a step still to be exported
             self.ckpt.wait()
             self.exporter.drain()

@@ -75,6 +75,43 @@ def bound(name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[list[tupl
     return pieces, {"encoding": "bitmask", "n": 256, "m": 256, "shape": list(shape), "dtype": str(np.dtype(dtype))}
 
 
+Stored = Callable[[str], "tuple[tuple[int, ...], np.dtype] | None"]  # a piece's (shape, dtype) from the header
+
+
+def check(how: Any, stored: Stored) -> None:
+    """Validate rebuild info read from a file against the pieces its header lists, before anything is
+    allocated: every size follows from the pieces' byte counts, so a small file cannot ask for a big
+    tensor. Raises ValueError saying what is wrong."""
+    if not isinstance(how, dict) or how.get("encoding") not in ("bitmask", "nm"):
+        raise ValueError(f"encoding is {how.get('encoding') if isinstance(how, dict) else how!r}, not bitmask or nm")
+    shape = how.get("shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and
+            all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"shape {shape!r} is not a list of 1 to 8 non-negative integers")
+    n = math.prod(shape)
+    values = stored("values")
+    if values is None or len(values[0]) != 1:
+        raise ValueError("its .values piece is missing or not 1-D")
+    if str(values[1]) != how.get("dtype"):
+        raise ValueError(f"dtype {how.get('dtype')!r} differs from its values' {values[1]}")
+    k = values[0][0]
+    if how["encoding"] == "bitmask":
+        mask = stored("mask")
+        if mask is None or mask[1] != np.uint8 or tuple(mask[0]) != ((n + 7) // 8,):
+            raise ValueError(f"its .mask piece is missing or not {(n + 7) // 8} bytes for shape {shape}")
+        if k > n:
+            raise ValueError(f"{k} values for {n} entries")
+        return
+    keep, m = how.get("n"), how.get("m")
+    if not (isinstance(keep, int) and isinstance(m, int) and 0 < keep < m <= 256):
+        raise ValueError(f"N:M = {keep!r}:{m!r} is not 0 < N < M <= 256")
+    if shape[0] % m or k != n // m * keep:
+        raise ValueError(f"shape {shape} with {keep}:{m} does not hold {k} values")
+    indices = stored("indices")
+    if indices is None or indices[1] != np.uint8 or tuple(indices[0]) != (k,):
+        raise ValueError(f"its .indices piece is missing or not {k} uint8 entries")
+
+
 def decode(how: dict[str, Any], piece: Callable[[str], np.ndarray]) -> np.ndarray:
     """The dense tensor from its rebuild info and a getter of its pieces ('values', 'mask', 'indices')."""
     shape = tuple(how["shape"])
@@ -83,12 +120,17 @@ def decode(how: dict[str, Any], piece: Callable[[str], np.ndarray]) -> np.ndarra
     if how["encoding"] == "bitmask":
         n = math.prod(shape)
         out = np.zeros(n, dtype)
-        out[np.unpackbits(piece("mask"), count=n).astype(bool)] = values
+        where = np.unpackbits(piece("mask"), count=n).astype(bool)
+        if int(where.sum()) != values.size:
+            raise ValueError(f"its mask marks {int(where.sum())} entries for {values.size} values")
+        out[where] = values
         return out.reshape(shape)
     if how["encoding"] == "nm":
         keep, m = int(how["n"]), int(how["m"])
         out = np.zeros((shape[0] // m, m, math.prod(shape[1:])), dtype)
         idx = piece("indices").astype(np.intp).reshape(shape[0] // m, keep, -1)
+        if idx.size and int(idx.max()) >= m:
+            raise ValueError(f"an index {int(idx.max())} is outside its group of {m}")
         np.put_along_axis(out, idx, values.reshape(idx.shape), axis=1)
         return out.reshape(shape)
     raise ValueError(f"unknown sparse encoding {how['encoding']!r}")

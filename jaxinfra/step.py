@@ -70,6 +70,12 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, 
         abstract_opt, abstract_params, param_shardings, transform_non_params=lambda _: rep)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every float leaf of `tree` is finite: one reduction, fused into the step that makes the leaves."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, accum: int = 1
                     ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
@@ -87,7 +93,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   # Inf can hide in the moments while the parameters stay finite (Adam divides by it)
+                   "state_finite": all_finite((params, opt_state))}
         pruned = find_prune_state(opt_state)  # anywhere in the state: prune may sit inside a chain
         if pruned is not None:
             metrics.update(sparsity_metrics(pruned))  # counted when the masks changed: no pass per step

@@ -9,6 +9,7 @@ whether it is due: the Reporter (metrics), the Evaluator, the profiler window an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
+from jaxinfra import lock as lock_lib
 from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
@@ -199,16 +201,16 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
     check_batch(cfg, shd.batch_divisor(mesh, rules))
     fields = _fields(spec, batch_axes)
-    if lead:
-        os.makedirs(cfg.run.path, exist_ok=True)
-    say(describe(mesh))
-    peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, compute_dtype) if flops_per_token else 0.0)  # outside
-    # the mesh scope: a one-device matmul
-    with jax.set_mesh(mesh):
+    # outside the mesh scope: a one-device matmul
+    peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, compute_dtype) if flops_per_token else 0.0)
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(lock_lib.held(cfg.run.path, lead=lead, say=say))  # before anything is written there
+        scope.enter_context(jax.set_mesh(mesh))
+        say(describe(mesh))
         _, _, logical = abstract_model(model_fn)  # checked here to name the parameter
         check_logical(logical, rules)
         tx, schedule = optimizer if optimizer is not None else make_optimizer(cfg.optim, cfg.run.steps, cfg.prune,
-                                                                                   logical=logical)
+                                                                               logical=logical)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
                          schedule=schedule, allowed_unused=list(DEFAULT_RULES))
         check_nm(cfg, plan)
@@ -224,15 +226,13 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         recorded = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, peak_flops=peak))  # the caller's stays
         saver = Saver(cfg.run.path, cfg.checkpoint, last_step=cfg.run.steps, stop_after=cfg.run.stop_after,
                       record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
-        try:
-            state = saver.restore(plan.abstract, data_meta, names)
-            state = state if state is not None else plan.init()[0]
-            run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
-                       tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
-                       compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish)
-            return _train(run, state, train_source, spec, eval_host)
-        finally:
-            saver.close()  # waits for the last save to be committed
+        scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
+        state = saver.restore(plan.abstract, data_meta, names)
+        state = state if state is not None else plan.init()[0]
+        run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
+                   tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
+                   compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish)
+        return _train(run, state, train_source, spec, eval_host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +293,11 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     try:
         state = fit(state, compiled, batches, steps=cfg.run.steps, reporter=reporter, evaluator=evaluator,
                     profile=profile, saver=saver)
+        if start == cfg.run.steps:  # restarted when already done: it may have died before finishing
+            say(f"step {start} is the last one: completing the final evaluation and export it still owes")
+            if evaluator is not None:
+                reporter.evaluated(start, evaluator.run(state))
+            saver.owe_final_export(start)
     finally:
         profile.close()
         writer.close()

@@ -1,0 +1,175 @@
+"""A hostile user's files and an unlucky operator's day: each defect reproduced, each a clear line
+and nothing lost (the reliability issue, items 2, 3, 4, 5, 7 and 9)."""
+import json
+import os
+import shutil
+import signal
+import sys
+
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import save_file
+
+import jaxinfra
+from conftest import TINY, tiny_config
+from jaxinfra import cli, sparse
+from jaxinfra.errors import Diverged, UserError
+from test_resume import _start, _wait_for_line
+from test_user_model import BASE as NET, Net, dataset, xent
+
+pytestmark = pytest.mark.xdist_group("test_reliability")
+
+
+# 5. YAML that expands without bound, or nests without bound, is one line, not a hang
+def _laughs(levels=9):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nrun:\n  sample_prompts: *a{levels - 1}\n"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("text, words", [
+    (_laughs(), "expands to more than 100,000 values"),
+    (_laughs().replace("run:\n  sample_prompts:", "mesh:\n  rules:\n    batch:"), "expands to more than"),
+    ("run:\n  sample_prompts: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply to parse"),
+    ("run:\n  sample_prompts: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
+])
+def test_alias_bombs_and_deep_nesting_exit_2_at_once(tmp_path, capsys, text, words):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    assert len(text) < 20_000
+    assert cli.main(["--config", str(path), f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and words in err[0], err
+    assert cli.main(["run.sample_prompts=" + "[" * 3000 + "]" * 3000]) == 2
+    assert "override run.sample_prompts: nested too deeply" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# 7. Inf in Adam's moments while the parameters stay finite: the run stops, nothing is saved
+@pytest.mark.parametrize("every, words", [
+    (0, r"gradient norm became inf at step 1 .*optim.clip_norm"),  # found in the step's metrics, one step late
+    (1, r"parameters or optimizer state became NaN or Inf at step 1; not checkpointed"),  # found by the save
+])
+def test_inf_in_the_optimizer_state_stops_the_run_before_any_save(tmp_path, every, words):
+    huge = lambda model, batch: 1e25 * xent(model, batch)  # grad norm overflows; Adam's nu becomes Inf
+    cfg = tiny_config(*NET, f"run.dir={tmp_path}", "optim.clip_norm=0", f"checkpoint.every={every}",
+                      "prune.sparsity=0")
+    with pytest.raises(Diverged, match=words):
+        jaxinfra.train_model(cfg, Net, huge, dataset())
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+
+
+# 9. A step whose metadata record is gone: the advice (checkpoint.fallback=true) works
+def test_missing_metadata_record_falls_back_to_the_previous_step(tmp_path, capsys):
+    args = [*NET, f"run.dir={tmp_path}", "checkpoint.every=3", "checkpoint.keep=3", "prune.sparsity=0"]
+    jaxinfra.train_model(tiny_config(*args, "run.steps=6"), Net, xent, dataset())
+    os.remove(tmp_path / "checkpoints" / "6" / "meta" / "metadata")
+    capsys.readouterr()
+    with pytest.raises(UserError, match=r"checkpoint step 6 is unreadable .*checkpoint.fallback=true"):
+        jaxinfra.train_model(tiny_config(*args, "run.steps=8"), Net, xent, dataset())
+    final = jaxinfra.train_model(tiny_config(*args, "run.steps=8", "checkpoint.fallback=true"), Net, xent, dataset())
+    out = capsys.readouterr().out
+    assert final["start_step"] == 3 and final["step"] == 8
+    assert "step 6 is unreadable" in out and "resumed from step 3" in out
+
+
+# 3. A finished run that died before its final export gets it on the next start
+def test_restart_at_the_last_step_completes_what_the_run_owes(tmp_path, capsys):
+    args = [*NET, f"run.dir={tmp_path}", "run.eval_batches=1", "prune.sparsity=0"]
+    jaxinfra.train_model(tiny_config(*args, "checkpoint.export_final=false"), Net, xent, dataset(), dataset(64, 1))
+    assert not (tmp_path / "exports").exists()  # as if killed after committing step 10, before exporting
+    capsys.readouterr()
+    final = jaxinfra.train_model(tiny_config(*args, "checkpoint.export_final=true"), Net, xent, dataset(),
+                                 dataset(64, 1))
+    out = capsys.readouterr().out
+    assert final["start_step"] == 10 and "eval_loss" in final
+    assert "completing the final evaluation and export" in out
+    assert (tmp_path / "exports" / "model-10.safetensors").is_file()
+    flat = jaxinfra.load_safetensors(str(tmp_path / "exports" / "model-10.safetensors"))
+    assert sorted(flat) == ["b", "w1", "w2", "w3"]
+
+
+# 2. One writer per run folder: a second run exits 2 naming the holder; a dead holder's lock is taken over
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = _start([*TINY, f"run.dir={run_dir}", "run.steps=100000", "checkpoint.every=0", "run.log_every=1"])
+    try:
+        _wait_for_line(first, "train step compiled")
+        lock = json.loads((run_dir / ".jaxinfra.lock").read_text())
+        assert lock["pid"] == first.pid
+        rc = cli.main([*TINY, f"run.dir={run_dir}", "run.steps=3", "optim.lr=1e-4"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, err
+        assert f"run.dir={run_dir} is in use by process {first.pid} on host {lock['host']}" in err[0]
+        assert lock["since"] in err[0]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
+        first.communicate()
+    rc = cli.main([*TINY, f"run.dir={run_dir}", "run.steps=2", "checkpoint.every=0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"process {first.pid} on {lock['host']}" in out and "is gone" in out
+    assert not (run_dir / ".jaxinfra.lock").exists()  # released at the end
+
+
+# 4. Every value a sparse export's metadata holds is checked before use
+def _sparse_file(tmp_path, encoding):
+    """A valid sparse file holding one pruned tensor `w` (bitmask or 2:4), and its metadata."""
+    w = np.arange(1, 65, dtype=np.float32).reshape(16, 4)
+    if encoding == "nm":
+        w[::2] = 0  # 2 of every 4 along dim 0
+    else:
+        w[np.random.default_rng(0).random(w.shape) < 0.5] = 0  # no N:M pattern: stored with a bitmask
+    pieces, how = sparse.encode("w", w, (2, 4) if encoding == "nm" else None)
+    assert how["encoding"] == encoding
+    return {n: a for n, a in pieces}, {"format": "jaxinfra", "sparse": "1", "encoding.w": json.dumps(how)}, how, w
+
+
+BAD = [  # (encoding to start from, change of the rebuild info or of the pieces, words of the error)
+    ("bitmask", lambda h, p: "{not json", "not a valid encoding"),
+    ("bitmask", lambda h, p: "[1, 2]", "not bitmask or nm"),
+    ("bitmask", lambda h, p: dict(h, encoding="rle"), "'rle', not bitmask or nm"),
+    ("bitmask", lambda h, p: {k: v for k, v in h.items() if k != "shape"}, "shape None"),
+    ("bitmask", lambda h, p: dict(h, shape=[16, -4]), "non-negative integers"),
+    ("bitmask", lambda h, p: dict(h, shape=[2 ** 20, 2 ** 16]), "bytes for shape"),  # asks for 256 GiB
+    ("bitmask", lambda h, p: dict(h, shape="16x4"), "is not a list"),
+    ("bitmask", lambda h, p: dict(h, dtype="float64"), "differs from its values"),
+    ("bitmask", lambda h, p: (p.pop("w.mask"), h)[1], "mask piece is missing"),
+    ("bitmask", lambda h, p: p.update({"w.values": p["w.values"].reshape(1, -1)}) or h, "not 1-D"),
+    ("bitmask", lambda h, p: p.update({"w.mask": np.full_like(p["w.mask"], 255)}) or h, "its mask marks 64 entries for"),
+    ("nm", lambda h, p: dict(h, m=0), "is not 0 < N < M"),
+    ("nm", lambda h, p: dict(h, n=4, m=4), "is not 0 < N < M"),
+    ("nm", lambda h, p: dict(h, shape=[18, 4]), "does not hold"),
+    ("nm", lambda h, p: p.update({"w.indices": p["w.indices"][:-1]}) or h, "indices piece"),
+    ("nm", lambda h, p: p.update({"w.indices": np.full_like(p["w.indices"], 9)}) or h, "outside its group of 4"),
+]
+
+
+@pytest.mark.parametrize("encoding, change, words", BAD)
+def test_hostile_sparse_metadata_is_one_line(tmp_path, capsys, encoding, change, words):
+    pieces, meta, how, w = _sparse_file(tmp_path, encoding)
+    good = tmp_path / "good.safetensors"
+    save_file(pieces, str(good), metadata=meta)
+    np.testing.assert_array_equal(jaxinfra.load_safetensors(str(good))["w"], w)
+    changed = change(dict(how), pieces)
+    meta["encoding.w"] = changed if isinstance(changed, str) else json.dumps(changed)
+    bad = tmp_path / "bad.safetensors"
+    save_file(pieces, str(bad), metadata=meta)
+    with pytest.raises(UserError) as e:
+        jaxinfra.load_safetensors(str(bad))
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and words in msg, msg
+
+
+def test_compare_on_a_hostile_export_exits_2(tmp_path, capsys):
+    pieces, meta, how, _ = _sparse_file(tmp_path, "nm")
+    meta["encoding.w"] = json.dumps(dict(how, m=0))
+    for name in ("dense", "pruned"):
+        run = tmp_path / name
+        (run / "exports").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        save_file(pieces, str(run / "exports" / "model-1.safetensors"), metadata=meta)
+    assert cli.compare_main([str(tmp_path / "dense"), str(tmp_path / "pruned")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encoding.w is not a valid encoding" in err[0], err
