@@ -4,7 +4,8 @@ parameters tensor by tensor (for exports, inspection and sampling).
 
 A run folder holds `checkpoints/<step>/`, one Orbax Composite per step: `state` (step, params,
 optimizer state: every leaf sharded as in training) and `meta` (JSON: resolved config, versions,
-mesh, data position). A step is complete once Orbax has committed it; an interrupted save is never
+mesh, data position, and the digest of every saved array: see digest.py). Every read (restore,
+export, sampling) checks the digests of what it read and refuses a damaged step. A step is complete once Orbax has committed it; an interrupted save is never
 listed. The data position is the number of global batches consumed, equal to the step, on any
 number of processes (see data.py), so no per-process iterator state is needed to resume exactly.
 No other module names these folders or items.
@@ -23,12 +24,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxinfra.digest import host_digest, tree_digests
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str, tensor_name
 from jaxinfra.step import TrainState
 
 STATE, META = "state", "meta"
 CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
+DIGESTS = "digests"  # the metadata record's entry: tensor path -> digest of its bytes at save
+
+
+def digests_of(state: TrainState) -> dict[str, str]:
+    """Tensor path ('params/blocks/0/attn/wq') -> digest of its bytes, computed on the devices where
+    the state lives (each its shards, no gathering)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree_digests(as_dict(state))))
+    return {path_str(p): f"{int(v):08x}" for p, v in flat}
+
+
+def _verify(found: dict[str, str], expected: dict[str, str] | None, step: int, where: str) -> None:
+    """Raise CorruptCheckpoint naming the first tensor whose bytes differ from those saved."""
+    for name, digest in found.items():
+        if expected is not None and name in expected and expected[name] != digest:
+            raise CorruptCheckpoint(step, where, ValueError(
+                f"tensor {name} differs from the bytes saved (digest {digest}, recorded {expected[name]}): "
+                f"{os.path.join(where, str(step), STATE)} is damaged"))
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -91,7 +110,9 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-        """Start an async save; returns once the arrays are copied off the devices."""
+        """Start an async save (the record gains the arrays' digests); returns once the arrays are
+        copied off the devices."""
+        meta = {**meta, DIGESTS: digests_of(state)}
         self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(as_dict(state)),
                                                           META: ocp.args.JsonSave(meta)}), force=True)
 
@@ -113,8 +134,9 @@ class Checkpointer:
             self.manager.delete(s)
         return newer
 
-    def restore(self, step: int, target: TrainState) -> TrainState:
-        """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count)."""
+    def restore(self, step: int, target: TrainState, digests: dict[str, str] | None = None) -> TrainState:
+        """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count),
+        each tensor checked against `digests` (the step's record) where given."""
         try:
             saved = self.saved_shapes(step)
         except Exception as e:  # metadata lives in the same files: truncation shows here first
@@ -125,7 +147,9 @@ class Checkpointer:
                 as_dict(target))}))[STATE]
         except Exception as e:  # a corrupt or truncated file surfaces here, from tensorstore
             raise CorruptCheckpoint(step, self.directory, e) from None
-        return TrainState(**out)
+        state = TrainState(**out)
+        _verify(digests_of(state), digests, step, self.directory)
+        return state
 
     def wait(self) -> None:
         """Block until the last async save is committed."""
@@ -193,7 +217,7 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
             record = ckpt.meta(step)
             if meta is not None:
                 meta(step, record)
-            return ckpt.restore(step, target)
+            return ckpt.restore(step, target, record.get(DIGESTS) if isinstance(record, dict) else None)
         except CorruptCheckpoint as e:
             if not fallback:
                 raise
@@ -250,15 +274,21 @@ def state_metadata(step_dir: str) -> Any:
         raise UserError(f"{step_dir}: unreadable checkpoint metadata ({str(e).splitlines()[0][:200]})") from None
 
 
-def saved_config(step_dir: str) -> dict[str, Any] | None:
-    """The resolved config a step was trained with (its metadata record), or None if it has none."""
+def saved_record(step_dir: str) -> dict[str, Any]:
+    """A step's metadata record (config, digests, ...), {} if it has none readable."""
     import json
     try:
         with open(os.path.join(step_dir, META, "metadata")) as f:
-            found = json.load(f)["config"]
-        return found if isinstance(found, dict) else None
-    except (OSError, ValueError, KeyError, TypeError):  # no record, or not ours
-        return None
+            found = json.load(f)
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):  # no record, or not ours
+        return {}
+
+
+def saved_config(step_dir: str) -> dict[str, Any] | None:
+    """The resolved config a step was trained with (from its metadata record), or None if it has none."""
+    found = saved_record(step_dir).get("config")
+    return found if isinstance(found, dict) else None
 
 
 class SavedParams:
@@ -267,6 +297,8 @@ class SavedParams:
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
         self.tree = state_metadata(step_dir)
+        digests = saved_record(step_dir).get(DIGESTS)
+        self.digests = digests if isinstance(digests, dict) else None  # None: written before digests
         flat, _ = jax.tree_util.tree_flatten_with_path(self.tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
         self.entries = {tensor_name(p): (p, x) for p, x in flat}  # name -> (key path, shape/dtype metadata)
 
@@ -285,7 +317,11 @@ class SavedParams:
         node = out["params"]
         for k in keys:
             node = node[k]
-        return np.asarray(node)
+        array = np.asarray(node)
+        key = f"params/{path_str(path)}"
+        root, step = os.path.split(os.path.normpath(self.step_dir))
+        _verify({key: f"{host_digest(array):08x}"}, self.digests, int(step) if step.isdigit() else -1, root)
+        return array
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         return ((name, self.read(name)) for name in self.entries)

@@ -13,6 +13,7 @@ bits zero, so -0.0 and NaN survive the round trip bitwise.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -94,13 +95,26 @@ def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
                 metadata: dict[str, str]) -> None:
     """Stream one safetensors file: header from (name, shape, dtype), then each array's bytes as it arrives."""
     raw = _header(entries, metadata)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
+    with _partial(path) as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for arr in arrays:
             f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)  # never a half-written file under the final name
+
+
+@contextlib.contextmanager
+def _partial(path: str) -> Iterator[Any]:
+    """A file written as <path>.partial and renamed to `path` once whole: never a half-written file
+    under the final name, and no .partial left behind when writing fails."""
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def base_metadata(step: int) -> dict[str, str]:
@@ -368,8 +382,7 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     reserve = _reserve(entries, base)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     tally = _Tally(base, pattern)
-    tmp = out + ".partial"
-    with open(tmp, "wb") as f:
+    with _partial(out) as f:
         f.seek(8 + reserve)
         for name, _, dt in entries:
             for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
@@ -378,7 +391,6 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
         f.seek(0)
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-    os.replace(tmp, out)  # never a half-written file under the final name
     summary = tally.summary()
     assert summary.sparse_bytes == os.path.getsize(out)
     return summary

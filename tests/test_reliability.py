@@ -173,3 +173,81 @@ def test_compare_on_a_hostile_export_exits_2(tmp_path, capsys):
     assert cli.compare_main([str(tmp_path / "dense"), str(tmp_path / "pruned")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encoding.w is not a valid encoding" in err[0], err
+
+
+# 1. Damaged checkpoint bytes are refused on every read (resume, export, sampling), not loaded
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("flips") / "run"
+    args = [*NET, f"run.dir={run}", "checkpoint.every=5", "checkpoint.export_final=false"]
+    jaxinfra.train_model(tiny_config(*args), Net, xent, dataset())
+    return run, args, jaxinfra.read_params(str(run))[0]
+
+
+def _flip(run, rng):
+    """One random byte of step 10's array data inverted; returns (file, offset). Once Orbax commits a
+    step, its arrays live in the merged OCDBT data files in state/d/ (the per-process ones under
+    ocdbt.process_*/ are no longer read)."""
+    files = sorted(p for p in (run / "checkpoints" / "10" / "state" / "d").iterdir() if p.is_file())
+    path = files[rng.integers(len(files))]
+    data = bytearray(path.read_bytes())
+    offset = int(rng.integers(len(data)))
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path, offset
+
+
+def _flips(saved_run, tmp_path, n, seed):
+    run, args, original = saved_run
+    rng = np.random.default_rng(seed)
+    refused = 0
+    for i in range(n):
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(run, copy)
+        where = _flip(copy, rng)
+        cfg = tiny_config(*args, f"run.dir={copy}")
+        for read in (lambda: jaxinfra.read_params(str(copy))[0],
+                     lambda: {k: np.asarray(jaxinfra.gather(v[...])) for k, v in
+                              __import__("flax").nnx.state(jaxinfra.train_model(cfg, Net, xent, dataset())["model"],
+                                                           __import__("flax").nnx.Param).items()}):
+            try:
+                got = read()
+            except UserError as e:
+                assert "unreadable" in str(e) and "checkpoints/10" in str(e) and "\n" not in str(e), (where, str(e))
+                refused += 1
+                continue
+            for name, value in original.items():  # read without complaint: then the bytes it used were intact
+                np.testing.assert_array_equal(got[name], value, err_msg=str(where))
+        fallback = jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}", "checkpoint.fallback=true",
+                                                    "run.steps=11"), Net, xent, dataset())
+        assert fallback["start_step"] in (5, 10) and fallback["step"] == 11
+        shutil.rmtree(copy)
+    return refused
+
+
+def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_path, capsys):
+    run, args, _ = saved_run  # step 10's arrays replaced by step 5's: valid files, wrong bytes for step 10
+    copy = tmp_path / "swapped"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "10" / "state")
+    shutil.copytree(copy / "checkpoints" / "5" / "state", copy / "checkpoints" / "10" / "state")
+    for read in (lambda: jaxinfra.read_params(str(copy)),
+                 lambda: jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}"), Net, xent, dataset())):
+        with pytest.raises(UserError, match=r"checkpoint step 10 is unreadable .* tensor \S+ differs from the bytes "
+                                            r"saved .*checkpoints/10/state is damaged"):
+            read()
+    assert cli.export_main([str(copy), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "differs from the bytes saved" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.safetensors.partial").exists()
+    final = jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}", "checkpoint.fallback=true", "run.steps=11"),
+                                 Net, xent, dataset())
+    assert final["start_step"] == 5
+
+
+def test_flipped_bytes_in_array_data_are_refused(saved_run, tmp_path):
+    assert _flips(saved_run, tmp_path, 3, seed=0) >= 4  # of 6 reads: none loads a wrong value
+
+
+@pytest.mark.slow
+def test_many_flipped_bytes_are_refused(saved_run, tmp_path):
+    assert _flips(saved_run, tmp_path, 20, seed=1) >= 30  # of 40 reads
