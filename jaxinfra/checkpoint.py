@@ -12,9 +12,11 @@ No other module names these folders or items.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
+import shutil
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -25,12 +27,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxinfra.digest import host_digest, tree_digests
-from jaxinfra.errors import UserError
+from jaxinfra.errors import Failed, UserError, one_line
 from jaxinfra.names import path_str, tensor_name
 from jaxinfra.step import TrainState
 
 STATE, META = "state", "meta"
 CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
+ASIDE = ".aside"  # in it: steps newer than a resume's, kept until the run commits a step of its own
 DIGESTS = "digests"  # the metadata record's entry: tensor path -> digest of its bytes at save
 
 
@@ -79,7 +82,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 2, keep_every: int = 0, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        self._sigterm = False
+        self._sigterm = self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
             enable_async_checkpointing=True)
@@ -113,8 +116,29 @@ class Checkpointer:
         """Start an async save (the record gains the arrays' digests); returns once the arrays are
         copied off the devices."""
         meta = {**meta, DIGESTS: digests_of(state)}
-        self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(as_dict(state)),
-                                                          META: ocp.args.JsonSave(meta)}), force=True)
+        with self._failing():  # the previous async save's failure surfaces here
+            self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(as_dict(state)),
+                                                              META: ocp.args.JsonSave(meta)}), force=True)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A failed save (a full disk, a folder removed) as one Failed line naming the step and what is safe."""
+        try:
+            yield
+        except Exception as e:
+            if self._failed:  # reported once; the rest is the same failure unwinding
+                return
+            self._failed = True
+            text = " ".join(str(e).split())
+            found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
+            what = f"checkpoint step {found.group(1)}" if found else "a checkpoint"
+            # tensorstore's long message holds the OS error and the file: say those
+            os_error = re.search(r"Failed writing: \"([^\"]+)\".*?: ([^:\[]+?) \[os_error_code", text)
+            cause = f"{os_error.group(2)} ({os_error.group(1)})" if os_error else one_line(e)
+            kept = complete_steps(self.directory)
+            raise Failed(f"saving {what} in {self.directory} failed: {cause}; "
+                         + (f"steps {', '.join(map(str, kept))} stay restorable" if kept else "no step was saved")
+                         ) from None
 
     def saved_shapes(self, step: int) -> dict[str, Any]:
         """The saved state's tree of (shape, dtype, sharding) metadata, without reading arrays."""
@@ -127,12 +151,58 @@ class Checkpointer:
         except Exception as e:
             raise CorruptCheckpoint(step, self.directory, e) from None
 
-    def delete_after(self, step: int) -> list[int]:
-        """Remove the steps newer than `step` (a resume from an older one writes them again)."""
+    # Steps newer than the one a run resumes from are set aside, not deleted, until the run commits a
+    # step of its own: a crash before that loses nothing (the next start puts them back).
+    def _aside(self) -> str:
+        return os.path.join(self.directory, ASIDE)
+
+    def set_aside(self, step: int) -> list[int]:
+        """Move the steps newer than `step` out of sight, into checkpoints/.aside/; returns them."""
         newer = [s for s in self.steps() if s > step]
-        for s in newer:
-            self.manager.delete(s)
+        if newer and jax.process_index() == 0:
+            os.makedirs(self._aside(), exist_ok=True)
+            with open(os.path.join(self._aside(), "resumed_from"), "w") as f:
+                f.write(str(step))
+            for s in newer:
+                os.rename(os.path.join(self.directory, str(s)), os.path.join(self._aside(), str(s)))
+        if newer:
+            self._moved()
         return newer
+
+    def _moved(self) -> None:
+        """After process 0 moved step folders: every process waits for it, then rereads the steps."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxinfra checkpoint steps moved")
+        self.manager.reload()
+
+    def drop_aside(self) -> list[int]:
+        """Delete the steps set aside (a newer step of this run is committed); returns them."""
+        dropped = complete_steps(self._aside())
+        if os.path.isdir(self._aside()) and jax.process_index() == 0:
+            shutil.rmtree(self._aside())
+        return dropped
+
+    def put_back(self) -> list[int]:
+        """At start: steps set aside by a run that died before committing a step of its own go back
+        (if it did commit one, they are dropped); returns the steps put back."""
+        if not os.path.isdir(self._aside()):
+            return []
+        try:
+            with open(os.path.join(self._aside(), "resumed_from")) as f:
+                resumed = int(f.read())
+        except (OSError, ValueError):
+            resumed = -1
+        if any(s > resumed for s in self.steps()):
+            self.drop_aside()
+            return []
+        back = complete_steps(self._aside())
+        if jax.process_index() == 0:
+            for s in back:
+                os.rename(os.path.join(self._aside(), str(s)), os.path.join(self.directory, str(s)))
+            shutil.rmtree(self._aside())
+        self._moved()
+        return back
 
     def restore(self, step: int, target: TrainState, digests: dict[str, str] | None = None) -> TrainState:
         """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count),
@@ -153,23 +223,24 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the last async save is committed."""
-        self.manager.wait_until_finished()
+        with self._failing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self._failing():
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 class CorruptCheckpoint(UserError):
     """A step that exists but cannot be read back."""
 
     def __init__(self, step: int, directory: str, cause: BaseException):
-        text = re.sub(r"<bound method [^>]*>", "", " ".join(str(cause).split())) or type(cause).__name__
+        text = one_line(cause, limit=10_000)
         found = re.search(rf"{re.escape(os.path.join(directory, str(step)))}[^\s'\"]*", text)
         where = found.group(0) if found else os.path.join(directory, str(step))
-        short = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
-        super().__init__(f"checkpoint step {step} is unreadable ({where}): {short}; "
+        super().__init__(f"checkpoint step {step} is unreadable ({where}): {one_line(cause)}; "
                          f"checkpoint.fallback=true resumes from the previous good step")
         self.step = step
 
@@ -312,8 +383,15 @@ class SavedParams:
             node = node[k]
         node[keys[-1]] = np.zeros((), np.float32)  # any array marks the leaf to read
         args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        out = ocp.PyTreeCheckpointHandler().restore(epath.Path(self.step_dir) / STATE,
-                                                    args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+        try:
+            out = ocp.PyTreeCheckpointHandler().restore(epath.Path(self.step_dir) / STATE,
+                                                        args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+        except Exception as e:  # tensorstore's errors: a damaged file, or the step deleted underneath us
+            if not is_committed(self.step_dir):
+                raise UserError(f"{self.step_dir} was removed while tensor {name} was being read (a run writing "
+                                f"this folder rotated it out: read a step it keeps, see checkpoint.keep_every)"
+                                ) from None
+            raise UserError(f"{self.step_dir}: tensor {name} is unreadable ({one_line(e)})") from None
         node = out["params"]
         for k in keys:
             node = node[k]

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
 
 from jaxinfra.config import Config, load_config, shipped_configs
-from jaxinfra.errors import UserError
+from jaxinfra.errors import Failed, UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,22 +32,33 @@ def setup_devices(cfg: Config) -> None:
     init_distributed(d.coordinator, d.num_processes, d.process_id)
 
 
+def _quiet_closed_loops(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Drop the asyncio 'Event loop is closed' noise of a failed async save; report anything else."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of scripts/train.py; returns the exit status."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         setup_devices(cfg)
-        from jaxinfra.errors import Diverged
+        # Orbax logs a failed background save with its traceback before the run reports it in one line,
+        # and its event loop's late callbacks then raise "Event loop is closed" as unraisable exceptions
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        sys.unraisablehook = _quiet_closed_loops
         from jaxinfra.job import run  # imports JAX-heavy modules only after the config is valid
-        try:
-            run(cfg)
-        except Diverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Failed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk filled up, a folder went away: name the path and the cause
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -95,6 +95,9 @@ class RunConfig:
         """The LM job's end-of-run samples: prompts must be bytes of the model's vocabulary."""
         _at_least({"run.sample_tokens": self.sample_tokens}, 0, "not be negative")
         for prompt in self.sample_prompts:
+            if not isinstance(prompt, str):  # OmegaConf lets a nested list through a list[str]
+                raise UserError(f"run.sample_prompts: {prompt!r} is not a string (give prompts as "
+                                f"run.sample_prompts=['def ', 'class '])")
             data = prompt.encode("utf-8")
             if not data or max(data) >= vocab_size:
                 raise UserError(f"run.sample_prompts: {prompt!r} is empty or holds a byte outside "
@@ -344,10 +347,12 @@ class CheckpointConfig:
     # these saves count towards `keep`
     export_final: bool = True  # ... and at the end of the run
     export_dtype: str = "float32"
+    export_errors: str = "fail"  # fail: a failed export fails the run (exit 1; checkpoints kept) | warn
 
     def check(self) -> None:
         """Frequencies, rotation and the export dtype."""
         _one_of("checkpoint.export_dtype", self.export_dtype, DTYPES)
+        _one_of("checkpoint.export_errors", self.export_errors, ("fail", "warn"))
         _at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
                    "checkpoint.export_every": self.export_every}, 0, "not be negative")
         _at_least({"checkpoint.keep": self.keep}, 1, "be at least 1")

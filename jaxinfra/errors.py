@@ -1,9 +1,25 @@
-"""The one exception type for a user's mistake: scripts turn it into one line and exit 2."""
+"""The exception types scripts turn into one line: a user's mistake (exit 2) or a run that failed
+for a reason outside its input (exit 1): divergence, a full disk, a file removed underneath it."""
+from __future__ import annotations
+
+import re
 
 
 class UserError(ValueError):
     """A bad config, CLI argument, data path or checkpoint: reported as one line, exit status 2."""
 
 
-class Diverged(RuntimeError):
+class Failed(RuntimeError):
+    """The run could not go on (a save or an export failed): one line, exit status 1."""
+
+
+class Diverged(Failed):
     """The loss, the parameters or the optimizer state became NaN or Inf (exit status 1, not a user error)."""
+
+
+def one_line(cause: BaseException, limit: int = 300) -> str:
+    """An exception's text as one short line: no tensorstore specs, no reprs of bound methods."""
+    text = " ".join(str(cause).split())
+    text = re.sub(r"\s*\[tensorstore_spec=.*?\]'?\)?$", "", text)
+    text = re.sub(r"<bound method [^>]*>", "", text).strip() or type(cause).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."

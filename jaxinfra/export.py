@@ -31,7 +31,7 @@ from safetensors import safe_open
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import sparse
 from jaxinfra.config import DTYPES
-from jaxinfra.errors import UserError
+from jaxinfra.errors import UserError, one_line
 from jaxinfra.names import tensor_name
 
 # dtype name -> (safetensors tag, numpy type) of every dtype an export may hold
@@ -278,7 +278,8 @@ class BackgroundExporter:
             self.written += export(self.ckpt.directory, export_path(self.run_dir, step), step=step, dtype=self.dtype,
                                    force=True)
         except Exception as e:  # reported by the run's end, not lost in the thread
-            self.errors.append(f"export of step {step} failed: {' '.join(str(e).split())[:300]}")
+            self.errors.append(f"export of step {step} to {export_path(self.run_dir, step)} failed: "
+                               f"{one_line(e)}")
 
     def poll(self) -> None:
         """Start a writer thread for each requested step that is now committed (a stat per pending step)."""

@@ -85,6 +85,20 @@ class RunLock:
         self.held = False
 
 
+def check_no_links(run_dir: str) -> None:
+    """A run writes only inside the folder it was given: a symbolic link among what it writes (its
+    files, exports, step folders) would send writes, or rotation's deletes, elsewhere."""
+    places = [run_dir] + [os.path.join(run_dir, d) for d in ("checkpoints", "exports")]
+    for place in places:
+        if not os.path.isdir(place):
+            continue
+        for name in sorted(os.listdir(place)):
+            path = os.path.join(place, name)
+            if os.path.islink(path):
+                raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): a run writes only inside "
+                                f"run.dir={run_dir}; replace the link by the file or folder itself")
+
+
 @contextlib.contextmanager
 def held(run_dir: str, *, lead: bool, say: Callable[[str], None]) -> Iterator[None]:
     """Process 0 holds the run folder's lock for the group; every process learns whether it got it,
@@ -93,7 +107,9 @@ def held(run_dir: str, *, lead: bool, say: Callable[[str], None]) -> Iterator[No
     if lead:
         try:
             lock.acquire(say)
+            check_no_links(run_dir)
         except UserError as e:
+            lock.release()
             error = e
     import jax
     if jax.process_count() > 1:

@@ -14,6 +14,11 @@ from tqdm import tqdm
 from jaxinfra.errors import Diverged
 
 
+def _strict(value: Any) -> Any:
+    """A value strict JSON can hold: a NaN or infinite float becomes null (metrics.jsonl stays strict)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _step_of(line: str) -> float:
     """A row's step; a torn last line (a process killed mid-write) sorts past every step."""
     try:
@@ -50,7 +55,8 @@ class MetricsWriter:
         """One JSON line (and TensorBoard scalars) for a step."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **{k: _strict(v) for k, v in row.items()}},
+                                     allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in row.items():

@@ -30,6 +30,8 @@ class Saver:
         self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
         self.exporter = export_lib.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead)
         self.start = 0
+        self.aside: list[int] = []  # steps set aside by the resume, deleted once this run commits one
+        self.saved: list[int] = []  # steps this run saved
         self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
 
     def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
@@ -39,6 +41,10 @@ class Saver:
         step trained with other values cannot continue this run's data order (UserError).
         """
         c, ckpt = self.cfg, self.ckpt
+        back = ckpt.put_back()
+        if back:
+            self.say(f"put back checkpoint steps {', '.join(map(str, back))}, set aside by an earlier run that "
+                     f"resumed from an older step and stopped before saving one of its own")
         if not c.resume and ckpt.steps():
             raise UserError(f"checkpoint.resume=false but {ckpt.directory} holds steps "
                             f"{', '.join(map(str, ckpt.steps()))}: choose another run.dir (or remove them)")
@@ -58,11 +64,20 @@ class Saver:
             return None
         step = int(state.step)
         self.say(f"resumed from step {step} of {ckpt.directory}")
-        dropped = ckpt.delete_after(step)
-        if dropped:
-            self.say(f"removed newer checkpoint steps {', '.join(map(str, dropped))}: training writes them again")
+        self.aside = ckpt.set_aside(step)
+        if self.aside:
+            self.say(f"set aside newer checkpoint steps {', '.join(map(str, self.aside))}: removed once this run "
+                     f"commits a step (training writes them again)")
         self.start = step
         return state
+
+    def _drop_aside(self) -> None:
+        """Once this run has committed a step, the steps set aside at the resume go for good."""
+        if self.aside and self.saved and self.ckpt.committed(self.saved[0]):
+            self.ckpt.drop_aside()
+            self.say(f"removed newer checkpoint steps {', '.join(map(str, self.aside))} (set aside at the resume) "
+                     f"now that step {self.saved[0]} is committed")
+            self.aside = []
 
     def watch_sigterm(self) -> Callable[[], None]:
         """Catch SIGTERM for the rest of the run; returns the function that restores the old handler."""
@@ -72,6 +87,7 @@ class Saver:
         """Save and export what is due after `step`; True when the run must stop here."""
         c = self.cfg
         self.exporter.poll()
+        self._drop_aside()
         preempted = self.ckpt.preempted(step)
         stop = preempted or bool(self.stop_after and step - self.start >= self.stop_after)
         export_now = bool(c.export_every and step % c.export_every == 0) or (c.export_final and last)
@@ -97,14 +113,17 @@ class Saver:
             self.ckpt.wait()
             self.exporter.drain()
         self.ckpt.save(step, state, self.record(step))
+        self.saved.append(step)
 
     def finish(self) -> tuple[list[str], list[str]]:
         """Wait for the last save, write the exports still owed: (files written, one line per failure)."""
         self.ckpt.wait()
+        self._drop_aside()
         self.exporter.drain()
         return self.exporter.written, self.exporter.errors
 
     def close(self) -> None:
         """Finish pending saves and exports and release the checkpointer (also after a failure)."""
         self.ckpt.close()
+        self._drop_aside()
         self.exporter.drain()

@@ -29,7 +29,7 @@ from jaxinfra import lock as lock_lib
 from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
-from jaxinfra.errors import UserError
+from jaxinfra.errors import Failed, UserError
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter, Reporter
 from jaxinfra.names import path_str
@@ -227,6 +227,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         saver = Saver(cfg.run.path, cfg.checkpoint, last_step=cfg.run.steps, stop_after=cfg.run.stop_after,
                       record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
+        scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
         state = saver.restore(plan.abstract, data_meta, names)
         state = state if state is not None else plan.init()[0]
         run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
@@ -289,7 +290,6 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
         evaluator = Evaluator(mean_eval(eval_step, eval_set), cfg.run.eval_every, cfg.run.steps)
     saver.say = reporter.print  # lines during the loop must not break the progress bar
     profile = perf.ProfileWindow(os.path.join(cfg.run.path, "profile"), list(cfg.run.profile_steps))
-    restore_sigterm = saver.watch_sigterm()
     try:
         state = fit(state, compiled, batches, steps=cfg.run.steps, reporter=reporter, evaluator=evaluator,
                     profile=profile, saver=saver)
@@ -301,7 +301,6 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     finally:
         profile.close()
         writer.close()
-        restore_sigterm()
         saver.say = say
 
     final = {"start_step": start, **reporter.final, "model": nnx.merge(plan.graphdef, state.params)}
@@ -315,6 +314,10 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     written, failed = saver.finish()
     for path in written:
         say(f"exported {path}")
+    if failed and cfg.checkpoint.export_errors == "fail":
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise Failed(f"{failed[0]}{more}; the checkpoints are saved: export them with scripts/export.py "
+                     f"(or set checkpoint.export_errors=warn)")
     for line in failed:
         say(f"warning: {line}")
     final["wall_s"] = time.perf_counter() - run.t_start
