@@ -122,11 +122,12 @@ def inspect_main(argv: list[str] | None = None) -> int:
                                 description="List checkpoint steps and, per tensor, shape, dtype, sharding, bytes.")
     p.add_argument("directory")
     p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
+    p.add_argument("--verify", action="store_true", help="read every parameter and check it against its digest")
     args = p.parse_args(argv)
 
     def body() -> int:
         from jaxinfra.inspect import describe_checkpoint
-        print("\n".join(describe_checkpoint(args.directory, args.step)))
+        print("\n".join(describe_checkpoint(args.directory, args.step, verify=args.verify)))
         return 0
     return _guard(body)
 

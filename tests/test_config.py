@@ -45,6 +45,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     (["prune.sparsity=0.5", "prune.end_step=600", "run.steps=600"], ["prune.end_step=600", "run.steps=600"]),
     (["prune.sparsity=0.5", "prune.start_step=50", "prune.end_step=40"], ["prune.start_step=50", "end_step=40"]),
     (["run.sample_prompts=['é']", "model.vocab_size=128"], ["run.sample_prompts", "model.vocab_size=128"]),
+    (["run.sample_prompts=[[1]]"], ["run.sample_prompts", "[1] is not a string"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(UserError) as e:
