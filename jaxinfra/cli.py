@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_devices(cfg)
         # Orbax logs a failed background save with its traceback before the run reports it in one line,
         # and its event loop's late callbacks then raise "Event loop is closed" as unraisable exceptions
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        for noisy in ("absl", "asyncio"):  # "Task exception was never retrieved" repeats the failed save
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
         sys.unraisablehook = _quiet_closed_loops
         from jaxinfra.job import run  # imports JAX-heavy modules only after the config is valid
         run(cfg)

@@ -2,7 +2,9 @@
 for a reason outside its input (exit 1): divergence, a full disk, a file removed underneath it."""
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Iterator
 
 
 class UserError(ValueError):
@@ -23,3 +25,14 @@ def one_line(cause: BaseException, limit: int = 300) -> str:
     text = re.sub(r"\s*\[tensorstore_spec=.*?\]'?\)?$", "", text)
     text = re.sub(r"<bound method [^>]*>", "", text).strip() or type(cause).__name__
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """An OSError raised by writes to an open file (which carry no file name) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from jaxinfra.errors import Diverged
+from jaxinfra.errors import Diverged, naming
 
 
 def _strict(value: Any) -> Any:
@@ -55,13 +55,15 @@ class MetricsWriter:
         """One JSON line (and TensorBoard scalars) for a step."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **{k: _strict(v) for k, v in row.items()}},
-                                     allow_nan=False) + "\n")
-        self._jsonl.flush()
+        with naming(self._jsonl.name):
+            self._jsonl.write(json.dumps({"step": step, **{k: _strict(v) for k, v in row.items()}},
+                                         allow_nan=False) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            with naming(self._tb.logdir):
+                for key, value in row.items():
+                    if isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, value, step)
 
     def progress(self, step: int, **postfix: str) -> None:
         """Move the bar to `step` and show the latest figures."""
@@ -79,9 +81,11 @@ class MetricsWriter:
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
-            self._tb.close()
+            with naming(self._tb.logdir):
+                self._tb.close()
         if self._jsonl is not None:
-            self._jsonl.close()
+            with naming(self._jsonl.name):
+                self._jsonl.close()
 
 
 class Reporter:

@@ -29,7 +29,7 @@ from jaxinfra import lock as lock_lib
 from jaxinfra import perf
 from jaxinfra import sharding as shd
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
-from jaxinfra.errors import Failed, UserError
+from jaxinfra.errors import Failed, UserError, naming
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter, Reporter
 from jaxinfra.names import path_str
@@ -257,7 +257,8 @@ class _Run:
 def _write(run: _Run, name: str, text: str) -> None:
     """A text file in the run folder (process 0 only)."""
     if run.lead:
-        with open(os.path.join(run.cfg.run.path, name), "w") as f:
+        path = os.path.join(run.cfg.run.path, name)
+        with naming(path), open(path, "w") as f:
             f.write(text)
 
 
