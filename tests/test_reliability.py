@@ -6,6 +6,7 @@ import shutil
 import signal
 import sys
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -177,51 +178,90 @@ def test_compare_on_a_hostile_export_exits_2(tmp_path, capsys):
 # 1. Damaged checkpoint bytes are refused on every read (resume, export, sampling), not loaded
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
+    """The user model's run, checkpointed at steps 5 and 10."""
     run = tmp_path_factory.mktemp("flips") / "run"
     args = [*NET, f"run.dir={run}", "checkpoint.every=5", "checkpoint.export_final=false"]
     jaxinfra.train_model(tiny_config(*args), Net, xent, dataset())
     return run, args, jaxinfra.read_params(str(run))[0]
 
 
+# The issue's model: arrays large enough that OCDBT stores them out of line in the per-process data
+# files, which carry no checksum of their own (smaller ones sit inline in CRC-checked b-tree nodes)
+LM = ["model.n_layers=1", "model.d_model=64", "model.d_ff=128", "model.seq_len=32", "data.batch_size=16",
+      "run.steps=10", "checkpoint.every=5", "run.eval_batches=0", "run.sample_tokens=0", "run.progress=false",
+      "run.plot=false", "checkpoint.export_final=false"]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lm_flips") / "run"
+    assert cli.main([*LM, f"run.dir={run}"]) == 0
+    return run
+
+
 def _flip(run, rng):
-    """One random byte of step 10's array data inverted; returns (file, offset). Once Orbax commits a
-    step, its arrays live in the merged OCDBT data files in state/d/ (the per-process ones under
-    ocdbt.process_*/ are no longer read)."""
-    files = sorted(p for p in (run / "checkpoints" / "10" / "state" / "d").iterdir() if p.is_file())
-    path = files[rng.integers(len(files))]
-    data = bytearray(path.read_bytes())
-    offset = int(rng.integers(len(data)))
+    """One byte of step 10's state inverted, chosen uniformly over its data files' bytes (so mostly
+    in array data); returns (file, offset)."""
+    files = sorted(p for p in (run / "checkpoints" / "10" / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+    sizes = np.array([p.stat().st_size for p in files])
+    at = int(rng.integers(sizes.sum()))
+    i = int(np.searchsorted(np.cumsum(sizes), at, side="right"))
+    offset = at - int(sizes[:i].sum())
+    data = bytearray(files[i].read_bytes())
     data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return path, offset
+    files[i].write_bytes(bytes(data))
+    return files[i].relative_to(run), offset
 
 
-def _flips(saved_run, tmp_path, n, seed):
-    run, args, original = saved_run
-    rng = np.random.default_rng(seed)
-    refused = 0
+def _restored(run, cfg, **kw):
+    """The whole train state restored from `run` onto a (2,2,2) mesh, as host arrays."""
+    from jaxinfra import checkpoint as ckpt_lib
+    from jaxinfra import sharding as shd
+    from steps import mesh_of, model_plan
+    mesh = mesh_of((2, 2, 2))
+    with jax.set_mesh(mesh):
+        ck = ckpt_lib.Checkpointer(str(run / "checkpoints"), read_only=True)
+        try:
+            return shd.gather(ckpt_lib.resume(ck, model_plan(cfg, mesh).abstract, say=lambda _: None, **kw))
+        finally:
+            ck.close()
+
+
+def _flips(lm_run, tmp_path, n, seed):
+    """n flips; each copy is read by read_params (the export path) and by a whole-state resume:
+    every read is refused or returns exactly the saved values. Returns the reads refused."""
+    cfg = tiny_config(*LM)
+    original = jaxinfra.read_params(str(lm_run))[0]
+    whole = jax.tree.leaves(_restored(lm_run, cfg))
+    rng, refused = np.random.default_rng(seed), 0
     for i in range(n):
         copy = tmp_path / f"copy{i}"
-        shutil.copytree(run, copy)
+        shutil.copytree(lm_run, copy)
         where = _flip(copy, rng)
-        cfg = tiny_config(*args, f"run.dir={copy}")
-        for read in (lambda: jaxinfra.read_params(str(copy))[0],
-                     lambda: {k: np.asarray(jaxinfra.gather(v[...])) for k, v in
-                              __import__("flax").nnx.state(jaxinfra.train_model(cfg, Net, xent, dataset())["model"],
-                                                           __import__("flax").nnx.Param).items()}):
+        reads = ((lambda: jaxinfra.read_params(str(copy))[0], lambda got: [got[k] for k in original],
+                  list(original.values())),
+                 (lambda: _restored(copy, cfg), jax.tree.leaves, whole))
+        for read, leaves, want in reads:
             try:
-                got = read()
+                got = leaves(read())
             except UserError as e:
                 assert "unreadable" in str(e) and "checkpoints/10" in str(e) and "\n" not in str(e), (where, str(e))
                 refused += 1
                 continue
-            for name, value in original.items():  # read without complaint: then the bytes it used were intact
-                np.testing.assert_array_equal(got[name], value, err_msg=str(where))
-        fallback = jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}", "checkpoint.fallback=true",
-                                                    "run.steps=11"), Net, xent, dataset())
-        assert fallback["start_step"] in (5, 10) and fallback["step"] == 11
+            for a, b in zip(got, want):  # read without complaint: then the bytes it used were intact
+                np.testing.assert_array_equal(a, b, err_msg=str(where))
+        assert int(_restored(copy, cfg, fallback=True).step) in (5, 10)
         shutil.rmtree(copy)
     return refused
+
+
+def test_flipped_bytes_in_array_data_are_refused(lm_run, tmp_path):
+    assert _flips(lm_run, tmp_path, 3, seed=0) >= 3  # of 6 reads; none returns a wrong value
+
+
+@pytest.mark.slow
+def test_many_flipped_bytes_are_refused(lm_run, tmp_path):
+    assert _flips(lm_run, tmp_path, 24, seed=1) >= 24  # of 48 reads; none returns a wrong value
 
 
 def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_path, capsys):
@@ -245,15 +285,6 @@ def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_pat
     final = jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}", "checkpoint.fallback=true", "run.steps=11"),
                                  Net, xent, dataset())
     assert final["start_step"] == 5
-
-
-def test_flipped_bytes_in_array_data_are_refused(saved_run, tmp_path):
-    assert _flips(saved_run, tmp_path, 3, seed=0) >= 4  # of 6 reads: none loads a wrong value
-
-
-@pytest.mark.slow
-def test_many_flipped_bytes_are_refused(saved_run, tmp_path):
-    assert _flips(saved_run, tmp_path, 20, seed=1) >= 30  # of 40 reads
 
 
 # 8. restore_step sets the newer steps aside; they go only once the run has committed a step of its own
