@@ -113,6 +113,24 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
     assert not (run_dir / ".jaxinfra.lock").exists()  # released at the end
 
 
+def test_two_writers_started_together_one_runs_one_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"run.dir={run_dir}", "run.steps=3", "run.log_every=1", "checkpoint.every=1", "checkpoint.keep=2"]
+    procs = [_start(args), _start(args)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        results.append((proc.returncode, err.strip().splitlines()))
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    assert len(refused) == 1 and f"run.dir={run_dir} is in use by process" in refused[0], refused
+    steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    assert steps == [2, 3]  # one writer's rotation: no orphan step
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # no duplicate or torn lines
+
+
 # 4. Every value a sparse export's metadata holds is checked before use
 def _sparse_file(tmp_path, encoding):
     """A valid sparse file holding one pruned tensor `w` (bitmask or 2:4), and its metadata."""
