@@ -5,8 +5,8 @@ parameters tensor by tensor (for exports, inspection and sampling).
 A run folder holds `checkpoints/<step>/`, one Orbax Composite per step: `state` (step, params,
 optimizer state: every leaf sharded as in training) and `meta` (JSON: resolved config, versions,
 mesh, data position, and the digest of every saved array: see digest.py). Every read (restore,
-export, sampling) checks the digests of what it read and refuses a damaged step. A step is complete once Orbax has committed it; an interrupted save is never
-listed. The data position is the number of global batches consumed, equal to the step, on any
+export, sampling) checks the digests of what it read and refuses a damaged step. A step is
+complete once Orbax has committed it; an interrupted save is never listed. The data position is the number of global batches consumed, equal to the step, on any
 number of processes (see data.py), so no per-process iterator state is needed to resume exactly.
 No other module names these folders or items.
 """
@@ -46,8 +46,8 @@ def digests_of(state: TrainState) -> dict[str, str]:
 
 def _verify(found: dict[str, str], expected: dict[str, str] | None, step: int, where: str) -> None:
     """Raise CorruptCheckpoint naming the first tensor whose bytes differ from those saved."""
-    for name, digest in found.items():
-        if expected is not None and name in expected and expected[name] != digest:
+    for name, digest in found.items() if expected is not None else ():
+        if name in expected and expected[name] != digest:
             raise CorruptCheckpoint(step, where, ValueError(
                 f"tensor {name} differs from the bytes saved (digest {digest}, recorded {expected[name]}): "
                 f"{os.path.join(where, str(step), STATE)} is damaged"))
@@ -344,7 +344,7 @@ def state_metadata(step_dir: str) -> Any:
     try:
         return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE).tree
     except Exception as e:
-        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({one_line(e, 200)})") from None
 
 
 def saved_record(step_dir: str) -> dict[str, Any]:

@@ -192,22 +192,20 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
 _BY_TAG = {tag: np.dtype(t) for tag, t in SAFETENSORS.values()}
 
 
+def _piece(f: Any, keys: set[str], key: str) -> tuple[tuple[int, ...], Any] | None:
+    """(shape, dtype) of a stored piece, from the header alone; None if the file has no such piece."""
+    if key not in keys:
+        return None
+    piece = f.get_slice(key)
+    return tuple(piece.get_shape()), _BY_TAG.get(piece.get_dtype(), piece.get_dtype())
+
+
 def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
     """The sparse rebuild info of a file's tensors, each checked against the header before use."""
     meta = f.metadata() or {}
     if meta.get("sparse") != "1":
         return {}
     keys = set(f.keys())
-
-    def stored(name: str) -> sparse.Stored:
-        def one(part: str) -> tuple[tuple[int, ...], Any] | None:
-            key = f"{name}.{part}"
-            if key not in keys:
-                return None
-            piece = f.get_slice(key)
-            return tuple(piece.get_shape()), _BY_TAG.get(piece.get_dtype(), piece.get_dtype())
-        return one
-
     out = {}
     for key, raw in meta.items():
         if not key.startswith(ENCODING):
@@ -215,10 +213,10 @@ def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
         name = key[len(ENCODING):]
         try:
             info = json.loads(raw)
-            sparse.check(info, stored(name))
+            sparse.check(info, lambda part: _piece(f, keys, f"{name}.{part}"))
         except ValueError as e:  # json's errors are ValueErrors too
-            raise UserError(f"{path}: __metadata__ entry {key} is not a valid encoding "
-                            f"({' '.join(str(e).split())[:200]})") from None
+            raise UserError(f"{path}: __metadata__ entry {key} is not a valid encoding ({one_line(e, 200)})"
+                            ) from None
         out[name] = info
     return out
 

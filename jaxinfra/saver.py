@@ -24,14 +24,14 @@ _all_finite = jax.jit(all_finite)  # on the device: no host pass over the state
 class Saver:
     """The run's checkpointer and exporter, asked once per step what is due."""
 
-    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, last_step: int, stop_after: int,
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, *, stop_after: int,
                  record: Callable[[int], dict[str, Any]], say: Callable[[str], None], lead: bool):
-        self.cfg, self.last_step, self.stop_after, self.record, self.say = cfg, last_step, stop_after, record, say
+        self.cfg, self.stop_after, self.record, self.say = cfg, stop_after, record, say
         self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
         self.exporter = export_lib.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead)
         self.start = 0
         self.aside: list[int] = []  # steps set aside by the resume, deleted once this run commits one
-        self.saved: list[int] = []  # steps this run saved
+        self.first_saved: int | None = None  # the first step this run saved
         self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
 
     def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
@@ -73,10 +73,10 @@ class Saver:
 
     def _drop_aside(self) -> None:
         """Once this run has committed a step, the steps set aside at the resume go for good."""
-        if self.aside and self.saved and self.ckpt.committed(self.saved[0]):
+        if self.aside and self.first_saved is not None and self.ckpt.committed(self.first_saved):
             self.ckpt.drop_aside()
             self.say(f"removed newer checkpoint steps {', '.join(map(str, self.aside))} (set aside at the resume) "
-                     f"now that step {self.saved[0]} is committed")
+                     f"now that step {self.first_saved} is committed")
             self.aside = []
 
     def watch_sigterm(self) -> Callable[[], None]:
@@ -113,7 +113,8 @@ class Saver:
             self.ckpt.wait()
             self.exporter.drain()
         self.ckpt.save(step, state, self.record(step))
-        self.saved.append(step)
+        if self.first_saved is None:
+            self.first_saved = step
 
     def finish(self) -> tuple[list[str], list[str]]:
         """Wait for the last save, write the exports still owed: (files written, one line per failure)."""

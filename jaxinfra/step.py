@@ -17,7 +17,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxinfra import sharding as shd
-from jaxinfra.errors import Diverged  # noqa: F401 (raised by the loop's components; importable from here)
 from jaxinfra.pruning import find_prune_state, sparsity_metrics
 
 ModelFn = Callable[[], nnx.Module]

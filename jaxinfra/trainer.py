@@ -224,7 +224,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         names = {"batch_size": "data.batch_size", "seed": "run.seed", "example": "the data source's example shapes",
                  **{k: name for k, (name, _) in (resume_keys or {}).items()}}
         recorded = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, peak_flops=peak))  # the caller's stays
-        saver = Saver(cfg.run.path, cfg.checkpoint, last_step=cfg.run.steps, stop_after=cfg.run.stop_after,
+        saver = Saver(cfg.run.path, cfg.checkpoint, stop_after=cfg.run.stop_after,
                       record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops

@@ -14,9 +14,12 @@ from safetensors.numpy import save_file
 
 import jaxinfra
 from conftest import TINY, tiny_config
+from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import cli, sparse
+from jaxinfra import sharding as shd
 from jaxinfra.errors import Diverged, UserError
 from test_resume import _start, _wait_for_line
+from steps import mesh_of, model_plan
 from test_user_model import BASE as NET, Net, dataset, xent
 
 
@@ -233,9 +236,6 @@ def _flip(run, rng):
 
 def _restored(run, cfg, **kw):
     """The whole train state restored from `run` onto a (2,2,2) mesh, as host arrays."""
-    from jaxinfra import checkpoint as ckpt_lib
-    from jaxinfra import sharding as shd
-    from steps import mesh_of, model_plan
     mesh = mesh_of((2, 2, 2))
     with jax.set_mesh(mesh):
         ck = ckpt_lib.Checkpointer(str(run / "checkpoints"), read_only=True)
@@ -362,7 +362,7 @@ def test_reading_a_step_that_rotation_removes_is_one_line(saved_run, tmp_path):
     run, _, _ = saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    step, tensors = __import__("jaxinfra.checkpoint", fromlist=["iter_params"]).iter_params(str(copy))
+    step, tensors = ckpt_lib.iter_params(str(copy))
     next(tensors)
     shutil.rmtree(copy / "checkpoints" / str(step))  # what a writer's rotation does with keep=1
     with pytest.raises(UserError, match=rf"checkpoints/{step} was removed while tensor \S+ was being read"):

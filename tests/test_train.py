@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfra import step as train
+from jaxinfra.errors import Diverged
 from jaxinfra.mesh import make_mesh
 from jaxinfra.metrics import MetricsWriter, Reporter
 from jaxinfra.trainer import Evaluator, fit
@@ -97,6 +97,6 @@ def test_fit_logs_every_step_in_order_and_evaluates(tiny, tmp_path):
 
 
 def test_divergence_stops_naming_the_step(tiny, tmp_path):
-    with pytest.raises(train.Diverged, match=r"at step \d+"):
+    with pytest.raises(Diverged, match=r"at step \d+"):
         _fit(tiny("optim.name=sgd", "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0"), steps=8,
              run_dir=tmp_path)
