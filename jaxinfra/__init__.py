@@ -34,6 +34,7 @@ _EXPORTS = {
     "train_model": ("trainer", "train_model"),
     "Finished": ("trainer", "Finished"),
     "TrainState": ("step", "TrainState"),
+    "build_model": ("step", "build_model"),
     # checkpoints and exports
     "Checkpointer": ("checkpoint", "Checkpointer"),
     "export_checkpoint": ("export", "export"),
@@ -42,6 +43,7 @@ _EXPORTS = {
     "read_params": ("checkpoint", "read_params"),
     # pruning
     "prune": ("pruning", "prune"),
+    "with_pruning": ("optim", "with_pruning"),
     "cubic_sparsity": ("pruning", "cubic_sparsity"),
     "sparsity_of": ("pruning", "sparsity_of"),
 }

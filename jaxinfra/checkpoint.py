@@ -34,6 +34,8 @@ from jaxinfra.step import TrainState
 STATE, META = "state", "meta"
 CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
 ASIDE = ".aside"  # in it: steps newer than a resume's, kept until the run commits a step of its own
+MODEL_STATE = "model_state"  # the state's item of other model variables (BatchNorm statistics)
+MODEL_ITEMS = ("params", MODEL_STATE)  # what makes the model: exports and init_from read these
 DIGESTS = "digests"  # the metadata record's entry: tensor path -> digest of its bytes at save
 
 
@@ -212,13 +214,15 @@ class Checkpointer:
             saved = self.saved_shapes(step)
         except Exception as e:  # metadata lives in the same files: truncation shows here first
             raise CorruptCheckpoint(step, self.directory, e) from None
-        check_shapes(saved, as_dict(target), step)
+        item = as_dict(target)
+        if MODEL_STATE not in saved and not jax.tree.leaves(target.model_state):
+            item.pop(MODEL_STATE)  # written before the state carried other variables: nothing is missing
+        check_shapes(saved, item, step)
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(
-                as_dict(target))}))[STATE]
+            out = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(item)}))[STATE]
         except Exception as e:  # a corrupt or truncated file surfaces here, from tensorstore
             raise CorruptCheckpoint(step, self.directory, e) from None
-        state = TrainState(**out)
+        state = TrainState(**{MODEL_STATE: {}, **out})
         if digests:
             _verify(digests_of(state), digests, step, self.directory)
         return state
@@ -365,21 +369,25 @@ def saved_config(step_dir: str) -> dict[str, Any] | None:
 
 
 class SavedParams:
-    """One step's parameters, read a whole tensor at a time as host arrays (every other leaf skipped)."""
+    """One step's model tensors (parameters, then other variables such as batch statistics), read a
+    whole tensor at a time as host arrays (the optimizer state is skipped)."""
 
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
         self.tree = state_metadata(step_dir)
         digests = saved_record(step_dir).get(DIGESTS)
         self.digests = digests if isinstance(digests, dict) else None  # None: written before digests
-        flat, _ = jax.tree_util.tree_flatten_with_path(self.tree["params"], is_leaf=lambda x: hasattr(x, "shape"))
-        self.entries = {tensor_name(p): (p, x) for p, x in flat}  # name -> (key path, shape/dtype metadata)
+        self.entries = {}  # name -> (item, key path, shape/dtype metadata); paths are unique across items
+        for item in MODEL_ITEMS:
+            flat, _ = jax.tree_util.tree_flatten_with_path(self.tree.get(item) or {},
+                                                           is_leaf=lambda x: hasattr(x, "shape"))
+            self.entries.update({tensor_name(p): (item, p, x) for p, x in flat})
 
     def read(self, name: str) -> np.ndarray:
         """One saved parameter as a whole host array."""
-        path = self.entries[name][0]
+        where, path, _ = self.entries[name]
         item = jax.tree.map(lambda _: ocp.PLACEHOLDER, self.tree, is_leaf=lambda x: hasattr(x, "shape"))
-        node = item["params"]
+        node = item[where]
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
         for k in keys[:-1]:
             node = node[k]
@@ -394,11 +402,11 @@ class SavedParams:
                                 f"this folder rotated it out: read a step it keeps, see checkpoint.keep_every)"
                                 ) from None
             raise UserError(f"{self.step_dir}: tensor {name} is unreadable ({one_line(e)})") from None
-        node = out["params"]
+        node = out[where]
         for k in keys:
             node = node[k]
         array = np.asarray(node)
-        key = f"params/{path_str(path)}"
+        key = f"{where}/{path_str(path)}"
         root, step = os.path.split(os.path.normpath(self.step_dir))
         _verify({key: f"{host_digest(array):08x}"}, self.digests, int(step) if step.isdigit() else -1, root)
         return array

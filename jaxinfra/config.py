@@ -68,7 +68,7 @@ class RunConfig:
     sample_tokens: int = 160  # bytes sampled per prompt at the end of the run; 0 = none
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class "])
     sample_temperature: float = 0.8
-    progress: bool = True  # console progress bar
+    progress: bool = True  # progress: a bar on a terminal, else one plain line every run.log_every steps
     plot: bool = True  # plots.png of the metrics in the run folder at the end
     stop_after: int = 0  # end this process after N steps of the run (checkpointed; a restart resumes)
     peak_flops: float = 0.0  # FLOP/s of the whole mesh, the denominator of MFU; 0 = measure a matmul
@@ -219,11 +219,18 @@ class DataConfig:
     path: str = ""  # "" = the running interpreter's standard-library sources; else file or folder
     glob: str = "*.py"  # files taken from a folder (recursively)
     batch_size: int = 32  # global batch, in windows of model.seq_len + 1 bytes
+    eval_batch_size: int = 0  # examples per evaluation batch; 0 = data.batch_size
     heldout_percent: float = 1.0  # files held out for eval, chosen by a hash of their path
+
+    @property
+    def eval_batch(self) -> int:
+        """Examples per evaluation batch."""
+        return self.eval_batch_size or self.batch_size
 
     def check(self) -> None:
         """The batch, which every trainer reads."""
         _at_least({"data.batch_size": self.batch_size}, 1, "be at least 1")
+        _at_least({"data.eval_batch_size": self.eval_batch_size}, 0, "not be negative")
 
     def check_corpus(self) -> None:
         """The LM job's corpus settings."""
@@ -279,7 +286,9 @@ class PruneConfig:
     criterion: str = "magnitude"  # magnitude | random (a baseline for benchmarks)
     distribution: str = "uniform"  # uniform (every tensor at `sparsity`) | erk (Erdos-Renyi-Kernel, scope layer)
     params: list[str] = field(default_factory=list)  # path globs (blocks/*/mlp/*) or logical axis names
-    # (mlp) of the tensors to prune; empty: the 2-D+ kernels of attention and MLP (no embeddings, norms)
+    # (mlp) of the tensors to prune (a 1-D tensor only by its full path); empty: every 2-D+ matmul or conv
+    # weight but the output layer, read from the forward pass (never embeddings, biases, norm scales)
+    exclude: list[str] = field(default_factory=list)  # path globs left dense (removed from the selection)
 
     @property
     def enabled(self) -> bool:
@@ -343,6 +352,8 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete step in the run folder
     restore_step: int = -1  # resume from this step instead of the newest
     fallback: bool = False  # if the chosen step is unreadable, resume from the previous good one
+    init_from: str = ""  # a fresh run starts from this model: a run folder (its newest step), a step folder
+    # (runs/x/checkpoints/200) or a safetensors export; fresh optimizer, step 0
     export_every: int = 0  # also save and export exports/model-<step>.safetensors every N steps (0: never);
     # these saves count towards `keep`
     export_final: bool = True  # ... and at the end of the run
@@ -356,6 +367,8 @@ class CheckpointConfig:
         _at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
                    "checkpoint.export_every": self.export_every}, 0, "not be negative")
         _at_least({"checkpoint.keep": self.keep}, 1, "be at least 1")
+        if self.init_from and not os.path.exists(self.init_from):
+            raise UserError(f"checkpoint.init_from={self.init_from}: no such run folder, step folder or export")
 
 
 @dataclass

@@ -224,19 +224,16 @@ def from_host(batch: Any, sharding: Any) -> Any:
 
 def fixed_batches(source: Source, global_batch: int, n_batches: int, name: str = "eval_source",
                   spec: Mapping[str, tuple[tuple[int, ...], Any]] | None = None) -> list[dict[str, np.ndarray]]:
-    """The first n_batches x global_batch examples of `source`, in order, as whole host batches
-    (fewer batches if the source is shorter; at least one)."""
+    """The first min(len(source), n_batches x global_batch) examples of `source`, in order, as whole
+    host batches of global_batch; the last one holds the rest when fewer (every example is used)."""
     check_source(source, name)
-    n = min(n_batches, len(source) // global_batch)
-    if n < 1:
-        raise UserError(f"{name} holds {len(source)} examples, fewer than one batch of "
-                        f"data.batch_size={global_batch}")
+    total = min(len(source), n_batches * global_batch)
     out = []
-    for g in range(n):
-        rows = [source[g * global_batch + r] for r in range(global_batch)]
+    for start in range(0, total, global_batch):
+        rows = [source[i] for i in range(start, min(start + global_batch, total))]
         if spec is not None:
             for r, example in enumerate(rows):
-                check_example(example, spec, name, g * global_batch + r, "as train_source's examples")
+                check_example(example, spec, name, start + r, "as train_source's examples")
         out.append({k: np.stack([np.asarray(e[k]) for e in rows]) for k in rows[0]})
     return out
 

@@ -134,7 +134,7 @@ def _prepare(directory: str, out: str, step: int | None, dtype: str | None, forc
         raise UserError(f"--out {out} exists; pass --force to overwrite it")
     saved = ckpt_lib.SavedParams(step_dir)
     entries = []
-    for name, (_, m) in saved.entries.items():
+    for name, (_, _, m) in saved.entries.items():
         dt = np.dtype(SAFETENSORS[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
             else np.dtype(m.dtype)
         entries.append((name, tuple(m.shape), dt))

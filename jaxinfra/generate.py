@@ -84,8 +84,8 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     mesh = make_mesh(-1, 1, 1)
     rules = cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
-        graphdef, abstract, logical = abstract_model(model_fn(cfg, mesh))
-        params = export.to_params(flat, abstract, shd.tree_shardings(logical, mesh, rules))
-        texts = sample(graphdef, params, prompts, n_tokens=n_tokens, seq_len=cfg.model.seq_len,
+        model = abstract_model(model_fn(cfg, mesh))
+        params = export.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules))
+        texts = sample(model.eval_def, params, prompts, n_tokens=n_tokens, seq_len=cfg.model.seq_len,
                        vocab_size=cfg.model.vocab_size, temperature=temperature, seed=seed, mesh=mesh, rules=rules)
     return texts, step

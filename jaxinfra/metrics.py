@@ -1,10 +1,12 @@
 """Step metrics on the host: fetched one step late, timed and reported (the Reporter), and where
-they go (metrics.jsonl, TensorBoard event files and a console progress bar)."""
+they go (metrics.jsonl, TensorBoard event files, and a progress bar on a terminal or one plain
+line per logged step when stdout is a file: CI and SLURM logs get lines, not carriage returns)."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -32,8 +34,9 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, total_steps: int, *, initial_step: int = 0, enabled: bool = True,
                  progress: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
+        self.enabled, self.total_steps = enabled, total_steps
         self._jsonl = self._tb = self._bar = None
+        self._lines = False  # progress as plain lines (stdout is not a terminal)
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -47,7 +50,8 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: optional at import time of the package
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        if progress:
+        self._lines = progress and not sys.stdout.isatty()
+        if progress and not self._lines:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              mininterval=1.0)
 
@@ -65,8 +69,10 @@ class MetricsWriter:
                     if isinstance(value, (int, float)):
                         self._tb.add_scalar(key, value, step)
 
-    def progress(self, step: int, **postfix: str) -> None:
-        """Move the bar to `step` and show the latest figures."""
+    def progress(self, step: int, logged: bool = True, **postfix: str) -> None:
+        """Move the bar to `step` and show the latest figures (without a terminal: a line when `logged`)."""
+        if self._lines and logged:
+            print(f"step {step}/{self.total_steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(postfix, refresh=False)
@@ -130,12 +136,13 @@ class Reporter:
         self.final.update(loss=values["loss"], step=step)
         if self.writer is None:
             return
-        if step % self.log_every == 0 or step == self.last_step:
+        logged = step % self.log_every == 0 or step == self.last_step
+        if logged:
             self.writer.write(step, values)
         shown = {"loss": f"{values['loss']:.3f}", self.unit: f"{values['tokens_per_sec']:,.0f}"}
         if "mfu" in values:
             shown["mfu"] = f"{values['mfu']:.1%}"
-        self.writer.progress(step, **shown)
+        self.writer.progress(step, logged, **shown)
 
     def evaluated(self, step: int, row: dict[str, float]) -> None:
         """An evaluation after `step` (its time is not step time): written, printed, kept in `final`."""

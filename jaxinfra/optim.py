@@ -9,6 +9,7 @@ import optax
 
 if TYPE_CHECKING:
     from jaxinfra.config import OptimConfig, PruneConfig
+    from jaxinfra.roles import Selection
 
 
 def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
@@ -25,6 +26,18 @@ def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def schedule_change(cfg: OptimConfig, old_steps: int | None, steps: int, step: int, known: bool = True) -> str:
+    """The line a resume prints when run.steps changed: what the schedule does at the resume step."""
+    if old_steps is None or old_steps == steps:
+        return ""
+    line = f"run.steps is {steps}, but step {step} was saved by a run of {old_steps} steps"
+    if known:
+        before, after = float(make_schedule(cfg, old_steps)(step)), float(make_schedule(cfg, steps)(step))
+        line += (f": the learning rate jumps from {before:.6g} to {after:.6g} at step {step}" if before != after
+                 else f": the learning rate at step {step} stays {after:.6g}, the rest of the schedule is stretched")
+    return line + "; for a bit-exact continuation keep run.steps and stop early with run.stop_after"
 
 
 def _decay_mask(params: Any) -> Any:
@@ -44,29 +57,26 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTran
 }
 
 
-def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None, logical: Any = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule.
-
-    `logical` (the logical PartitionSpec tree of the parameters) lets prune.params name logical axes
-    and is checked: a pattern that selects no parameter raises UserError.
-    """
+def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None,
+                   selection: Selection | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule."""
     schedule = make_schedule(cfg, steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule))
-    p = prune_cfg
-    if p is None or not p.enabled:
+    if prune_cfg is None or not prune_cfg.enabled:
         return tx, schedule
-    from jaxinfra.errors import UserError
-    from jaxinfra.pruning import cubic_sparsity, make_include, prune, unmatched
-    if logical is not None and p.params:
-        missing = unmatched(list(p.params), logical, logical)
-        if missing:
-            raise UserError(f"prune.params: {', '.join(map(repr, missing))} matches no parameter (give path globs "
-                            f"such as 'blocks/*/mlp/*' or logical axis names)")
+    return with_pruning(tx, prune_cfg, selection), schedule
+
+
+def with_pruning(tx: optax.GradientTransformation, p: PruneConfig, selection: Selection | None = None
+                 ) -> optax.GradientTransformation:
+    """`tx` wrapped in the magnitude pruning prune config `p` describes, of the tensors `selection`
+    takes (roles.select: every 2-D+ kernel but the output layer by default) along their input features."""
+    from jaxinfra.pruning import cubic_sparsity, default_include, prune
     end = p.last_update  # N:M masks are set once, at start_step, whatever the schedule
     sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)
-    return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=p.nm,
-                 scope=p.scope, include=make_include(list(p.params), logical),
-                 erk=p.sparsity if p.distribution == "erk" else None, criterion=p.criterion), schedule
+    where = {"include": selection.include, "nm_axis": selection.axis} if selection is not None \
+        else {"include": default_include}
+    return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=p.nm, scope=p.scope,
+                 erk=p.sparsity if p.distribution == "erk" else None, criterion=p.criterion, **where)

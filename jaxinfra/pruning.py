@@ -11,19 +11,17 @@ of |w| (for non-negative floats the uint32 order is the float order), counting `
 shard and summing (a scalar all-reduce); all tensors bisect together in one loop, one vector of
 counts per round. Ties at the threshold are broken by flat index with a second bisection (run only
 when some tensor has to split its ties), so exactly round(s * n) entries are pruned. N:M keeps
-the N largest of each group of M consecutive entries along the kernel's input dimension (dim 0),
-a local operation.
+the N largest of each group of M consecutive entries along the kernel's input-feature dimension
+(`nm_axis`: dim 0 of a Linear, the input channels of a Conv), a local operation.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from jaxinfra.names import path_str
 
@@ -31,38 +29,9 @@ Include = Callable[[tuple[Any, ...], jax.Array], bool]
 
 
 def default_include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
-    """Kernels of 2 or more dimensions, but not embeddings or the output head."""
+    """Without a model to trace: tensors of 2 or more dimensions not named embed or head (the
+    trainer passes `roles.select(...)` instead, which reads each tensor's role from the forward pass)."""
     return leaf.ndim >= 2 and not ({"embed", "head"} & set(path_str(path).split("/")))
-
-
-def _axis_names(spec: Any) -> set[str]:
-    """Logical axis names of one PartitionSpec (entries may be tuples of names)."""
-    out: set[str] = set()
-    for entry in tuple(spec) if spec is not None else ():
-        out.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
-    return out
-
-
-def make_include(patterns: Sequence[str], logical: Any = None) -> Include:
-    """Which parameters to prune: those whose path matches a glob (blocks/*/mlp/*) or that name a
-    logical axis in `patterns` (e.g. mlp); no patterns: `default_include`."""
-    if not patterns:
-        return default_include
-    names = {}
-    if logical is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))
-        names = {path_str(p): _axis_names(spec) for p, spec in flat}
-
-    def include(path: tuple[Any, ...], leaf: jax.Array) -> bool:
-        where = path_str(path)
-        return any(fnmatch.fnmatchcase(where, pat) or pat in names.get(where, ()) for pat in patterns)
-    return include
-
-
-def unmatched(patterns: Sequence[str], params: Any, logical: Any = None) -> list[str]:
-    """The patterns that select no parameter (a user error: probably a typo)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [pat for pat in patterns if not any(make_include([pat], logical)(p, x) for p, x in flat)]
 
 
 def erk_sparsities(shapes: Sequence[tuple[int, ...]], sparsity: float) -> list[float]:
@@ -147,8 +116,10 @@ def exact_mask(w: jax.Array, k: jax.Array) -> jax.Array:
     return _select([_bits(w)], [0], jnp.reshape(k, (1,)))[0]
 
 
-def n_of_m_mask(w: jax.Array, n: int, m: int) -> jax.Array:
-    """True where kept: the n largest |w| of each group of m consecutive entries along dim 0."""
+def n_of_m_mask(w: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
+    """True where kept: the n largest |w| of each group of m consecutive entries along `axis`."""
+    if axis != 0:
+        return jnp.moveaxis(n_of_m_mask(jnp.moveaxis(w, axis, 0), n, m), 0, axis)
     if w.shape[0] % m:
         raise ValueError(f"dim 0 of size {w.shape[0]} is not divisible by M={m}")
     g = jnp.abs(w.astype(jnp.float32)).reshape(w.shape[0] // m, m, *w.shape[1:])
@@ -203,12 +174,14 @@ def find_prune_state(opt_state: Any) -> PruneState | None:
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
           update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
           scope: str = "layer", include: Include = default_include, erk: float | None = None,
-          criterion: str = "magnitude") -> optax.GradientTransformation:
+          criterion: str = "magnitude", nm_axis: Callable[[tuple[Any, ...], jax.Array], int] = lambda p, x: 0
+          ) -> optax.GradientTransformation:
     """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
     (step - start) % update_every == 0, and at `end` (N:M masks once, at `start`). `step` counts
     the updates done before this one. erk=S: per-tensor targets from the ERK distribution for a
     total sparsity S, each tensor following `sparsity(step) / S` of its own target (scope layer).
-    criterion="random" ranks by fixed random scores instead of |w| (the baseline magnitude must beat)."""
+    criterion="random" ranks by fixed random scores instead of |w| (the baseline magnitude must beat).
+    nm_axis(path, param) names the dimension N:M groups run along (the input features)."""
 
     def scores(leaves: list[jax.Array]) -> list[jax.Array]:
         if criterion == "magnitude":
@@ -228,7 +201,8 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
         leaves = scores([x for _, x in flat])
         old = jax.tree.leaves(masks)
         if nm is not None:
-            out = [n_of_m_mask(x, *nm) if c else o for x, c, o in zip(leaves, chosen, old)]
+            out = [n_of_m_mask(x, *nm, nm_axis(p, x)) if c else o
+                   for (p, _), x, c, o in zip(flat, leaves, chosen, old)]
         elif not any(chosen):
             out = old
         else:

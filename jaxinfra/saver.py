@@ -71,6 +71,12 @@ class Saver:
         self.start = step
         return state
 
+    def saved_steps(self, step: int) -> int | None:
+        """run.steps of the run that saved `step` (None when its record does not say)."""
+        saved = self.ckpt.meta(step).get("config")
+        steps = saved.get("run", {}).get("steps") if isinstance(saved, dict) else None
+        return steps if isinstance(steps, int) else None
+
     def _drop_aside(self) -> None:
         """Once this run has committed a step, the steps set aside at the resume go for good."""
         if self.aside and self.first_saved is not None and self.ckpt.committed(self.first_saved):
@@ -107,7 +113,7 @@ class Saver:
             self.exporter.request(step)
 
     def _save(self, step: int, state: TrainState) -> None:
-        if not bool(_all_finite((state.params, state.opt_state))):  # never save a diverged state to resume from
+        if not bool(_all_finite((state.params, state.opt_state, state.model_state))):  # never save a diverged state to resume from
             raise Diverged(f"parameters or optimizer state became NaN or Inf at step {step}; not checkpointed")
         if self.exporter.busy:  # this save may rotate out a step still to be exported
             self.ckpt.wait()

@@ -27,16 +27,19 @@ from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
 from jaxinfra import lock as lock_lib
 from jaxinfra import perf
+from jaxinfra import roles
 from jaxinfra import sharding as shd
+from jaxinfra import warmstart
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
 from jaxinfra.errors import Failed, UserError, naming
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter, Reporter
 from jaxinfra.names import path_str
-from jaxinfra.optim import make_optimizer
-from jaxinfra.pruning import find_prune_state, layer_sparsity, make_include
+from jaxinfra.optim import make_optimizer, schedule_change, with_pruning
+from jaxinfra.pruning import erk_sparsities, find_prune_state, layer_sparsity
 from jaxinfra.saver import Saver
-from jaxinfra.step import Field, LossFn, ModelFn, StepPlan, TrainState, abstract_model, make_eval_step, plan_step
+from jaxinfra.step import (RESERVED, Field, LossFn, ModelDef, ModelFn, StepPlan, TrainState, abstract_model,
+                           make_eval_step, plan_step, split_loss)
 
 EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 
@@ -44,16 +47,21 @@ EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 class Finished(NamedTuple):
     """What `on_finish` receives after the last step (inside the mesh scope)."""
 
-    graphdef: nnx.GraphDef
+    graphdef: nnx.GraphDef  # the model in eval mode (nnx.merge with state.params when it has no other variables)
     state: TrainState
     mesh: Mesh
     rules: dict[str, tuple[str, ...]]
     final: dict[str, Any]  # the figures train_model returns; on_finish may add to them
+    model: ModelDef  # model.module(state.params, state.model_state) rebuilds the trained module
 
 
 def check_batch(cfg: Config, divisor: int) -> None:
-    """The (micro-)batch must split over the batch mesh axes and the processes."""
+    """The (micro-)batch and the eval batch must split over the batch mesh axes and the processes."""
     micro = cfg.data.batch_size // cfg.optim.grad_accum
+    E = cfg.data.eval_batch
+    if E % divisor or E % jax.process_count():
+        raise UserError(f"data.eval_batch_size={E} is not divisible by the batch mesh axes ({divisor} ways) and the "
+                        f"{jax.process_count()} processes")
     if divisor % jax.process_count():
         raise UserError(f"the batch mesh axes split the batch {divisor} ways, fewer than (or not a multiple of) "
                         f"the {jax.process_count()} processes: each process must own distinct rows; "
@@ -66,43 +74,72 @@ def check_batch(cfg: Config, divisor: int) -> None:
                             f"= {micro} is not divisible by {what}")
 
 
-def check_nm(cfg: Config, plan: StepPlan) -> None:
-    """N:M groups run along dim 0 of each pruned kernel: it, and each device's shard of it, must divide by M."""
+def check_nm(cfg: Config, plan: StepPlan, selection: roles.Selection | None) -> None:
+    """N:M groups run along each pruned kernel's input-feature dimension: it, and each device's shard
+    of it, must divide by M."""
     nm = cfg.prune.nm
-    if nm is None:
+    if nm is None or selection is None:
         return
-    include = make_include(list(cfg.prune.params), plan.logical)  # the tensors prune.params selects
     flat, _ = jax.tree_util.tree_flatten_with_path(plan.abstract.params)
     for path, a in flat:
-        if include(path, a):
-            local = a.sharding.shard_shape(a.shape)[0]
-            if a.shape[0] % nm[1] or local % nm[1]:
-                raise UserError(f"prune.pattern={cfg.prune.pattern}: parameter {path_str(path)} has "
-                                f"input dim {a.shape[0]} ({local} per device), not divisible by M={nm[1]}")
+        name = path_str(path)
+        if name in selection.chosen:
+            axis = selection.chosen[name]
+            size, local = a.shape[axis], a.sharding.shard_shape(a.shape)[axis]
+            if size % nm[1] or local % nm[1]:
+                raise UserError(f"prune.pattern={cfg.prune.pattern}: parameter {name} ({'x'.join(map(str, a.shape))}) "
+                                f"groups along dim {axis}, the input features its matmul or conv contracts, of size "
+                                f"{size} ({local} per device), not divisible by M={nm[1]}; leave it dense with "
+                                f"prune.exclude=['{name}']")
 
 
-def check_logical(logical: Any, rules: Mapping[str, Any]) -> None:
-    """Every logical axis a parameter names needs a rule: name the parameter and the axis."""
+def check_logical(logical: Any, rules: Mapping[str, Any], what: str = "parameter") -> None:
+    """Every logical axis a variable names needs a rule: name the variable and the axis."""
     flat, _ = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     for path, spec in flat:
         for entry in spec:
             for name in entry if isinstance(entry, tuple) else (entry,):
                 if name is not None and name not in rules:
                     raise UserError(
-                        f"model_fn: parameter {path_str(path)} names logical "
+                        f"model_fn: {what} {path_str(path)} names logical "
                         f"axis {name!r}, which mesh.rules does not map (mapped: {', '.join(sorted(rules))}); "
                         f"add mesh.rules.{name}=[...] (mesh axes, or [] to replicate)")
 
 
-def _scalar_check(fn: Callable, plan: StepPlan, what: str) -> None:
-    """Trace fn(model, micro-batch) abstractly: its output must be a scalar (loss_fn) or a dict of them (eval_fn)."""
-    out = jax.eval_shape(lambda p, b: fn(nnx.merge(plan.graphdef, p), b), plan.abstract.params, plan.micro)
-    leaves = out.items() if isinstance(out, Mapping) else [(None, out)]
-    for key, leaf in leaves:
-        shape = getattr(leaf, "shape", None)
-        if shape != ():
-            label = f"{what}[{key!r}]" if key is not None else what
-            raise UserError(f"{label} returned shape {shape}, expected a scalar")
+def _describe(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    return f"shape {shape}" if shape is not None else type(x).__name__
+
+
+def check_outputs(fn: Callable, model: ModelDef, micro: Any, what: str, *, train: bool) -> None:
+    """Trace fn(model, micro-batch) abstractly: loss_fn returns a scalar or (scalar, {name: scalar});
+    eval_fn a dict of scalars."""
+    out = jax.eval_shape(lambda p, s, b: fn(model.module(p, s, train=train), b), model.params, model.state, micro)
+    if what == "loss_fn":
+        if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], Mapping)):
+            raise UserError(f"loss_fn returned a tuple of {len(out)} ({', '.join(map(_describe, out))}): return the "
+                            f"loss, or (loss, {{name: scalar}}) to log metrics beside it")
+        loss, aux = split_loss(out)
+        items = [("", loss)] + [(f"[1][{k!r}]", v) for k, v in aux.items()]
+        taken = [k for k in aux if k in RESERVED or str(k).startswith("sparsity/")]
+        if taken:
+            raise UserError(f"loss_fn's metric {taken[0]!r} has the name of a metric the trainer logs itself "
+                            f"({', '.join(RESERVED)}): rename it")
+    elif isinstance(out, Mapping):
+        items = [(f"[{k!r}]", v) for k, v in out.items()]
+    else:
+        raise UserError(f"eval_fn returned {_describe(out)}, expected a dict of scalars such as {{'loss': ...}}")
+    for label, leaf in items:
+        if getattr(leaf, "shape", None) != ():
+            raise UserError(f"{what}{label} returned {_describe(leaf)}, expected a scalar")
+
+
+def loss_eval(loss_fn: LossFn) -> EvalFn:
+    """The default eval_fn: loss_fn's loss and metrics, on the model in eval mode."""
+    def eval_fn(model: nnx.Module, batch: Any) -> dict[str, jax.Array]:
+        loss, aux = split_loss(loss_fn(model, batch))
+        return {"loss": loss, **aux}
+    return eval_fn
 
 
 def _fields(spec: Mapping[str, tuple[tuple[int, ...], Any]],
@@ -133,12 +170,15 @@ class Evaluator:
         return self.evaluate(state)
 
 
-def mean_eval(eval_step: Callable[[Any, Any], Any], batches: list[Any]) -> Callable[[TrainState], dict[str, float]]:
-    """`evaluate` for an Evaluator: eval_step's outputs averaged over fixed batches, as eval_<name> (loss first)."""
+def mean_eval(eval_step: Callable[[Any, Any, Any], Any], batches: list[tuple[Any, int]]
+              ) -> Callable[[TrainState], dict[str, float]]:
+    """`evaluate` for an Evaluator: eval_step's outputs (means over a batch) averaged over fixed
+    (batch, examples) pairs weighted by their examples, so a shorter last batch counts exactly."""
     def evaluate(state: TrainState) -> dict[str, float]:
-        outs = [jax.device_get(eval_step(state.params, b)) for b in batches]
-        keys = sorted(outs[0], key=lambda k: (k != "loss", k))
-        return {f"eval_{k}": float(np.mean([float(o[k]) for o in outs])) for k in keys}
+        outs = [(jax.device_get(eval_step(state.params, state.model_state, b)), n) for b, n in batches]
+        keys = sorted(outs[0][0], key=lambda k: (k != "loss", k))
+        total = sum(n for _, n in outs)
+        return {f"eval_{k}": sum(float(o[k]) * n for o, n in outs) / total for k in keys}
     return evaluate
 
 
@@ -171,16 +211,20 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     """Train any NNX model on cfg's mesh: init or resume, compile, fit, evaluate, checkpoint, export.
 
     model_fn() builds the model (parameters annotated with logical axis names that cfg.mesh.rules
-    maps); loss_fn(model, batch) returns a scalar; train_source / eval_source are random-access
+    maps; any other nnx.Variable, e.g. BatchNorm statistics, is carried and checkpointed; nnx.Dropout's
+    RNG streams are reseeded from (run.seed, step) every step); loss_fn(model, batch) returns a scalar
+    or (scalar, {name: scalar}) whose metrics are logged beside it; train_source / eval_source are random-access
     sources (len, [i]) of examples, dicts of numpy arrays, batched to cfg.data.batch_size.
     example_spec: {key: (shape, dtype)} every example must match (default: the first example's).
     batch_axes: logical names of each batch entry's dimensions (default: ("batch", None, ...)).
-    eval_fn(model, batch) -> dict of scalars averaged over the eval batches (default: {"loss": loss}).
+    eval_fn(model, batch) -> dict of means over the batch, averaged over every eval example (default:
+    loss_fn's loss and metrics); the model is in eval mode (running averages, no dropout).
     optimizer: (tx, schedule) instead of the one built from cfg.optim and cfg.prune.
     tokens_per_example and flops_per_token give tokens_per_sec and MFU (logged when flops are known),
     against the matmul peak in compute_dtype unless cfg.run.peak_flops gives it.
     resume_keys: {meta key: (config name, value)} a resumed run must keep (batch size and seed always).
-    Returns the final figures (loss, step, eval_*, ...) and "model", the trained module.
+    optimizer with prune.* set is wrapped in pruning unless it prunes already.
+    Returns the final figures (loss, step, eval_*, ...) and "model", the trained module (eval mode).
     Raises UserError (a ValueError) for bad input before compiling the train step.
     """
     t_start = time.perf_counter()
@@ -195,7 +239,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     else:
         spec = first
     B = cfg.data.batch_size
-    eval_host = data_lib.fixed_batches(eval_source, B, cfg.run.eval_batches, "eval_source", spec) \
+    eval_host = data_lib.fixed_batches(eval_source, cfg.data.eval_batch, cfg.run.eval_batches, "eval_source", spec) \
         if eval_source is not None and cfg.run.eval_batches else []
     m, rules = cfg.mesh, cfg.mesh.logical_rules
     mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
@@ -207,17 +251,19 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         scope.enter_context(lock_lib.held(cfg.run.path, lead=lead, say=say))  # before anything is written there
         scope.enter_context(jax.set_mesh(mesh))
         say(describe(mesh))
-        _, _, logical = abstract_model(model_fn)  # checked here to name the parameter
-        check_logical(logical, rules)
-        tx, schedule = optimizer if optimizer is not None else make_optimizer(cfg.optim, cfg.run.steps, cfg.prune,
-                                                                               logical=logical)
-        plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
-                         schedule=schedule, allowed_unused=list(DEFAULT_RULES))
-        check_nm(cfg, plan)
-        _scalar_check(loss_fn, plan, "loss_fn")
-        eval_fn = eval_fn or (lambda model, batch: {"loss": loss_fn(model, batch)})
+        model = abstract_model(model_fn)
+        check_logical(model.logical, rules)  # checked here to name the parameter
+        check_logical(model.state_logical, rules, "variable")
+        micro = {k: jax.ShapeDtypeStruct((B // cfg.optim.grad_accum,) + f.shape, f.dtype) for k, f in fields.items()}
+        check_outputs(loss_fn, model, micro, "loss_fn", train=True)
+        eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
-            _scalar_check(eval_fn, plan, "eval_fn")
+            check_outputs(eval_fn, model, micro, "eval_fn", train=False)
+        selection = _selection(cfg, model, loss_fn, micro, say) if cfg.prune.enabled else None
+        tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
+        plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
+                         schedule=schedule, allowed_unused=list(DEFAULT_RULES), seed=cfg.run.seed, model=model)
+        check_nm(cfg, plan, selection)
         data_meta = {"batch_size": B, "seed": cfg.run.seed,
                      "example": {k: [list(s), str(np.dtype(d))] for k, (s, d) in spec.items()},
                      **{k: v for k, (_, v) in (resume_keys or {}).items()}}
@@ -229,11 +275,57 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
         state = saver.restore(plan.abstract, data_meta, names)
-        state = state if state is not None else plan.init()[0]
+        if state is not None:
+            line = schedule_change(cfg.optim, saver.saved_steps(int(state.step)), cfg.run.steps, int(state.step),
+                                   known=optimizer is None)
+            if line:
+                say(line)
+            if cfg.checkpoint.init_from:
+                say(f"checkpoint.init_from={cfg.checkpoint.init_from} is not used: this run resumes its own step")
+        elif cfg.checkpoint.init_from:
+            params, model_state, source = warmstart.load(cfg.checkpoint.init_from, model, plan.shardings)
+            state = plan.start_from(params, model_state)
+            say(f"initialised the model from {source}; fresh optimizer state, step 0")
+        else:
+            state = plan.init()[0]
         run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
                    tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
                    compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish)
         return _train(run, state, train_source, spec, eval_host)
+
+
+def _selection(cfg: Config, model: ModelDef, loss_fn: LossFn, micro: Any, say: Callable[..., None]
+               ) -> roles.Selection:
+    """Which tensors prune.* takes, read from the traced forward pass, and the start-up table of them."""
+    found = roles.find_roles(lambda p, s, b: split_loss(loss_fn(model.module(p, s, train=True), b))[0],
+                             model.params, model.state, micro)
+    selection = roles.select(model.params, model.logical, found, cfg.prune.params, cfg.prune.exclude)
+    p = cfg.prune
+    shapes = {path_str(q): x.shape for q, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    if p.nm is not None:
+        targets = {k: f"{p.pattern} along dim {d}" for k, d in selection.chosen.items()}
+    elif p.distribution == "erk":
+        erk = erk_sparsities([shapes[k] for k in selection.chosen], p.sparsity)
+        targets = {k: f"{s:.1%}" for k, s in zip(selection.chosen, erk)}
+    else:
+        targets = {k: f"{p.sparsity:.1%}" + (" (global threshold)" if p.scope == "global" else "")
+                   for k in selection.chosen}
+    say("pruning:\n  " + "\n  ".join(roles.describe(selection, model.params, targets)))
+    return selection
+
+
+def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Schedule | None] | None,
+               model: ModelDef, selection: roles.Selection | None, say: Callable[..., None]
+               ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+    """cfg's optimizer, or the caller's, wrapped in prune.* unless it prunes already (never silently dense)."""
+    if given is None:
+        return make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
+    tx, schedule = given
+    if cfg.prune.enabled and find_prune_state(jax.eval_shape(tx.init, model.params)) is None:
+        say("prune.* is set: the optimizer passed to train_model is wrapped in pruning (jaxinfra.with_pruning; "
+            "pass an optimizer that already prunes to place it yourself)")
+        tx = with_pruning(tx, cfg.prune, selection)
+    return tx, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +378,14 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
                         flops_per_token=run.flops_per_token, peak_flops=cfg.run.peak_flops)
     evaluator = None
     if eval_host:
-        eval_step = make_eval_step(plan.graphdef, run.eval_fn, plan.shardings.params, plan.micro_shardings, plan.mesh)
-        eval_set = [data_lib.from_host(b, plan.micro_shardings) for b in eval_host]
+        eval_step = make_eval_step(plan.model, run.eval_fn, plan.mesh)
+        divisor = shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules) * jax.process_count()
+        rows = [len(next(iter(b.values()))) for b in eval_host]
+        # a shorter last batch that the batch axes cannot split is evaluated whole on every device
+        eval_set = [(data_lib.from_host(b, plan.micro_shardings if n % divisor == 0 else shd.replicated(plan.mesh)), n)
+                    for b, n in zip(eval_host, rows)]
+        say(f"evaluation: {sum(rows):,} examples in {len(rows)} batches"
+            + (f" (the last of {rows[-1]})" if rows[-1] != rows[0] else ""))
         evaluator = Evaluator(mean_eval(eval_step, eval_set), cfg.run.eval_every, cfg.run.steps)
     saver.say = reporter.print  # lines during the loop must not break the progress bar
     profile = perf.ProfileWindow(os.path.join(cfg.run.path, "profile"), list(cfg.run.profile_steps))
@@ -304,14 +402,14 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
         writer.close()
         saver.say = say
 
-    final = {"start_step": start, **reporter.final, "model": nnx.merge(plan.graphdef, state.params)}
+    final = {"start_step": start, **reporter.final, "model": plan.model.module(state.params, state.model_state)}
     if run.lead and cfg.run.plot:
         _plot(cfg.run.path, say)
     if saver.stopped_at is not None:
         return {**final, "stopped_at": saver.stopped_at}
     _report_sparsity(run, state)
     if run.on_finish is not None:
-        run.on_finish(Finished(plan.graphdef, state, plan.mesh, dict(cfg.mesh.logical_rules), final))
+        run.on_finish(Finished(plan.graphdef, state, plan.mesh, dict(cfg.mesh.logical_rules), final, plan.model))
     written, failed = saver.finish()
     for path in written:
         say(f"exported {path}")

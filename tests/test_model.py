@@ -29,7 +29,8 @@ def test_forward_shape_and_causality(tiny):
 
 def test_every_parameter_names_logical_axes(tiny):
     cfg = tiny()
-    _, abstract, logical = abstract_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    abstract, logical = model.params, model.logical
     shapes = jax.tree.leaves(abstract)
     specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert len(shapes) == len(specs) == 2 + 2 * 9 + 1

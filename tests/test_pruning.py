@@ -141,29 +141,35 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
     table = (run_dir / "sparsity.txt").read_text()
     assert f"{'blocks/1/mlp/w_up':32s} {1024:10,d} {2048:10,d} {0.5:8.2%}" in table  # d_model 32 x d_ff 64
     assert "sparsity per pruned tensor" in capsys.readouterr().out
-    assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:8"]) == 2  # d_model 32 / fsdp 2 = 16
-    assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:32"]) == 2
-    assert "not divisible by M=32" in capsys.readouterr().err
+    # groups run along each kernel's input features: wo (heads, kv, embed) along kv, of size 8
+    assert cli.main([*TINY, f"run.dir={tmp_path / 'nm'}", "prune.pattern=3:16"]) == 2
+    err = capsys.readouterr().err
+    assert "parameter blocks/0/attn/wo (4x8x32) groups along dim 1" in err and "not divisible by M=16" in err, err
 
 
 def test_parameters_chosen_by_path_glob_or_logical_name():
     from jaxinfra.config import load_config
     from jaxinfra.errors import UserError
     from jaxinfra.optim import make_optimizer
+    from jaxinfra.roles import select
     params = _params()
     logical = {"a": {"kernel": P("embed", "mlp")}, "b": {"kernel": P("embed", "heads", "kv")},
                "norm": {"scale": P("norm")}, "embed": P("vocab", "embed")}
-    for chosen, want in ((["a/*"], {"a"}), (["heads"], {"b"}), (["norm/*", "mlp"], {"a", "norm"})):
+    # a 1-D tensor only by its full path: a glob that matches it (norm/*) alone does not take it
+    for chosen, exclude, want in ((["a/*"], [], {"a"}), (["heads"], [], {"b"}), (["norm/scale", "mlp"], [], {"a", "norm"}),
+                                  (["*"], ["embed"], {"a", "b"})):
         cfg = load_config(None, ["prune.sparsity=0.5", "prune.schedule=oneshot", "prune.start_step=0",
-                                 f"prune.params={chosen}"])
-        tx, _ = make_optimizer(cfg.optim, 10, cfg.prune, logical=logical)
+                                 f"prune.params={chosen}", f"prune.exclude={exclude}"])
+        selection = select(params, logical, {}, cfg.prune.params, cfg.prune.exclude)
+        tx, _ = make_optimizer(cfg.optim, 10, cfg.prune, selection)
         state = tx.init(params)
         updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
         pruned = {k for k, v in state.masks.items() if any(m.ndim and not bool(m.all()) for m in jax.tree.leaves(v))}
         assert pruned == want, chosen
-    cfg = load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.params=[blocks/*/mpl/*, a/*]"])
-    with pytest.raises(UserError, match="'blocks/\\*/mpl/\\*' matches no parameter"):
-        make_optimizer(cfg.optim, 10, cfg.prune, logical=logical)
+    with pytest.raises(UserError, match="prune.params: 'blocks/\\*/mpl/\\*' matches no parameter"):
+        select(params, logical, {}, ["blocks/*/mpl/*", "a/*"])
+    with pytest.raises(UserError, match="prune.exclude: 'nrm/\\*' matches no parameter"):
+        select(params, logical, {}, [], ["nrm/*"])
 
 
 def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():

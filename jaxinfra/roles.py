@@ -1,0 +1,248 @@
+"""What each parameter does in the forward pass, and so which ones pruning takes by default.
+
+Names lie (a 10-class output layer called `linear2`, a position table called `pos_embed/embedding`),
+so roles are read from the traced loss instead: a parameter that reaches the weight operand of a
+matmul or convolution (through casts, reshapes and transposes only) is a *kernel*, and the
+dimension it contracts with the input's features is its input-feature dimension (where N:M groups
+run: dim 0 of a Linear `(in, out)`, the input channels of a Conv `(..., in, out)`); one that is
+looked up (a gather) is an *embedding*, even when it also serves as a tied output projection; the
+kernel of the last matmul in the forward pass is the *output layer*. The default selection is
+every 2-D+ kernel but the output layer: never embeddings, position tables, biases or norm scales,
+whatever the model calls them. This covers nnx.Linear, LinearGeneral, Einsum and Conv and models
+that hold raw Params (ours, nanodo's) alike.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jaxinfra.errors import UserError
+from jaxinfra.names import path_str
+
+Dims = tuple[tuple[int, ...], ...]  # per dimension of a value: the parameter dimensions it came from
+# Primitives that only move or cast a parameter's entries: its role survives them.
+_SAME = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint", "device_put",
+         "mesh_cast", "optimization_barrier"}
+
+
+class Role(NamedTuple):
+    """One parameter's use: kind (kernel, embedding or other), the input-feature dimension of a
+    kernel, and the position of its last matmul in the forward pass (-1: none)."""
+
+    kind: str
+    in_dim: int | None
+    order: int
+
+
+def _reshape_dims(dims: Dims, old: Sequence[int], new: Sequence[int]) -> Dims:
+    """The origin of each dimension after a row-major reshape: merged dimensions pool their origins."""
+    out: list[tuple[int, ...]] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        gi, gj = [i], [j]  # grow the smaller side until both cover the same number of elements
+        a, b = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b and i < len(old):
+                a *= old[i]; gi.append(i); i += 1
+            elif j < len(new):
+                b *= new[j]; gj.append(j); j += 1
+            else:
+                break
+        origin = tuple(o for k in gi if k < len(old) for o in dims[k])
+        out.extend(origin for k in gj if k < len(new))
+    return tuple(out[:len(new)])
+
+
+class _Trace:
+    """Walks a jaxpr (and the jaxprs inside it) following each parameter through shape-only ops."""
+
+    def __init__(self) -> None:
+        self.kind: dict[int, str] = {}
+        self.in_dim: dict[int, int] = {}
+        self.order: dict[int, int] = {}
+        self.count = 0
+
+    def _kernel(self, leaf: int, dims: Dims, contracting: Sequence[int]) -> None:
+        self.count += 1
+        self.order[leaf] = self.count
+        if self.kind.get(leaf) != "embedding":
+            self.kind[leaf] = "kernel"
+        origin = [o for d in contracting for o in dims[d]]
+        if origin:  # features run fastest along the minor-most contracted dimension
+            self.in_dim.setdefault(leaf, origin[-1])
+
+    def walk(self, jaxpr: Any, env: dict[Any, tuple[int, Dims]]) -> list[tuple[int, Dims] | None]:
+        """Record the roles found in `jaxpr`; env maps its tracked invars; returns its outvars' tracks."""
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            ins = [env.get(v) if not isinstance(v, jax.extend.core.Literal) else None for v in eqn.invars]
+            if not any(ins):
+                continue
+            first = ins[0]
+            outs: list[tuple[int, Dims] | None] = [None] * len(eqn.outvars)
+            if name in _SAME and first is not None:
+                outs = [ins[k] for k in range(len(eqn.outvars))]
+            elif name == "transpose" and first is not None:
+                outs[0] = (first[0], tuple(first[1][p] for p in eqn.params["permutation"]))
+            elif name == "reshape" and first is not None:
+                outs[0] = (first[0], _reshape_dims(first[1], eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape))
+            elif name == "squeeze" and first is not None:
+                drop = {d % len(first[1]) for d in eqn.params["dimensions"]}
+                outs[0] = (first[0], tuple(d for k, d in enumerate(first[1]) if k not in drop))
+            elif name == "broadcast_in_dim" and first is not None:
+                dims: list[tuple[int, ...]] = [()] * len(eqn.outvars[0].aval.shape)
+                for k, d in enumerate(eqn.params["broadcast_dimensions"]):
+                    dims[d] = first[1][k]
+                outs[0] = (first[0], tuple(dims))
+            elif name == "slice" and first is not None:
+                outs[0] = first
+            elif name == "dot_general":
+                (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]
+                for track, contracting in zip(ins[:2], (lhs_c, rhs_c)):
+                    if track is not None:
+                        self._kernel(track[0], track[1], contracting)
+            elif name == "conv_general_dilated" and len(ins) > 1 and ins[1] is not None:
+                rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
+                self._kernel(ins[1][0], ins[1][1], [rhs_spec[1]])
+            elif name in ("gather", "dynamic_slice") and first is not None:
+                self.kind[first[0]] = "embedding"  # looked up by index: a table, not a weight
+            else:
+                outs = self._nested(eqn, ins)
+            for v, track in zip(eqn.outvars, outs):
+                if track is not None:
+                    env[v] = track
+        return [env.get(v) if not isinstance(v, jax.extend.core.Literal) else None for v in jaxpr.outvars]
+
+    def _nested(self, eqn: Any, ins: list) -> list:
+        """Follow tracked operands into a jit, remat, custom-derivative, cond or scan body."""
+        outs: list = [None] * len(eqn.outvars)
+        for key, sub in eqn.params.items():
+            for one in sub if isinstance(sub, (tuple, list)) else (sub,):
+                inner = getattr(one, "jaxpr", one)
+                if not hasattr(inner, "eqns"):
+                    continue
+                args = ins[1:] if eqn.primitive.name == "cond" else ins
+                if eqn.primitive.name == "scan":  # xs lose their leading (scanned) dimension
+                    n = eqn.params["num_consts"] + eqn.params["num_carry"]
+                    args = args[:n] + [(t[0], t[1][1:]) if t is not None else None for t in args[n:]]
+                if len(inner.invars) != len(args):
+                    continue
+                found = self.walk(inner, {v: t for v, t in zip(inner.invars, args) if t is not None})
+                if len(found) == len(outs) and eqn.primitive.name not in ("scan", "while"):
+                    outs = [o or f for o, f in zip(outs, found)]
+        return outs
+
+
+def find_roles(forward: Callable[..., Any], params: Any, *args: Any) -> dict[str, Role]:
+    """Each parameter's role in forward(params, *args) (traced abstractly): path -> Role."""
+    jaxpr = jax.make_jaxpr(forward)(params, *args).jaxpr
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    trace = _Trace()
+    trace.walk(jaxpr, {v: (i, tuple((d,) for d in range(len(x.shape))))
+                       for i, (v, (_, x)) in enumerate(zip(jaxpr.invars, flat))})
+    return {path_str(p): Role(trace.kind.get(i, "other"), trace.in_dim.get(i), trace.order.get(i, -1))
+            for i, (p, _) in enumerate(flat)}
+
+
+def output_layer(roles: Mapping[str, Role]) -> str | None:
+    """The kernel of the forward pass's last matmul (None if that is an embedding: tied weights)."""
+    last = max(roles.items(), key=lambda kv: kv[1].order, default=None)
+    return last[0] if last is not None and last[1].order > 0 and last[1].kind == "kernel" else None
+
+
+def _axis_names(spec: Any) -> set[str]:
+    """Logical axis names of one PartitionSpec (entries may be tuples of names)."""
+    out: set[str] = set()
+    for entry in tuple(spec) if spec is not None else ():
+        out.update(entry if isinstance(entry, tuple) else (entry,) if entry else ())
+    return out
+
+
+def _matches(pattern: str, path: str, names: set[str], ndim: int) -> bool:
+    """A glob or a logical axis name; a 1-D tensor only when named exactly."""
+    if ndim < 2:
+        return pattern == path
+    return fnmatch.fnmatchcase(path, pattern) or pattern in names
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tensors pruning takes (path -> their input-feature dimension) and, for every other
+    parameter, why not."""
+
+    chosen: dict[str, int]
+    skipped: dict[str, str]
+
+    def include(self, path: tuple[Any, ...], leaf: Any) -> bool:
+        """prune()'s `include`: whether this parameter is pruned."""
+        return path_str(path) in self.chosen
+
+    def axis(self, path: tuple[Any, ...], leaf: Any) -> int:
+        """prune()'s `nm_axis`: the dimension N:M groups run along."""
+        return self.chosen.get(path_str(path), 0)
+
+
+def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Sequence[str] = (),
+           exclude: Sequence[str] = ()) -> Selection:
+    """By default every 2-D+ kernel but the output layer; `params` (globs or logical axis names)
+    selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    specs = {path_str(p): _axis_names(s) for p, s in
+             jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]}
+    out_layer = output_layer(roles)
+    chosen: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    used: set[str] = set()
+    for p, x in flat:
+        path, role = path_str(p), roles.get(path_str(p), Role("other", None, -1))
+        hit = [pat for pat in params if _matches(pat, path, specs.get(path, set()), len(x.shape))]
+        gone = [pat for pat in exclude if fnmatch.fnmatchcase(path, pat)]
+        used.update(hit + gone)
+        if gone:
+            skipped[path] = f"prune.exclude {gone[0]!r}"
+        elif params and not hit:
+            skipped[path] = "not in prune.params"
+        elif params:
+            chosen[path] = role.in_dim if role.in_dim is not None else 0
+        elif len(x.shape) < 2:
+            skipped[path] = "1-D (bias, norm scale)"
+        elif role.kind == "embedding":
+            skipped[path] = "embedding (looked up)"
+        elif path == out_layer:
+            skipped[path] = "output layer"
+        elif role.kind != "kernel":
+            skipped[path] = "not a matmul or conv weight (position table, scale)"
+        else:
+            chosen[path] = role.in_dim if role.in_dim is not None else 0
+    for key, patterns in (("prune.params", params), ("prune.exclude", exclude)):
+        missing = [pat for pat in patterns if pat not in used]
+        if missing:
+            raise UserError(f"{key}: {', '.join(map(repr, missing))} matches no parameter (give path globs such "
+                            f"as 'blocks/*/mlp/*'{' or logical axis names' if key == 'prune.params' else ''}; "
+                            f"a 1-D tensor only by its full path)")
+    if not chosen:
+        raise UserError("prune: no parameter is selected for pruning (the model has no 2-D+ matmul or conv weight "
+                        "besides its output layer): name tensors with prune.params")
+    return Selection(chosen, skipped)
+
+
+def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) -> list[str]:
+    """The start-up table: each pruned tensor (shape, target), then what is left out and why."""
+    shapes = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    rows = [f"{'tensor':32s} {'shape':>16s}  target"]
+    rows += [f"{path:32s} {'x'.join(map(str, shapes[path])):>16s}  {targets[path]}" for path in selection.chosen]
+    why: dict[str, list[str]] = {}
+    for path, reason in selection.skipped.items():
+        why.setdefault(reason, []).append(path)
+    for reason, paths in why.items():
+        shown = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+        rows.append(f"not pruned, {reason}: {shown}")
+    total = sum(math.prod(shapes[p]) for p in selection.chosen)
+    rows.append(f"{len(selection.chosen)} tensors, {total:,} weights pruned")
+    return rows
