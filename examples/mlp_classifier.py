@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "data.batch_size=64", "optim.lr=3e-3", "optim.warmup_steps=5", "optim.weight_decay=0.0",
             "prune.sparsity=0.5", f"prune.start_step={args.steps // 5}", f"prune.end_step={args.steps * 3 // 5}",
             f"prune.every={max(args.steps // 20, 1)}", "checkpoint.every=20", *args.overrides])
-        jaxinfra.use_cpu_devices(cfg.mesh.cpu_devices)  # 8 simulated devices where there is only a CPU
+        jaxinfra.setup_devices(cfg)  # 8 simulated CPU devices (and jax.distributed when distributed.* is set)
         result = jaxinfra.train_model(cfg, lambda: make_model(cfg.run.seed), loss_fn, Blobs(4096, seed=0),
                                       Blobs(256, seed=1), eval_fn=eval_fn)
     except jaxinfra.UserError as e:

@@ -19,6 +19,7 @@ _EXPORTS = {
     "make_mesh": ("mesh", "make_mesh"),
     "describe": ("mesh", "describe"),
     "use_cpu_devices": ("mesh", "use_cpu_devices"),
+    "setup_devices": ("cli", "setup_devices"),
     "init_distributed": ("mesh", "init_distributed"),
     # logical axis rules -> shardings
     "logical_to_spec": ("sharding", "logical_to_spec"),

@@ -115,5 +115,8 @@ def test_any_random_access_source_keeps_the_seeded_global_order():
         np.testing.assert_array_equal(np.concatenate([halves[0][g]["y"], halves[1][g]["y"]]), whole[g]["y"])
     with pytest.raises(UserError, match="train_source: expected a random-access source"):
         data.train_batches(iter(examples), 8, seed=0)
-    with pytest.raises(UserError, match="eval_source holds 40 examples, fewer than one batch of data.batch_size=64"):
-        data.fixed_batches(examples, 64, 1)
+    # evaluation uses every example: a source shorter than a batch is one shorter batch, a remainder its own batch
+    assert [len(b["y"]) for b in data.fixed_batches(examples, 64, 1)] == [40]
+    assert [len(b["y"]) for b in data.fixed_batches(examples, 16, 4)] == [16, 16, 8]
+    assert [len(b["y"]) for b in data.fixed_batches(examples, 16, 2)] == [16, 16]  # run.eval_batches caps it
+    assert np.concatenate([b["y"] for b in data.fixed_batches(examples, 16, 4)]).tolist() == list(range(40))

@@ -15,7 +15,20 @@ def _load(name):
 
 
 def test_every_example_is_tested():
-    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == ["mesh_only", "mlp_classifier"]
+    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == ["cnn_classifier", "mesh_only", "mlp_classifier"]
+
+
+def test_cnn_classifier_with_batchnorm_and_dropout_trains_prunes_2_4_and_exports(tmp_path, capsys):
+    assert _load("cnn_classifier").main(["--steps", "12", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "conv2/kernel" in out and "2:4 along dim 2" in out  # groups along conv2's input channels
+    accuracy = float(out.split("held-out accuracy ")[1].split(",")[0])
+    assert accuracy > 0.3  # 10 classes: chance is 0.1
+    assert (tmp_path / "checkpoints" / "12").is_dir()
+    from jaxinfra.export import load
+    flat = load(str(tmp_path / "exports" / "model-12.safetensors"))
+    assert {"bn1.mean", "bn1.var", "bn2.mean", "bn2.var"} <= set(flat)  # batch statistics beside the weights
+    assert ((flat["conv2.kernel"] != 0).reshape(3, 3, 4, 4, 32).sum(axis=3) == 2).all()
 
 
 def test_mlp_classifier_trains_prunes_and_checkpoints(tmp_path, capsys):
