@@ -58,10 +58,6 @@ class Finished(NamedTuple):
 def check_batch(cfg: Config, divisor: int) -> None:
     """The (micro-)batch and the eval batch must split over the batch mesh axes and the processes."""
     micro = cfg.data.batch_size // cfg.optim.grad_accum
-    E = cfg.data.eval_batch
-    if E % divisor or E % jax.process_count():
-        raise UserError(f"data.eval_batch_size={E} is not divisible by the batch mesh axes ({divisor} ways) and the "
-                        f"{jax.process_count()} processes")
     if divisor % jax.process_count():
         raise UserError(f"the batch mesh axes split the batch {divisor} ways, fewer than (or not a multiple of) "
                         f"the {jax.process_count()} processes: each process must own distinct rows; "
@@ -72,6 +68,10 @@ def check_batch(cfg: Config, divisor: int) -> None:
         if micro % n:
             raise UserError(f"data.batch_size={cfg.data.batch_size} / optim.grad_accum={cfg.optim.grad_accum} "
                             f"= {micro} is not divisible by {what}")
+    E = cfg.data.eval_batch_size
+    if E and (E % divisor or E % jax.process_count()):
+        raise UserError(f"data.eval_batch_size={E} is not divisible by the batch mesh axes ({divisor} ways) and the "
+                        f"{jax.process_count()} processes")
 
 
 def check_nm(cfg: Config, plan: StepPlan, selection: roles.Selection | None) -> None:
