@@ -48,7 +48,8 @@ def load(path: str, model: ModelDef, shardings: TrainState) -> tuple[Any, Any, s
             x = read(name)
             if tuple(x.shape) != tuple(a.shape):
                 raise UserError(f"{key}: tensor {name} has shape {tuple(x.shape)}, the model's is {tuple(a.shape)}")
-            out.append(jax.device_put(np.asarray(x).astype(a.dtype), sh))
+            x = np.asarray(x).astype(a.dtype)  # every process read the whole tensor: each places its shards
+            out.append(jax.make_array_from_callback(x.shape, sh, lambda index, x=x: x[index]))
         return jax.tree_util.tree_unflatten(treedef, out)
 
     params = place(model.params, shardings.params, "parameter")

@@ -202,8 +202,9 @@ def decoder_loss(model, batch):
 def test_default_selection_of_a_decoder_skips_embeddings_position_table_and_head(tmp_path, capsys):
     tokens = np.random.default_rng(0).integers(0, 64, (64, 17)).astype(np.int32)
     cfg = tiny_config(f"run.dir={tmp_path}", "run.steps=2", "prune.sparsity=0.5", "prune.schedule=oneshot",
-                      "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1", "checkpoint.export_final=false")
-    jaxinfra.train_model(cfg, lambda: Decoder(nnx.Rngs(0)), decoder_loss, [{"tokens": t} for t in tokens])
+                      "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "checkpoint.export_final=false")
+    jaxinfra.train_model(cfg, lambda: Decoder(nnx.Rngs(0)), decoder_loss, [{"tokens": t} for t in tokens],
+                         mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     table = capsys.readouterr().out.split("pruning:\n")[1].split("model:")[0]
     chosen = [line.split()[0] for line in table.splitlines()[1:] if line.strip() and not line.strip()[0].isdigit()
               and not line.strip().startswith("not pruned")]
