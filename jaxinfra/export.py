@@ -7,7 +7,7 @@ host holds about the largest tensor, not the model.
 
 A sparse export stores each pruned tensor as `<name>.values` plus either `<name>.mask` (np.packbits
 of the nonzero positions, row-major) or, for N:M tensors, `<name>.indices` (uint8 position of each
-kept value inside its group of M along dim 0); the `__metadata__` entry `encoding.<name>` holds its
+kept value inside its group of M along the kernel's input-feature dim, `axis`); the `__metadata__` entry `encoding.<name>` holds its
 shape, dtype and layout as JSON. Other tensors stay dense under their own names. "Zero" means all
 bits zero, so -0.0 and NaN survive the round trip bitwise.
 """

@@ -1,5 +1,5 @@
 """Compressed forms of pruned tensors (pure numpy): values plus a packed bitmask, or N:M values plus
-in-group indices; and the exact inverse.
+in-group indices (groups along the dimension pruning used: `axis`, 0 when absent); and the exact inverse.
 
 "Zero" means all bits zero, so -0.0 and NaN count as values and every tensor comes back bitwise.
 A tensor is stored compressed only when that takes fewer bytes than the dense tensor.
@@ -25,11 +25,22 @@ def _groups(x: np.ndarray, m: int) -> np.ndarray:
     return x.reshape(x.shape[0] // m, m, -1)
 
 
-def nm_of(nz: np.ndarray, pattern: tuple[int, int] | None) -> tuple[int, int] | None:
-    """(N, M) when every group of M along dim 0 holds at most N nonzeros (the configured pattern), or,
-    with no pattern, when every group of some M in NM_DETECT holds exactly the same N <= M/2."""
+def nm_of(nz: np.ndarray, pattern: tuple[int, int] | None) -> tuple[int, int, int] | None:
+    """(N, M, axis) when every group of M along `axis` holds at most N nonzeros (the configured
+    pattern), or, with no pattern, when every group of some M in NM_DETECT holds exactly the same
+    N <= M/2. Axes are tried from dim 0 (a Linear's input features), then the rest (a Conv's input
+    channels sit at dim -2)."""
     if nz.ndim < 2 or nz.size == 0:
         return None
+    for axis in range(nz.ndim):
+        found = _nm_along_0(np.moveaxis(nz, axis, 0), pattern)
+        if found is not None:
+            return (*found, axis)
+    return None
+
+
+def _nm_along_0(nz: np.ndarray, pattern: tuple[int, int] | None) -> tuple[int, int] | None:
+    """nm_of along dim 0 only."""
     if pattern is not None:
         n, m = pattern
         ok = m <= 256 and nz.shape[0] % m == 0 and int(_groups(nz, m).sum(axis=1).max()) <= n
@@ -52,12 +63,13 @@ def encode(name: str, w: np.ndarray, pattern: tuple[int, int] | None = None) -> 
     how: dict[str, Any] = {"shape": list(w.shape), "dtype": str(w.dtype)}
     nm = nm_of(nz, pattern)
     if nm is not None and n // nm[1] * nm[0] * (b + 1) < n * b:
-        keep, m = nm
+        keep, m, axis = nm
+        nz_g, w_g = _groups(np.moveaxis(nz, axis, 0), m), _groups(np.moveaxis(w, axis, 0), m)
         # per group, the positions of its nonzeros first (stable, so in order), padded with zero positions
-        idx = np.argsort(~_groups(nz, m), axis=1, kind="stable")[:, :keep]
-        values = np.take_along_axis(_groups(w, m), idx, axis=1)
+        idx = np.argsort(~nz_g, axis=1, kind="stable")[:, :keep]
+        values = np.take_along_axis(w_g, idx, axis=1)
         return ([(f"{name}.values", values.reshape(-1)), (f"{name}.indices", idx.astype(np.uint8).reshape(-1))],
-                {"encoding": "nm", "n": keep, "m": m, **how})
+                {"encoding": "nm", "n": keep, "m": m, **({"axis": axis} if axis else {}), **how})
     k = int(nz.sum())
     if k * b + (n + 7) // 8 < n * b:
         flat = nz.reshape(-1)
@@ -72,7 +84,8 @@ def bound(name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[list[tupl
     n = math.prod(shape)
     # two 1-D pieces (the longer suffix) outweigh the one dense entry, and n bounds every count in them
     pieces = [(f"{name}.values", (n,), dtype), (f"{name}.indices", (n,), np.uint8)]
-    return pieces, {"encoding": "bitmask", "n": 256, "m": 256, "shape": list(shape), "dtype": str(np.dtype(dtype))}
+    return pieces, {"encoding": "bitmask", "n": 256, "m": 256, "axis": 8, "shape": list(shape),
+                    "dtype": str(np.dtype(dtype))}
 
 
 Stored = Callable[[str], "tuple[tuple[int, ...], np.dtype] | None"]  # a piece's (shape, dtype) from the header
@@ -105,8 +118,11 @@ def check(how: Any, stored: Stored) -> None:
     keep, m = how.get("n"), how.get("m")
     if not (isinstance(keep, int) and isinstance(m, int) and 0 < keep < m <= 256):
         raise ValueError(f"N:M = {keep!r}:{m!r} is not 0 < N < M <= 256")
-    if shape[0] % m or k != n // m * keep:
-        raise ValueError(f"shape {shape} with {keep}:{m} does not hold {k} values")
+    axis = how.get("axis", 0)
+    if not (isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < len(shape)):
+        raise ValueError(f"axis {axis!r} is not a dimension of shape {shape}")
+    if shape[axis] % m or k != n // m * keep:
+        raise ValueError(f"shape {shape} with {keep}:{m} along dim {axis} does not hold {k} values")
     indices = stored("indices")
     if indices is None or indices[1] != np.uint8 or tuple(indices[0]) != (k,):
         raise ValueError(f"its .indices piece is missing or not {k} uint8 entries")
@@ -126,11 +142,12 @@ def decode(how: dict[str, Any], piece: Callable[[str], np.ndarray]) -> np.ndarra
         out[where] = values
         return out.reshape(shape)
     if how["encoding"] == "nm":
-        keep, m = int(how["n"]), int(how["m"])
-        out = np.zeros((shape[0] // m, m, math.prod(shape[1:])), dtype)
-        idx = piece("indices").astype(np.intp).reshape(shape[0] // m, keep, -1)
+        keep, m, axis = int(how["n"]), int(how["m"]), int(how.get("axis", 0))
+        moved = (shape[axis],) + shape[:axis] + shape[axis + 1:]  # the grouped axis first, as encoded
+        out = np.zeros((moved[0] // m, m, math.prod(moved[1:])), dtype)
+        idx = piece("indices").astype(np.intp).reshape(moved[0] // m, keep, -1)
         if idx.size and int(idx.max()) >= m:
             raise ValueError(f"an index {int(idx.max())} is outside its group of {m}")
         np.put_along_axis(out, idx, values.reshape(idx.shape), axis=1)
-        return out.reshape(shape)
+        return np.moveaxis(out.reshape(moved), 0, axis)
     raise ValueError(f"unknown sparse encoding {how['encoding']!r}")

@@ -112,7 +112,7 @@ def test_encode_keeps_dense_what_would_not_shrink_and_pads_short_groups():
     pieces, how = sparse.encode("w", w, (2, 4))
     assert how["encoding"] == "nm" and dict(pieces)["w.values"].size == 2 * 2 * 8
     np.testing.assert_array_equal(sparse.decode(how, dict((k[2:], v) for k, v in pieces).__getitem__), w)
-    assert sparse.nm_of(sparse.nonzero(w), (2, 8)) == (2, 8)
+    assert sparse.nm_of(sparse.nonzero(w), (2, 8)) == (2, 8, 0)  # (N, M, the axis groups run along)
     assert sparse.nm_of(sparse.nonzero(rng.normal(size=(8, 8))), (2, 4)) is None
 
 
@@ -146,3 +146,19 @@ def test_reserved_header_bounds_the_real_one():
         tally.add(name, np.ones(shape, dt))
     assert len(export_lib._header(tally.stored, tally.meta)) <= export_lib._reserve(names, base)
     assert export_lib._reserve(names, base) % 8 == 0 and math.prod(names[0][1]) == 3
+
+
+def test_n_of_m_along_conv_input_channels_round_trips_compactly():
+    from jaxinfra import sparse
+    from jaxinfra.pruning import n_of_m_mask
+    w = np.asarray(jax.random.normal(jax.random.key(3), (3, 3, 16, 8)), np.float32)
+    w = np.where(np.asarray(n_of_m_mask(jnp.asarray(w), 2, 4, axis=2)), w, 0)  # 2:4 along in-channels
+    for pattern in ((2, 4), None):  # configured, or detected
+        pieces, how = sparse.encode("k", w, pattern)
+        assert how["encoding"] == "nm" and how["axis"] == 2 and (how["n"], how["m"]) == (2, 4)
+        stored = dict(pieces)
+        sparse.check(how, lambda p: (stored[f"k.{p}"].shape, stored[f"k.{p}"].dtype) if f"k.{p}" in stored else None)
+        assert stored["k.values"].size == w.size // 2
+        np.testing.assert_array_equal(sparse.decode(how, lambda p: stored[f"k.{p}"]), w)
+    with pytest.raises(ValueError, match="axis 4 is not a dimension"):
+        sparse.check({**how, "axis": 4}, lambda p: (stored[f"k.{p}"].shape, stored[f"k.{p}"].dtype))
