@@ -43,5 +43,5 @@ def describe_checkpoint(directory: str, step: int | None = None, verify: bool = 
         else:
             for _ in saved:  # each read checks its digest; a mismatch raises UserError naming the tensor
                 pass
-            lines.append(f"verified: the {len(saved.entries)} parameters match the digests recorded at save")
+            lines.append(f"verified: the {len(saved.entries)} model tensors match the digests recorded at save")
     return lines

@@ -16,13 +16,17 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
+
+if TYPE_CHECKING:
+    from jaxinfra.config import PruneConfig
+    from jaxinfra.step import ModelDef
 
 Dims = tuple[tuple[int, ...], ...]  # per dimension of a value: the parameter dimensions it came from
 # Primitives that only move or cast a parameter's entries: its role survives them.
@@ -246,3 +250,41 @@ def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) ->
     total = sum(math.prod(shapes[p]) for p in selection.chosen)
     rows.append(f"{len(selection.chosen)} tensors, {total:,} weights pruned")
     return rows
+
+
+def for_config(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, say: Callable[..., None]) -> Selection:
+    """The tensors prune.* takes, read from the traced forward pass, and the start-up table of them."""
+    from jaxinfra.pruning import erk_sparsities
+    from jaxinfra.step import split_loss
+    found = find_roles(lambda q, s, b: split_loss(loss_fn(model.module(q, s, train=True), b))[0],
+                       model.params, model.state, micro)
+    selection = select(model.params, model.logical, found, p.params, p.exclude)
+    shapes = {path_str(q): x.shape for q, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    if p.nm is not None:
+        targets = {k: f"{p.pattern} along dim {d}" for k, d in selection.chosen.items()}
+    elif p.distribution == "erk":
+        erk = erk_sparsities([shapes[k] for k in selection.chosen], p.sparsity)
+        targets = {k: f"{s:.1%}" for k, s in zip(selection.chosen, erk)}
+    else:
+        targets = {k: f"{p.sparsity:.1%}" + (" (global threshold)" if p.scope == "global" else "")
+                   for k in selection.chosen}
+    say("pruning:\n  " + "\n  ".join(describe(selection, model.params, targets)))
+    return selection
+
+
+def check_nm(p: PruneConfig, abstract: Any, selection: Selection | None) -> None:
+    """N:M groups run along each pruned kernel's input-feature dimension: it, and each device's shard
+    of it (`abstract` carries the shardings), must divide by M."""
+    nm = p.nm
+    if nm is None or selection is None:
+        return
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name = path_str(path)
+        if name in selection.chosen:
+            axis = selection.chosen[name]
+            size, local = a.shape[axis], a.sharding.shard_shape(a.shape)[axis]
+            if size % nm[1] or local % nm[1]:
+                raise UserError(f"prune.pattern={p.pattern}: parameter {name} ({'x'.join(map(str, a.shape))}) "
+                                f"groups along dim {axis}, the input features its matmul or conv contracts, of size "
+                                f"{size} ({local} per device), not divisible by M={nm[1]}; leave it dense with "
+                                f"prune.exclude=['{name}']")

@@ -25,23 +25,24 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
+from jaxinfra import evaluation
 from jaxinfra import lock as lock_lib
 from jaxinfra import perf
 from jaxinfra import roles
 from jaxinfra import sharding as shd
 from jaxinfra import warmstart
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
+from jaxinfra.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
 from jaxinfra.errors import Failed, UserError, naming
 from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import MetricsWriter, Reporter
 from jaxinfra.names import path_str
 from jaxinfra.optim import make_optimizer, schedule_change, with_pruning
-from jaxinfra.pruning import erk_sparsities, find_prune_state, layer_sparsity
+from jaxinfra.pruning import find_prune_state, layer_sparsity
 from jaxinfra.saver import Saver
 from jaxinfra.step import (RESERVED, Field, LossFn, ModelDef, ModelFn, StepPlan, TrainState, abstract_model,
                            make_eval_step, plan_step, split_loss)
 
-EvalFn = Callable[[nnx.Module, Any], Mapping[str, jax.Array]]
 
 
 class Finished(NamedTuple):
@@ -72,25 +73,6 @@ def check_batch(cfg: Config, divisor: int) -> None:
     if E and (E % divisor or E % jax.process_count()):
         raise UserError(f"data.eval_batch_size={E} is not divisible by the batch mesh axes ({divisor} ways) and the "
                         f"{jax.process_count()} processes")
-
-
-def check_nm(cfg: Config, plan: StepPlan, selection: roles.Selection | None) -> None:
-    """N:M groups run along each pruned kernel's input-feature dimension: it, and each device's shard
-    of it, must divide by M."""
-    nm = cfg.prune.nm
-    if nm is None or selection is None:
-        return
-    flat, _ = jax.tree_util.tree_flatten_with_path(plan.abstract.params)
-    for path, a in flat:
-        name = path_str(path)
-        if name in selection.chosen:
-            axis = selection.chosen[name]
-            size, local = a.shape[axis], a.sharding.shard_shape(a.shape)[axis]
-            if size % nm[1] or local % nm[1]:
-                raise UserError(f"prune.pattern={cfg.prune.pattern}: parameter {name} ({'x'.join(map(str, a.shape))}) "
-                                f"groups along dim {axis}, the input features its matmul or conv contracts, of size "
-                                f"{size} ({local} per device), not divisible by M={nm[1]}; leave it dense with "
-                                f"prune.exclude=['{name}']")
 
 
 def check_logical(logical: Any, rules: Mapping[str, Any], what: str = "parameter") -> None:
@@ -134,14 +116,6 @@ def check_outputs(fn: Callable, model: ModelDef, micro: Any, what: str, *, train
             raise UserError(f"{what}{label} returned {_describe(leaf)}, expected a scalar")
 
 
-def loss_eval(loss_fn: LossFn) -> EvalFn:
-    """The default eval_fn: loss_fn's loss and metrics, on the model in eval mode."""
-    def eval_fn(model: nnx.Module, batch: Any) -> dict[str, jax.Array]:
-        loss, aux = split_loss(loss_fn(model, batch))
-        return {"loss": loss, **aux}
-    return eval_fn
-
-
 def _fields(spec: Mapping[str, tuple[tuple[int, ...], Any]],
             batch_axes: Mapping[str, Sequence[str | None]] | None) -> dict[str, Field]:
     """Each example entry with the logical names of a batch of it (default: batch, then unsharded)."""
@@ -153,33 +127,6 @@ def _fields(spec: Mapping[str, tuple[tuple[int, ...], Any]],
                             f"{key!r} has {len(shape) + 1} (batch, then {shape})")
         out[key] = Field(tuple(shape), dtype, names)
     return out
-
-
-class Evaluator:
-    """Runs `evaluate(state) -> {eval_name: value}` every `every` steps and after the last step."""
-
-    def __init__(self, evaluate: Callable[[TrainState], dict[str, float]], every: int, last_step: int):
-        self.evaluate, self.every, self.last_step = evaluate, every, last_step
-
-    def due(self, step: int) -> bool:
-        """Whether an evaluation follows `step`."""
-        return bool(self.every and step % self.every == 0) or step == self.last_step
-
-    def run(self, state: TrainState) -> dict[str, float]:
-        """The row of this evaluation."""
-        return self.evaluate(state)
-
-
-def mean_eval(eval_step: Callable[[Any, Any, Any], Any], batches: list[tuple[Any, int]]
-              ) -> Callable[[TrainState], dict[str, float]]:
-    """`evaluate` for an Evaluator: eval_step's outputs (means over a batch) averaged over fixed
-    (batch, examples) pairs weighted by their examples, so a shorter last batch counts exactly."""
-    def evaluate(state: TrainState) -> dict[str, float]:
-        outs = [(jax.device_get(eval_step(state.params, state.model_state, b)), n) for b, n in batches]
-        keys = sorted(outs[0][0], key=lambda k: (k != "loss", k))
-        total = sum(n for _, n in outs)
-        return {f"eval_{k}": sum(float(o[k]) * n for o, n in outs) / total for k in keys}
-    return evaluate
 
 
 def fit(state: TrainState, compiled: Callable, batches: Iterator[Any], *, steps: int, reporter: Reporter,
@@ -259,11 +206,11 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)
-        selection = _selection(cfg, model, loss_fn, micro, say) if cfg.prune.enabled else None
+        selection = roles.for_config(cfg.prune, model, loss_fn, micro, say) if cfg.prune.enabled else None
         tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
                          schedule=schedule, allowed_unused=list(DEFAULT_RULES), seed=cfg.run.seed, model=model)
-        check_nm(cfg, plan, selection)
+        roles.check_nm(cfg.prune, plan.abstract.params, selection)
         data_meta = {"batch_size": B, "seed": cfg.run.seed,
                      "example": {k: [list(s), str(np.dtype(d))] for k, (s, d) in spec.items()},
                      **{k: v for k, (_, v) in (resume_keys or {}).items()}}
@@ -290,28 +237,9 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
             state = plan.init()[0]
         run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
                    tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
-                   compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish)
+                   compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish,
+                   eval_examples=len(eval_source) if eval_source is not None else 0)
         return _train(run, state, train_source, spec, eval_host)
-
-
-def _selection(cfg: Config, model: ModelDef, loss_fn: LossFn, micro: Any, say: Callable[..., None]
-               ) -> roles.Selection:
-    """Which tensors prune.* takes, read from the traced forward pass, and the start-up table of them."""
-    found = roles.find_roles(lambda p, s, b: split_loss(loss_fn(model.module(p, s, train=True), b))[0],
-                             model.params, model.state, micro)
-    selection = roles.select(model.params, model.logical, found, cfg.prune.params, cfg.prune.exclude)
-    p = cfg.prune
-    shapes = {path_str(q): x.shape for q, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
-    if p.nm is not None:
-        targets = {k: f"{p.pattern} along dim {d}" for k, d in selection.chosen.items()}
-    elif p.distribution == "erk":
-        erk = erk_sparsities([shapes[k] for k in selection.chosen], p.sparsity)
-        targets = {k: f"{s:.1%}" for k, s in zip(selection.chosen, erk)}
-    else:
-        targets = {k: f"{p.sparsity:.1%}" + (" (global threshold)" if p.scope == "global" else "")
-                   for k in selection.chosen}
-    say("pruning:\n  " + "\n  ".join(roles.describe(selection, model.params, targets)))
-    return selection
 
 
 def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Schedule | None] | None,
@@ -343,6 +271,7 @@ class _Run:
     flops_per_token: float
     compute_dtype: str
     eval_fn: EvalFn
+    eval_examples: int  # len(eval_source): what evaluation leaves out is said
     on_finish: Callable[[Finished], None] | None
 
 
@@ -378,15 +307,11 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
                         flops_per_token=run.flops_per_token, peak_flops=cfg.run.peak_flops)
     evaluator = None
     if eval_host:
-        eval_step = make_eval_step(plan.model, run.eval_fn, plan.mesh)
-        divisor = shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules) * jax.process_count()
-        rows = [len(next(iter(b.values()))) for b in eval_host]
-        # a shorter last batch that the batch axes cannot split is evaluated whole on every device
-        eval_set = [(data_lib.from_host(b, plan.micro_shardings if n % divisor == 0 else shd.replicated(plan.mesh)), n)
-                    for b, n in zip(eval_host, rows)]
-        say(f"evaluation: {sum(rows):,} examples in {len(rows)} batches"
-            + (f" (the last of {rows[-1]})" if rows[-1] != rows[0] else ""))
-        evaluator = Evaluator(mean_eval(eval_step, eval_set), cfg.run.eval_every, cfg.run.steps)
+        eval_set = evaluation.place(eval_host, plan.micro_shardings, plan.mesh,
+                                    shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules) * jax.process_count())
+        say(evaluation.describe(eval_host, run.eval_examples, cfg))
+        evaluator = Evaluator(mean_eval(make_eval_step(plan.model, run.eval_fn, plan.mesh), eval_set),
+                              cfg.run.eval_every, cfg.run.steps)
     saver.say = reporter.print  # lines during the loop must not break the progress bar
     profile = perf.ProfileWindow(os.path.join(cfg.run.path, "profile"), list(cfg.run.profile_steps))
     try:

@@ -298,7 +298,7 @@ def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_pat
     assert cli.inspect_main([str(copy), "--verify"]) == 2
     assert "differs from the bytes saved" in capsys.readouterr().err
     assert cli.inspect_main([str(run), "--verify"]) == 0
-    assert "verified: the 4 parameters match the digests recorded at save" in capsys.readouterr().out
+    assert "verified: the 4 model tensors match the digests recorded at save" in capsys.readouterr().out
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.safetensors.partial").exists()
     final = jaxinfra.train_model(tiny_config(*args, f"run.dir={copy}", "checkpoint.fallback=true", "run.steps=11"),
                                  Net, xent, dataset())
