@@ -221,7 +221,7 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
         elif path == out_layer:
             skipped[path] = "output layer"
         elif role.kind != "kernel":
-            skipped[path] = "not a matmul or conv weight (position table, scale)"
+            skipped[path] = "not a matmul or conv weight (added or scaled: position tables, 2-D biases)"
         else:
             chosen[path] = role.in_dim if role.in_dim is not None else 0
     for key, patterns in (("prune.params", params), ("prune.exclude", exclude)):

@@ -135,6 +135,7 @@ def test_five_steps_equal_on_one_device_the_mesh_and_two_processes(runs, tmp_pat
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
     assert "2 process(es)" in outs[0][0]
+    assert "\r" not in outs[0][0] and "step 5/20: loss" in outs[0][0]  # stdout a pipe: plain progress lines
     mesh = _losses(d / "a")[:5]
     np.testing.assert_allclose(_losses(d / "one"), mesh, rtol=2e-6)
     np.testing.assert_allclose(_losses(tmp_path), mesh, rtol=2e-6)
@@ -178,6 +179,7 @@ class Decoder(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Embed(64, 32, rngs=rngs)
         self.pos_embed = nnx.Embed(16, 32, rngs=rngs)
+        self.pos_table = nnx.Param(jnp.zeros((16, 32)))  # a learned table added, as GPT-2 writes it
         self.attn_qkv = nnx.Linear(32, 96, rngs=rngs)
         self.attn_out = nnx.Linear(32, 32, rngs=rngs)
         self.norm = nnx.LayerNorm(32, rngs=rngs)
@@ -186,7 +188,7 @@ class Decoder(nnx.Module):
         self.head = nnx.Linear(32, 64, rngs=rngs)
 
     def __call__(self, tokens):
-        x = self.embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1]))
+        x = self.embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1])) + self.pos_table[...][:tokens.shape[1]]
         q, k, v = jnp.split(self.attn_qkv(x), 3, axis=-1)
         att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k) / 32 ** 0.5 + jnp.triu(jnp.full((16, 16), -1e9), 1))
         x = x + self.attn_out(jnp.einsum("bts,bsd->btd", att, v))
@@ -211,6 +213,7 @@ def test_default_selection_of_a_decoder_skips_embeddings_position_table_and_head
     assert chosen == ["attn_out/kernel", "attn_qkv/kernel", "mlp/kernel", "mlp_out/kernel"]
     assert "not pruned, embedding (looked up): embed/embedding, pos_embed/embedding" in table
     assert "not pruned, output layer: head/kernel" in table
+    assert "not pruned, not a matmul or conv weight (added or scaled: position tables, 2-D biases): pos_table" in table
     assert "attn_qkv/bias" in table.split("1-D (bias, norm scale): ")[1].splitlines()[0]
 
 
