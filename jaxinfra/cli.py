@@ -90,7 +90,10 @@ def export_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export.py", description="Merge checkpoint shards into safetensors.")
     p.add_argument("directory", help="a run folder, its checkpoints/ folder, or one step's folder")
     p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (--format hf: a folder)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "hf"],
+                   help="hf: a Hugging Face Llama folder (config.json, model.safetensors, tokenizer) of the default "
+                        "Transformer, for transformers and vLLM")
     p.add_argument("--dtype", default=None, help="cast floating tensors: f32, bf16 or f16 (default: as saved)")
     p.add_argument("--max-shard-size", default="0", help="split into files of at most this size, plus an index")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -100,6 +103,14 @@ def export_main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from jaxinfra.export import export, export_sparse
+        if args.format == "hf":
+            if args.sparse:
+                raise UserError("--sparse with --format hf: the Hugging Face layout is dense")
+            from jaxinfra.hf import export_hf
+            for f in export_hf(args.directory, args.out, step=args.step, dtype=args.dtype,
+                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force):
+                print(f"wrote {f} ({os.path.getsize(f):,} bytes)")
+            return 0
         if args.sparse:
             if parse_size(args.max_shard_size):
                 raise UserError(f"--max-shard-size {args.max_shard_size} with --sparse: a sparse export is one file")

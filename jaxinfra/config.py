@@ -358,11 +358,14 @@ class CheckpointConfig:
     # these saves count towards `keep`
     export_final: bool = True  # ... and at the end of the run
     export_dtype: str = "float32"
+    export_format: str = "safetensors"  # safetensors (exports/model-<step>.safetensors) | hf (exports/hf-<step>/:
+    # the Hugging Face Llama layout, for the default Transformer)
     export_errors: str = "fail"  # fail: a failed export fails the run (exit 1; checkpoints kept) | warn
 
     def check(self) -> None:
         """Frequencies, rotation and the export dtype."""
         _one_of("checkpoint.export_dtype", self.export_dtype, DTYPES)
+        _one_of("checkpoint.export_format", self.export_format, ("safetensors", "hf"))
         _one_of("checkpoint.export_errors", self.export_errors, ("fail", "warn"))
         _at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
                    "checkpoint.export_every": self.export_every}, 0, "not be negative")

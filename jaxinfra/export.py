@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import ml_dtypes
@@ -44,9 +44,12 @@ ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "floa
 EXPORTS = "exports"  # the folder of a run that holds exports/model-<step>.safetensors
 
 
-def export_path(run_dir: str, step: int) -> str:
-    """Where a run exports `step` during training."""
-    return os.path.join(run_dir, EXPORTS, f"model-{step}.safetensors")
+FORMATS = ("safetensors", "hf")  # checkpoint.export_format and export.py --format
+
+
+def export_path(run_dir: str, step: int, fmt: str = "safetensors") -> str:
+    """Where a run exports `step` during training: a file, or a Hugging Face folder."""
+    return os.path.join(run_dir, EXPORTS, f"hf-{step}" if fmt == "hf" else f"model-{step}.safetensors")
 
 
 def newest_export(run_dir: str) -> tuple[str, int] | None:
@@ -148,16 +151,24 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
            max_shard_bytes: int = 0, force: bool = False) -> list[str]:
     """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
     _, step, saved, entries = _prepare(directory, out, step, dtype, force)
+    return write_tensors(out, entries, lambda name, dt: saved.read(name).astype(dt, copy=False),
+                         base_metadata(step), max_shard_bytes)
+
+
+def write_tensors(out: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
+                  read: Callable[[str, np.dtype], np.ndarray], metadata: dict[str, str],
+                  max_shard_bytes: int = 0) -> list[str]:
+    """Stream tensors (name, shape, dtype), each from read(name, dtype) when its turn comes, into
+    `out` or, past max_shard_bytes, into <stem>-0000i-of-0000n.safetensors plus
+    <stem>.safetensors.index.json (the Hugging Face layout); returns the files written."""
     groups = _shard_plan(entries, max_shard_bytes)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
     files = [out] if len(groups) == 1 else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                             for i in range(len(groups))]
-    metadata = base_metadata(step)
     for path, group in zip(files, groups):
         sel = [entries[i] for i in group]
-        arrays = (saved.read(n).astype(dt, copy=False) for n, _, dt in sel)
-        _write_file(path, sel, arrays, metadata)
+        _write_file(path, sel, (read(n, dt) for n, _, dt in sel), metadata)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(math.prod(s) * dt.itemsize for _, s, dt in entries)},
                  "weight_map": {n: os.path.basename(files[g]) for g, group in enumerate(groups)
@@ -254,8 +265,9 @@ class BackgroundExporter:
     committed; `drain()` (once the checkpoints are committed) writes what is left and joins.
     """
 
-    def __init__(self, ckpt: ckpt_lib.Checkpointer, run_dir: str, dtype: str | None = None, enabled: bool = True):
-        self.ckpt, self.run_dir, self.dtype, self.enabled = ckpt, run_dir, dtype, enabled
+    def __init__(self, ckpt: ckpt_lib.Checkpointer, run_dir: str, dtype: str | None = None, enabled: bool = True,
+                 fmt: str = "safetensors"):
+        self.ckpt, self.run_dir, self.dtype, self.enabled, self.fmt = ckpt, run_dir, dtype, enabled, fmt
         self._pending: list[int] = []
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
@@ -272,12 +284,15 @@ class BackgroundExporter:
             self._pending.append(step)
 
     def _write(self, step: int) -> None:
+        out = export_path(self.run_dir, step, self.fmt)
         try:
-            self.written += export(self.ckpt.directory, export_path(self.run_dir, step), step=step, dtype=self.dtype,
-                                   force=True)
+            if self.fmt == "hf":
+                from jaxinfra.hf import export_hf
+                self.written.append(export_hf(self.ckpt.directory, out, step=step, dtype=self.dtype, force=True)[0])
+            else:
+                self.written += export(self.ckpt.directory, out, step=step, dtype=self.dtype, force=True)
         except Exception as e:  # reported by the run's end, not lost in the thread
-            self.errors.append(f"export of step {step} to {export_path(self.run_dir, step)} failed: "
-                               f"{one_line(e)}")
+            self.errors.append(f"export of step {step} to {out} failed: {one_line(e)}")
 
     def poll(self) -> None:
         """Start a writer thread for each requested step that is now committed (a stat per pending step)."""

@@ -28,7 +28,8 @@ class Saver:
                  record: Callable[[int], dict[str, Any]], say: Callable[[str], None], lead: bool):
         self.cfg, self.stop_after, self.record, self.say = cfg, stop_after, record, say
         self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
-        self.exporter = export_lib.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead)
+        self.exporter = export_lib.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead,
+                                                      fmt=cfg.export_format)
         self.start = 0
         self.aside: list[int] = []  # steps set aside by the resume, deleted once this run commits one
         self.first_saved: int | None = None  # the first step this run saved
@@ -109,7 +110,8 @@ class Saver:
 
     def owe_final_export(self, step: int) -> None:
         """Export the last step, already committed, if the run wants it and its file is missing."""
-        if self.cfg.export_final and not os.path.isfile(export_lib.export_path(self.exporter.run_dir, step)):
+        if self.cfg.export_final and not os.path.exists(export_lib.export_path(self.exporter.run_dir, step,
+                                                                              self.cfg.export_format)):
             self.exporter.request(step)
 
     def _save(self, step: int, state: TrainState) -> None:

@@ -203,6 +203,9 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         check_logical(model.state_logical, rules, "variable")
         micro = {k: jax.ShapeDtypeStruct((B // cfg.optim.grad_accum,) + f.shape, f.dtype) for k, f in fields.items()}
         check_outputs(loss_fn, model, micro, "loss_fn", train=True)
+        if cfg.checkpoint.export_format == "hf":
+            from jaxinfra.hf import check_model
+            check_model(model.params)
         eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)

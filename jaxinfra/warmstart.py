@@ -1,5 +1,5 @@
-"""Starting a fresh run from a trained model (`checkpoint.init_from`): a checkpoint step of any run
-or a safetensors export, read a tensor at a time (digests checked), every shape checked, and placed
+"""Starting a fresh run from a trained model (`checkpoint.init_from`): a checkpoint step of any run,
+a safetensors export or a Hugging Face Llama folder (hf.py), read a tensor at a time (digests checked), every shape checked, and placed
 onto this run's mesh. The optimizer starts fresh at step 0: prune a dense pretrained model, or
 fine-tune an export."""
 from __future__ import annotations
@@ -12,13 +12,17 @@ import numpy as np
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
+from jaxinfra import hf
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
 from jaxinfra.step import ModelDef, TrainState
 
 
-def _reader(path: str) -> tuple[Callable[[str], np.ndarray], set[str], str]:
-    """(read tensor by name, the names there, what to call the source)."""
+def _reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str], np.ndarray], set[str], str]:
+    """(read tensor by name, the names there, what to call the source); `shapes`: the model's tensors."""
+    if os.path.isdir(path) and hf.is_hf_folder(path):
+        read, names = hf.reader(path, shapes)
+        return read, names, f"{path} (Hugging Face Llama layout)"
     if path.endswith((".safetensors", ".index.json")) and os.path.isfile(path):
         tensors = export_lib.load(path)
         return tensors.__getitem__, set(tensors), path
@@ -31,8 +35,10 @@ def load(path: str, model: ModelDef, shardings: TrainState) -> tuple[Any, Any, s
     """(params, other model variables) from `path` on this run's shardings, and the source's name.
     Every tensor the model has must be there in the same shape, and nothing else."""
     key = f"checkpoint.init_from={path}"
+    shapes = {tensor_name(p): tuple(a.shape) for tree in (model.params, model.state)
+              for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
     try:
-        read, names, source = _reader(path)
+        read, names, source = _reader(path, shapes)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
     wanted: set[str] = set()

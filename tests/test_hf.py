@@ -1,0 +1,132 @@
+"""The Hugging Face Llama export of the default Transformer: names, shapes and config without torch;
+logits, greedy decoding and the tokenizer in transformers when it is installed (the `[hf]` extra);
+and the way back through checkpoint.init_from, bit for bit."""
+import importlib.util
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY, tiny_config
+from jaxinfra import checkpoint, cli, export, job, warmstart
+from jaxinfra import sharding as shd
+from jaxinfra.config import load_config
+from jaxinfra.errors import UserError
+from jaxinfra.generate import sample
+from jaxinfra.mesh import make_mesh
+from jaxinfra.step import TrainState, abstract_model
+
+pytestmark = pytest.mark.xdist_group("test_hf")
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_final=false"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny LM trained 20 steps, exported in the HF layout in shards of at most 40 kB."""
+    d = tmp_path_factory.mktemp("hf")
+    assert cli.main([*LM, f"run.dir={d / 'run'}"]) == 0
+    assert cli.export_main([str(d / "run"), "--format", "hf", "--out", str(d / "hf"), "--max-shard-size", "40KB"]) == 0
+    return d / "run", d / "hf"
+
+
+def _model(run):
+    """(module def, params on a one-axis mesh, the run's config) of a run's newest step."""
+    cfg = load_config(str(run / "config.yaml"))
+    mesh = make_mesh(-1, 1, 1)
+    md = abstract_model(job.model_fn(cfg, mesh))
+    flat, _ = checkpoint.read_params(str(run))
+    return md, export.to_params(flat, md.params, shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules)), \
+        cfg, mesh
+
+
+def test_names_shapes_dtypes_and_config(exported):
+    run, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                   "num_hidden_layers", "vocab_size", "max_position_embeddings", "head_dim")} == \
+        {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
+         "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 64, "head_dim": 16}
+    assert config["rope_theta"] == 10000.0 and config["rms_norm_eps"] == 1e-6 and config["torch_dtype"] == "float32"
+    assert config["tie_word_embeddings"] is False
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files)
+    tensors = export.load(str(out / "model.safetensors.index.json"))
+    ours, _ = checkpoint.read_params(str(run))
+    assert len(tensors) == len(ours) == 2 * 9 + 3
+    want = {"model.embed_tokens.weight": (256, 32), "lm_head.weight": (256, 32), "model.norm.weight": (32,),
+            "model.layers.1.self_attn.q_proj.weight": (32, 32), "model.layers.1.self_attn.o_proj.weight": (32, 32),
+            "model.layers.0.mlp.gate_proj.weight": (64, 32), "model.layers.0.mlp.down_proj.weight": (32, 64),
+            "model.layers.0.input_layernorm.weight": (32,), "model.layers.0.post_attention_layernorm.weight": (32,)}
+    for name, shape in want.items():
+        assert tensors[name].shape == shape and tensors[name].dtype == np.float32, name
+    np.testing.assert_array_equal(tensors["lm_head.weight"], ours["head"].T)
+    np.testing.assert_array_equal(tensors["model.layers.1.self_attn.o_proj.weight"],
+                                  ours["blocks.1.attn.wo"].reshape(32, 32).T)
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    assert sorted(tokenizer["model"]["vocab"].values()) == list(range(256))
+
+
+def test_init_from_the_hf_folder_gives_every_parameter_back_bitwise(exported):
+    run, out = exported
+    cfg = tiny_config(*LM)
+    mesh = make_mesh(2, 2, 2)
+    with jax.set_mesh(mesh):
+        md = abstract_model(job.model_fn(cfg, mesh))
+        sh = TrainState(shd.replicated(mesh), shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules), None,
+                        shd.tree_shardings(md.state_logical, mesh, cfg.mesh.logical_rules))
+        params, _, source = warmstart.load(str(out), md, sh)
+    assert "Hugging Face Llama layout" in source
+    ours, _ = checkpoint.read_params(str(run))
+    back = {k: np.asarray(shd.gather(v)) for k, v in zip(
+        [".".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
+        jax.tree.leaves(params))}
+    assert sorted(back) == sorted(ours)
+    for name in ours:
+        np.testing.assert_array_equal(back[name], ours[name], err_msg=name)
+
+
+def test_a_model_that_is_not_a_llama_is_one_line(tmp_path, capsys):
+    import optax
+    from flax import nnx as fnnx
+    import jaxinfra
+
+    class Tiny(fnnx.Module):
+        def __init__(self):
+            self.w = fnnx.Param(jax.numpy.ones((4, 4)))
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    loss = lambda m, b: optax.l2_loss(m(b["x"])).mean()
+    examples = [{"x": np.ones(4, np.float32)} for _ in range(32)]
+    cfg = tiny_config(f"run.dir={tmp_path}", "checkpoint.export_format=hf", "mesh.data=8", "mesh.fsdp=1",
+                      "mesh.tensor=1")
+    with pytest.raises(UserError, match="checkpoint.export_format=hf: tensor w has no place in the Llama layout"):
+        jaxinfra.train_model(cfg, Tiny, loss, examples)
+    assert "compiled" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch and transformers are the [hf] extra")
+def test_transformers_loads_it_with_equal_logits_and_greedy_decoding(exported):
+    import torch
+    import transformers
+    run, out = exported
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok("def f():")["input_ids"] == list(b"def f():") and tok.decode(list(b"x = 1")) == "x = 1"
+    md, params, cfg, mesh = _model(run)
+    tokens = np.asarray([list(b"import os\nprint(os.getcwd())\ndef main(argv):")[:40]] * 8, np.int32)
+    with jax.set_mesh(mesh):
+        ours = np.asarray(jax.jit(lambda p, t: nnx.merge(md.eval_def, p)(t))(params, tokens))[0]
+        text = sample(md.eval_def, params, ["def "], n_tokens=50, seq_len=64, vocab_size=256, temperature=0.0,
+                      seed=0, mesh=mesh, rules=cfg.mesh.logical_rules)[0]
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens[:1], dtype=torch.long)).logits[0].numpy()
+        greedy = model.generate(torch.tensor([list(b"def ")]), max_new_tokens=50, do_sample=False)[0].tolist()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert len(greedy) == 4 + 50 and bytes(greedy).decode("utf-8", errors="replace") == text  # 50 greedy bytes
