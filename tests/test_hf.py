@@ -20,12 +20,12 @@ from jaxinfra.step import TrainState, abstract_model
 
 pytestmark = pytest.mark.xdist_group("test_hf")
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_final=false"]
+LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_format=hf"]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny LM trained 20 steps, exported in the HF layout in shards of at most 40 kB."""
+    """A tiny LM trained 20 steps (the run exports exports/hf-20/), exported by the script in shards of at most 40 kB."""
     d = tmp_path_factory.mktemp("hf")
     assert cli.main([*LM, f"run.dir={d / 'run'}"]) == 0
     assert cli.export_main([str(d / "run"), "--format", "hf", "--out", str(d / "hf"), "--max-shard-size", "40KB"]) == 0
@@ -67,6 +67,9 @@ def test_names_shapes_dtypes_and_config(exported):
     np.testing.assert_array_equal(tensors["lm_head.weight"], ours["head"].T)
     np.testing.assert_array_equal(tensors["model.layers.1.self_attn.o_proj.weight"],
                                   ours["blocks.1.attn.wo"].reshape(32, 32).T)
+    during = export.load(str(run / "exports" / "hf-20" / "model.safetensors"))  # written by the run itself
+    assert sorted(during) == sorted(tensors) and all(np.array_equal(during[k], tensors[k]) for k in tensors)
+    assert json.loads((run / "exports" / "hf-20" / "config.json").read_text()) == config
     tokenizer = json.loads((out / "tokenizer.json").read_text())
     assert sorted(tokenizer["model"]["vocab"].values()) == list(range(256))
 
