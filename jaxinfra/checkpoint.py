@@ -263,7 +263,8 @@ def check_shapes(saved: Any, target: Any, step: int) -> None:
     for name, (shape, dtype) in want.items():
         if name not in have:
             raise UserError(f"checkpoint step {step} has no tensor {name} (the model, optim or prune config "
-                            f"differs from the saved one, or an older jaxinfra wrote it?)")
+                            f"differs from the saved one, or an older jaxinfra wrote it?); to start from its model "
+                            f"with this config, use another run.dir and checkpoint.init_from=<this run.dir>")
         if have[name][0] != shape:
             raise UserError(f"checkpoint step {step}: tensor {name} has shape {have[name][0]}, the model expects "
                             f"{shape} (the model config differs from the saved one)")

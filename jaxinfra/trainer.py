@@ -224,25 +224,32 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
                       record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
-        state = saver.restore(plan.abstract, data_meta, names)
-        if state is not None:
-            line = schedule_change(cfg.optim, saver.saved_steps(int(state.step)), cfg.run.steps, int(state.step),
-                                   known=optimizer is None)
-            if line:
-                say(line)
-            if cfg.checkpoint.init_from:
-                say(f"checkpoint.init_from={cfg.checkpoint.init_from} is not used: this run resumes its own step")
-        elif cfg.checkpoint.init_from:
-            params, model_state, source = warmstart.load(cfg.checkpoint.init_from, model, plan.shardings)
-            state = plan.start_from(params, model_state)
-            say(f"initialised the model from {source}; fresh optimizer state, step 0")
-        else:
-            state = plan.init()[0]
+        state = _start(cfg, plan, saver, saver.restore(plan.abstract, data_meta, names), known=optimizer is None,
+                       say=say)
         run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
                    tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
                    compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish,
                    eval_examples=len(eval_source) if eval_source is not None else 0)
         return _train(run, state, train_source, spec, eval_host)
+
+
+def _start(cfg: Config, plan: StepPlan, saver: Saver, restored: TrainState | None, *, known: bool,
+           say: Callable[..., None]) -> TrainState:
+    """The first state: the run's own resumed step (saying what a changed run.steps does to the
+    schedule), else the model of checkpoint.init_from with a fresh optimizer, else a fresh init."""
+    if restored is not None:
+        step = int(restored.step)
+        line = schedule_change(cfg.optim, saver.saved_steps(step), cfg.run.steps, step, known=known)
+        if line:
+            say(line)
+        if cfg.checkpoint.init_from:
+            say(f"checkpoint.init_from={cfg.checkpoint.init_from} is not used: this run resumes its own step")
+        return restored
+    if cfg.checkpoint.init_from:
+        params, model_state, source = warmstart.load(cfg.checkpoint.init_from, plan.model, plan.shardings)
+        say(f"initialised the model from {source}; fresh optimizer state, step 0")
+        return plan.start_from(params, model_state)
+    return plan.init()[0]
 
 
 def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Schedule | None] | None,

@@ -23,7 +23,7 @@ HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_format=hf"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: computed once per worker even if xdist interleaves modules
 def exported(tmp_path_factory):
     """A tiny LM trained 20 steps (the run exports exports/hf-20/), exported by the script in shards of at most 40 kB."""
     d = tmp_path_factory.mktemp("hf")

@@ -58,7 +58,7 @@ def _losses(run_dir):
     return [r["loss"] for r in _rows(run_dir) if "loss" in r]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: computed once per worker even if xdist interleaves modules
 def runs(tmp_path_factory):
     """20 straight steps on (2,2,2); the same stopped at 10 and resumed; 5 steps on one device."""
     d = tmp_path_factory.mktemp("own_model")
@@ -249,7 +249,7 @@ def blobs(n=512, seed=0):
 MLP = [*RULES, "data.batch_size=16", "run.log_every=1", "optim.lr=1e-2", "optim.warmup_steps=1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: computed once per worker even if xdist interleaves modules
 def dense(tmp_path_factory):
     """A dense pretrained run (5 steps), its trained model and its export."""
     d = tmp_path_factory.mktemp("dense")
