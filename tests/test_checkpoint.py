@@ -39,7 +39,7 @@ def _train_and_save(cfg, directory, steps=3):
         return saved, float(metrics["loss"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def saved(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("ckpt") / "checkpoints")
     cfg = tiny_config()

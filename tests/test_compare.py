@@ -47,7 +47,7 @@ def _write_run(run_dir, params, pruned, seed):
     return str(run_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     rng = np.random.default_rng(3)

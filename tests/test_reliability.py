@@ -197,7 +197,7 @@ def test_compare_on_a_hostile_export_exits_2(tmp_path, capsys):
 
 
 # 1. Damaged checkpoint bytes are refused on every read (resume, export, sampling), not loaded
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def saved_run(tmp_path_factory):
     """The user model's run, checkpointed at steps 5 and 10."""
     run = tmp_path_factory.mktemp("flips") / "run"
@@ -213,7 +213,7 @@ LM = ["model.n_layers=1", "model.d_model=64", "model.d_ff=128", "model.seq_len=3
       "run.plot=false", "checkpoint.export_final=false"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def lm_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("lm_flips") / "run"
     assert cli.main([*LM, f"run.dir={run}"]) == 0

@@ -45,7 +45,7 @@ def _bits(x):
     return x.view(f"u{x.dtype.itemsize}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def saved(tmp_path_factory):
     params = _pruned()
     return params, _save(tmp_path_factory.mktemp("sparse") / "checkpoints", params, pattern="2:4")

@@ -64,7 +64,7 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if xdist interleaves modules
 def runs(tmp_path_factory):
     """One straight run on (2,2,2), the same run stopped at 5 and resumed, and one on a single device."""
     d = tmp_path_factory.mktemp("user_model")
