@@ -29,14 +29,14 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks.baseline import make_baseline  # noqa: E402
-from jaxinfra import job, perf  # noqa: E402
+from jaxinfra import job, perf, roles  # noqa: E402
 from jaxinfra import sharding as shd  # noqa: E402
 from jaxinfra.config import Config, load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
 from jaxinfra.metrics import Reporter  # noqa: E402
 from jaxinfra.model import lm_loss, train_flops_per_token  # noqa: E402
 from jaxinfra.optim import make_optimizer  # noqa: E402
-from jaxinfra.step import Field, StepPlan, plan_step  # noqa: E402
+from jaxinfra.step import Field, StepPlan, abstract_model, example_batch, plan_step  # noqa: E402
 from jaxinfra.trainer import fit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,10 +61,16 @@ def peak_host_mb() -> float:
 
 def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
     """The default LM's step on `mesh`, planned as the trainer plans it (call inside jax.set_mesh)."""
-    tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
     fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
-    return plan_step(job.model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
-                     accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule)
+    model_fn = job.model_fn(cfg, mesh)
+    model = abstract_model(model_fn)
+    selection = None  # what the trainer prunes: roles read from the traced loss, N:M along input features
+    if cfg.prune.enabled and optimizer is None:
+        micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
+        selection = roles.for_config(cfg.prune, model, lm_loss, micro, say=lambda *_: None)
+    tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
+    return plan_step(model_fn, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, accum=cfg.optim.grad_accum,
+                     batch_size=cfg.data.batch_size, schedule=schedule, model=model)
 
 
 class Loop:

@@ -52,6 +52,11 @@ class Field(NamedTuple):
     names: tuple[str | None, ...]
 
 
+def example_batch(fields: Mapping[str, Field], rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A batch of `rows` examples, abstract and unsharded (to trace a loss before planning the step)."""
+    return {k: jax.ShapeDtypeStruct((rows,) + tuple(f.shape), f.dtype) for k, f in fields.items()}
+
+
 def split_loss(out: Any) -> tuple[Any, dict[str, Any]]:
     """loss_fn's output -> (loss, metrics to log beside it)."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):

@@ -41,7 +41,7 @@ from jaxinfra.optim import make_optimizer, schedule_change, with_pruning
 from jaxinfra.pruning import find_prune_state, layer_sparsity
 from jaxinfra.saver import Saver
 from jaxinfra.step import (RESERVED, Field, LossFn, ModelDef, ModelFn, StepPlan, TrainState, abstract_model,
-                           make_eval_step, plan_step, split_loss)
+                           example_batch, make_eval_step, plan_step, split_loss)
 
 
 
@@ -201,7 +201,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         model = abstract_model(model_fn)
         check_logical(model.logical, rules)  # checked here to name the parameter
         check_logical(model.state_logical, rules, "variable")
-        micro = {k: jax.ShapeDtypeStruct((B // cfg.optim.grad_accum,) + f.shape, f.dtype) for k, f in fields.items()}
+        micro = example_batch(fields, B // cfg.optim.grad_accum)
         check_outputs(loss_fn, model, micro, "loss_fn", train=True)
         if cfg.checkpoint.export_format == "hf":
             from jaxinfra.hf import check_model
