@@ -240,10 +240,18 @@ def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) ->
     """The start-up table: each pruned tensor (shape, target), then what is left out and why."""
     shapes = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     rows = [f"{'tensor':32s} {'shape':>16s}  target"]
-    rows += [f"{path:32s} {'x'.join(map(str, shapes[path])):>16s}  {targets[path]}" for path in selection.chosen]
+    layers: dict[tuple[str, str, str], int] = {}  # blocks/3/attn/wq -> blocks/*/attn/wq: layers share a row
+    for path in selection.chosen:
+        key = ("/".join("*" if part.isdigit() else part for part in path.split("/")),
+               "x".join(map(str, shapes[path])), targets[path])
+        layers[key] = layers.get(key, 0) + 1
+    rows += [f"{path:32s} {shape:>16s}  {target}" + (f"  (x{n})" if n > 1 else "")
+             for (path, shape, target), n in layers.items()]
     why: dict[str, list[str]] = {}
     for path, reason in selection.skipped.items():
-        why.setdefault(reason, []).append(path)
+        layer = "/".join("*" if part.isdigit() else part for part in path.split("/"))
+        if layer not in why.setdefault(reason, []):
+            why[reason].append(layer)
     for reason, paths in why.items():
         shown = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
         rows.append(f"not pruned, {reason}: {shown}")
