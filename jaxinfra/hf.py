@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 from typing import Any, Callable
 
 import numpy as np
@@ -126,12 +127,14 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
                         f"the default Transformer only")
+    tmp = out.rstrip(os.sep) + ".partial"  # the folder appears under its name only once whole
+    shutil.rmtree(tmp, ignore_errors=True)
     renamed, how = [], {}
     for name, shape, dt in entries:
         hf, to_hf = hf_name(name)
         how[hf] = (name, to_hf)
         renamed.append((hf, tuple(to_hf(np.empty(shape, np.uint8)).shape), dt))
-    files = export_lib.write_tensors(os.path.join(out, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
+    files = export_lib.write_tensors(os.path.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
         how[hf][1](saved.read(how[hf][0]).astype(dt, copy=False))), {"format": "pt"}, max_shard_bytes)
     torch_dtype = str(renamed[0][2]) if renamed else "float32"
     sidecars = {CONFIG: llama_config(model, torch_dtype),
@@ -140,10 +143,13 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
                 "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
                                           int(model["seq_len"]), "clean_up_tokenization_spaces": False}}
     for name, content in sidecars.items():
-        with open(os.path.join(out, name), "w") as f:
+        with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=1, ensure_ascii=False)
-        files.append(os.path.join(out, name))
-    return files
+        files.append(os.path.join(tmp, name))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return [os.path.join(out, os.path.basename(f)) for f in files]
 
 
 def is_hf_folder(path: str) -> bool:
@@ -155,6 +161,26 @@ def is_hf_folder(path: str) -> bool:
             return json.load(f).get("model_type") == "llama"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def check_config(path: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The folder's config.json must describe this architecture: what the tensors' shapes cannot show
+    (how q/k/v split into heads, grouped KV heads, rotary scaling, the norm's epsilon)."""
+    with open(os.path.join(path, CONFIG)) as f:
+        c = json.load(f)
+    heads = shapes.get("blocks.0.attn.wq", (0, 0))[1]
+    problems = []
+    if heads and c.get("num_attention_heads") != heads:
+        problems.append(f"num_attention_heads={c.get('num_attention_heads')}, the model has {heads} (model.n_heads)")
+    if c.get("num_key_value_heads", c.get("num_attention_heads")) != c.get("num_attention_heads"):
+        problems.append(f"num_key_value_heads={c.get('num_key_value_heads')} (grouped KV heads: this model has one "
+                        f"per query head)")
+    if c.get("rope_scaling"):
+        problems.append(f"rope_scaling={c['rope_scaling']} (this model's rotary positions are unscaled)")
+    if c.get("rms_norm_eps", RMS_EPS) != RMS_EPS:
+        problems.append(f"rms_norm_eps={c['rms_norm_eps']} (this model's is {RMS_EPS})")
+    if problems:
+        raise UserError(f"{path}: config.json does not match this model: {'; '.join(problems)}")
 
 
 def read_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Callable]]:
@@ -170,7 +196,9 @@ def read_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Callable]]:
 
 
 def reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str], np.ndarray], set[str]]:
-    """warmstart's reader of an HF folder: tensors by our names in our layout (shapes: our shapes)."""
+    """warmstart's reader of an HF folder: tensors by our names in our layout (shapes: our shapes).
+    rope_theta and seq_len come from the run's own config (model.rope_theta: set it to the folder's)."""
+    check_config(path, shapes)
     arrays, back = read_folder(path)
 
     def read(name: str) -> np.ndarray:

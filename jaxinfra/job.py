@@ -52,8 +52,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         f"use model.attention=xla")
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
-    L, B = cfg.model.seq_len, cfg.data.batch_size
-    held = data_lib.HeldOutWindows(corpus.heldout, L, B * cfg.run.eval_batches) if cfg.run.eval_batches else None
+    L = cfg.model.seq_len
+    held = data_lib.HeldOutWindows(corpus.heldout, L, cfg.data.eval_batch * cfg.run.eval_batches) \
+        if cfg.run.eval_batches else None
 
     def finish(done: Finished) -> None:
         final = done.final

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.extend  # noqa: F401  (jax.extend.core.Literal: not imported by `import jax`)
 from jax.sharding import PartitionSpec as P
 
 from jaxinfra.errors import UserError
@@ -104,8 +105,10 @@ class _Trace:
                 for k, d in enumerate(eqn.params["broadcast_dimensions"]):
                     dims[d] = first[1][k]
                 outs[0] = (first[0], tuple(dims))
-            elif name == "slice" and first is not None:
-                outs[0] = first
+            elif name in ("slice", "dynamic_slice") and first is not None:
+                outs[0] = first  # a window of the tensor (w[i] of stacked layers squeezes its size-1 dim next)
+            elif name == "split" and first is not None:
+                outs = [first] * len(eqn.outvars)  # a fused QKV kernel split before its matmuls
             elif name == "dot_general":
                 (lhs_c, rhs_c), _ = eqn.params["dimension_numbers"]
                 for track, contracting in zip(ins[:2], (lhs_c, rhs_c)):
@@ -114,7 +117,7 @@ class _Trace:
             elif name == "conv_general_dilated" and len(ins) > 1 and ins[1] is not None:
                 rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
                 self._kernel(ins[1][0], ins[1][1], [rhs_spec[1]])
-            elif name in ("gather", "dynamic_slice") and first is not None:
+            elif name == "gather" and first is not None:
                 self.kind[first[0]] = "embedding"  # looked up by index: a table, not a weight
             else:
                 outs = self._nested(eqn, ins)

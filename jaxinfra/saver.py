@@ -110,6 +110,7 @@ class Saver:
 
     def owe_final_export(self, step: int) -> None:
         """Export the last step, already committed, if the run wants it and its file is missing."""
+        # both formats appear under their final name only once whole (a file renamed, a folder renamed)
         if self.cfg.export_final and not os.path.exists(export_lib.export_path(self.exporter.run_dir, step,
                                                                               self.cfg.export_format)):
             self.exporter.request(step)

@@ -31,7 +31,9 @@ LossFn = Callable[[nnx.Module, Any], Any]  # -> scalar loss, or (loss, {name: sc
 # What the state carries besides Params: every variable but RNG streams (reseeded per step) and
 # sown intermediates (outputs of one forward pass, not state).
 OTHER = nnx.Not(nnx.Any(nnx.Param, nnx.RngState, nnx.Intermediate))
-RESERVED = ("loss", "grad_norm", "learning_rate", "sparsity")  # metric names the step itself writes
+# metric names the step and the reporter write themselves
+RESERVED = ("step", "loss", "grad_norm", "learning_rate", "sparsity", "step_time_s", "tokens_per_sec",
+            "examples_per_sec", "mfu")
 
 
 class TrainState(NamedTuple):

@@ -106,7 +106,7 @@ def check_outputs(fn: Callable, model: ModelDef, micro: Any, what: str, *, train
         taken = [k for k in aux if k in RESERVED or str(k).startswith("sparsity/")]
         if taken:
             raise UserError(f"loss_fn's metric {taken[0]!r} has the name of a metric the trainer logs itself "
-                            f"({', '.join(RESERVED)}): rename it")
+                            f"({', '.join(RESERVED)}, sparsity/*): rename it")
     elif isinstance(out, Mapping):
         items = [(f"[{k!r}]", v) for k, v in out.items()]
     else:
@@ -318,7 +318,7 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     evaluator = None
     if eval_host:
         eval_set = evaluation.place(eval_host, plan.micro_shardings, plan.mesh,
-                                    shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules) * jax.process_count())
+                                    shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules))
         say(evaluation.describe(eval_host, run.eval_examples, cfg))
         evaluator = Evaluator(mean_eval(make_eval_step(plan.model, run.eval_fn, plan.mesh), eval_set),
                               cfg.run.eval_every, cfg.run.steps)

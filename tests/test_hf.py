@@ -3,6 +3,7 @@ logits, greedy decoding and the tokenizer in transformers when it is installed (
 and the way back through checkpoint.init_from, bit for bit."""
 import importlib.util
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -91,6 +92,12 @@ def test_init_from_the_hf_folder_gives_every_parameter_back_bitwise(exported):
     assert sorted(back) == sorted(ours)
     for name in ours:
         np.testing.assert_array_equal(back[name], ours[name], err_msg=name)
+    other = out.parent / "hf_8_heads"  # the same tensors described with another head split
+    shutil.copytree(out, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "num_key_value_heads": 4}))
+    with jax.set_mesh(mesh), pytest.raises(UserError, match="num_attention_heads=4, the model has 2"):
+        warmstart.load(str(other), md, sh)
 
 
 def test_a_model_that_is_not_a_llama_is_one_line(tmp_path, capsys):

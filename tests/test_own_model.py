@@ -320,6 +320,25 @@ def test_a_loss_returning_logits_is_refused_in_one_line(tmp_path):
     with pytest.raises(jaxinfra.UserError, match=r"loss_fn returned a tuple of 2 \(shape \(\), shape \(16, 4\)\): "
                                                  r"return the loss, or \(loss, \{name: scalar\}\)"):
         jaxinfra.train_model(tiny_config(*MLP, f"run.dir={tmp_path}"), BNNet, with_logits, blobs())
+    clobbers = lambda model, batch: (xent(model, batch), {"step": jnp.float32(0)})
+    with pytest.raises(jaxinfra.UserError, match="loss_fn's metric 'step' has the name of a metric the trainer logs"):
+        jaxinfra.train_model(tiny_config(*MLP, f"run.dir={tmp_path}"), BNNet, clobbers, blobs())
+
+
+def test_roles_follow_stacked_layers_and_a_split_fused_kernel():
+    from jaxinfra.roles import find_roles
+
+    def stacked(p, x):  # layers stacked on a leading axis, read with a traced index (fori_loop)
+        return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x).sum()
+
+    def fused(p, x):  # one QKV kernel, split before its matmuls
+        q, k, v = jnp.split(p["qkv"], 3, axis=1)
+        return ((x @ q) * (x @ k) + x @ v).sum()
+
+    roles = find_roles(stacked, {"w": jnp.zeros((3, 8, 8))}, jnp.zeros((2, 8)))
+    assert roles["w"].kind == "kernel" and roles["w"].in_dim == 1  # the input features, not the layer axis
+    roles = find_roles(fused, {"qkv": jnp.zeros((8, 24))}, jnp.zeros((2, 8)))
+    assert roles["qkv"].kind == "kernel" and roles["qkv"].in_dim == 0
 
 
 class Noisy(nnx.Module):
