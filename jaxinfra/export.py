@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -125,7 +125,7 @@ def base_metadata(step: int) -> dict[str, str]:
     return {"format": "jaxinfra", "step": str(step)}
 
 
-def _prepare(directory: str, out: str, step: int | None, dtype: str | None, force: bool
+def prepare(directory: str, out: str, step: int | None, dtype: str | None, force: bool
              ) -> tuple[str, int, ckpt_lib.SavedParams, list[tuple[str, tuple[int, ...], np.dtype]]]:
     """Checks shared by dense and sparse export: (step folder, step, saved params, (name, shape, dtype) to write)."""
     step_dir, step = ckpt_lib.locate(directory, step)
@@ -150,7 +150,7 @@ def _prepare(directory: str, out: str, step: int | None, dtype: str | None, forc
 def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
            max_shard_bytes: int = 0, force: bool = False) -> list[str]:
     """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
-    _, step, saved, entries = _prepare(directory, out, step, dtype, force)
+    _, step, saved, entries = prepare(directory, out, step, dtype, force)
     return write_tensors(out, entries, lambda name, dt: saved.read(name).astype(dt, copy=False),
                          base_metadata(step), max_shard_bytes)
 
@@ -244,17 +244,22 @@ def load(path: str) -> dict[str, np.ndarray]:
     return dict(iter_file(path))
 
 
-def to_params(flat: dict[str, np.ndarray], abstract_params: Any, shardings: Any) -> Any:
-    """Put loaded tensors into a params tree on the given shardings (any mesh); names must match."""
+def to_params(flat: Mapping[str, np.ndarray], abstract_params: Any, shardings: Any, where: str = "the export"
+              ) -> Any:
+    """Put loaded tensors (name -> host array; a lazy Mapping is read once per tensor) into a tree
+    shaped like `abstract_params` on the given shardings (any mesh, any process count); names and
+    shapes must match. `where` names the source in errors."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     out = []
     for (path, a), sh in zip(leaves, jax.tree.leaves(shardings)):
         name = tensor_name(path)
         if name not in flat:
-            raise UserError(f"the export has no tensor {name}")
-        if tuple(flat[name].shape) != tuple(a.shape):
-            raise UserError(f"tensor {name} has shape {flat[name].shape} in the export, the model expects {a.shape}")
-        out.append(jax.device_put(flat[name].astype(a.dtype), sh))
+            raise UserError(f"{where}: has no tensor {name} (shape {tuple(a.shape)} in the model)")
+        x = np.asarray(flat[name])
+        if tuple(x.shape) != tuple(a.shape):
+            raise UserError(f"{where}: tensor {name} has shape {tuple(x.shape)}, the model's is {tuple(a.shape)}")
+        x = x.astype(a.dtype)  # every process holds the whole tensor: each places its own shards
+        out.append(jax.make_array_from_callback(x.shape, sh, lambda index, x=x: x[index]))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -390,7 +395,7 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     the tensors could need; the real header then goes in front, padded with spaces to that size.
     Returns the figures, sparse_bytes being the file's size.
     """
-    step_dir, step, saved, entries = _prepare(directory, out, step, dtype, force)
+    step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
     pattern = pattern or saved_pattern(step_dir)
     base = base_metadata(step)
     reserve = _reserve(entries, base)

@@ -18,11 +18,13 @@ import re
 import shutil
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
 from jaxinfra.errors import UserError
+from jaxinfra.names import tensor_name
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 RMS_EPS = 1e-6  # model.RMSNorm's epsilon
@@ -58,11 +60,12 @@ def _match(name: str, table: dict[str, Any]) -> tuple[str, Any] | None:
     return other.replace("{i}", layer or ""), how
 
 
-def hf_name(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-    """Our tensor name -> (HF name, the transform to HF's layout); UserError if it has no Llama place."""
+def hf_name(name: str, key: str = "--format hf") -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """Our tensor name -> (HF name, the transform to HF's layout); UserError (naming `key`) if it has
+    no Llama place."""
     found = _match(name, LAYOUT)
     if found is None:
-        raise UserError(f"--format hf: tensor {name} has no place in the Llama layout (only the default Transformer "
+        raise UserError(f"{key}: tensor {name} has no place in the Llama layout (only the default Transformer "
                         f"exports as Llama: embed, blocks.N.attn.wq/wk/wv/wo, blocks.N.mlp.w_gate/w_up/w_down, norms, "
                         f"head)")
     return found[0], found[1][0]
@@ -122,7 +125,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     """A checkpoint step of the default Transformer as a Hugging Face Llama folder; returns its files."""
     if os.path.exists(out) and not (os.path.isdir(out) and (force or not os.listdir(out))):
         raise UserError(f"--out {out} exists; pass --force to overwrite it (a folder)")
-    step_dir, step, saved, entries = export_lib._prepare(directory, os.path.join(out, WEIGHTS), step, dtype, True)
+    step_dir, step, saved, entries = export_lib.prepare(directory, os.path.join(out, WEIGHTS), step, dtype, True)
     model = (ckpt_lib.saved_config(step_dir) or {}).get("model")
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
@@ -211,10 +214,5 @@ def reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str
 
 def check_model(params: Any) -> None:
     """checkpoint.export_format=hf needs every tensor to have a Llama place: checked before training."""
-    import jax
-    from jaxinfra.names import tensor_name
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        try:
-            hf_name(tensor_name(path))
-        except UserError as e:
-            raise UserError(str(e).replace("--format hf", "checkpoint.export_format=hf")) from None
+        hf_name(tensor_name(path), "checkpoint.export_format=hf")

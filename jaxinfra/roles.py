@@ -24,6 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
+from jaxinfra.pruning import erk_sparsities
+from jaxinfra.step import split_loss
 
 if TYPE_CHECKING:
     from jaxinfra.config import PruneConfig
@@ -265,8 +267,6 @@ def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) ->
 
 def for_config(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, say: Callable[..., None]) -> Selection:
     """The tensors prune.* takes, read from the traced forward pass, and the start-up table of them."""
-    from jaxinfra.pruning import erk_sparsities
-    from jaxinfra.step import split_loss
     found = find_roles(lambda q, s, b: split_loss(loss_fn(model.module(q, s, train=True), b))[0],
                        model.params, model.state, micro)
     selection = select(model.params, model.logical, found, p.params, p.exclude)

@@ -34,6 +34,7 @@ class Saver:
         self.aside: list[int] = []  # steps set aside by the resume, deleted once this run commits one
         self.first_saved: int | None = None  # the first step this run saved
         self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
+        self.resumed_record: dict[str, Any] = {}  # the metadata record of the step restore() resumed from
 
     def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
         """The newest (or checkpoint.restore_step's) state onto target's shardings, None for a fresh run.
@@ -51,6 +52,7 @@ class Saver:
                             f"{', '.join(map(str, ckpt.steps()))}: choose another run.dir (or remove them)")
 
         def same_data(step: int, record: dict[str, Any]) -> None:
+            self.resumed_record = record if isinstance(record, dict) else {}
             saved = record.get("data") if isinstance(record, dict) else None
             if not isinstance(saved, dict):
                 raise ckpt_lib.CorruptCheckpoint(step, ckpt.directory, ValueError("no data position in meta/metadata"))
@@ -72,9 +74,9 @@ class Saver:
         self.start = step
         return state
 
-    def saved_steps(self, step: int) -> int | None:
-        """run.steps of the run that saved `step` (None when its record does not say)."""
-        saved = self.ckpt.meta(step).get("config")
+    def saved_steps(self) -> int | None:
+        """run.steps of the run that saved the resumed step (None when its record does not say)."""
+        saved = self.resumed_record.get("config")
         steps = saved.get("run", {}).get("steps") if isinstance(saved, dict) else None
         return steps if isinstance(steps, int) else None
 

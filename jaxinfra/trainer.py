@@ -239,7 +239,7 @@ def _start(cfg: Config, plan: StepPlan, saver: Saver, restored: TrainState | Non
     schedule), else the model of checkpoint.init_from with a fresh optimizer, else a fresh init."""
     if restored is not None:
         step = int(restored.step)
-        line = schedule_change(cfg.optim, saver.saved_steps(step), cfg.run.steps, step, known=known)
+        line = schedule_change(cfg.optim, saver.saved_steps(), cfg.run.steps, step, known=known)
         if line:
             say(line)
         if cfg.checkpoint.init_from:

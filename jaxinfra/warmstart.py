@@ -5,7 +5,7 @@ fine-tune an export."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -16,6 +16,24 @@ from jaxinfra import hf
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
 from jaxinfra.step import ModelDef, TrainState
+
+
+class _Tensors(Mapping):
+    """A source's tensors by name, read when asked (one at a time: host memory stays about a tensor)."""
+
+    def __init__(self, read: Callable[[str], np.ndarray], names: set[str]):
+        self.read, self.names = read, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str], np.ndarray], set[str], str]:
@@ -41,26 +59,10 @@ def load(path: str, model: ModelDef, shardings: TrainState) -> tuple[Any, Any, s
         read, names, source = _reader(path, shapes)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
-    wanted: set[str] = set()
-
-    def place(abstract: Any, sharding: Any, what: str) -> Any:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-        out = []
-        for (p, a), sh in zip(flat, jax.tree.leaves(sharding)):
-            name = tensor_name(p)
-            wanted.add(name)
-            if name not in names:
-                raise UserError(f"{key}: has no tensor {name} (a {what} of the model, shape {tuple(a.shape)})")
-            x = read(name)
-            if tuple(x.shape) != tuple(a.shape):
-                raise UserError(f"{key}: tensor {name} has shape {tuple(x.shape)}, the model's is {tuple(a.shape)}")
-            x = np.asarray(x).astype(a.dtype)  # every process read the whole tensor: each places its shards
-            out.append(jax.make_array_from_callback(x.shape, sh, lambda index, x=x: x[index]))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    params = place(model.params, shardings.params, "parameter")
-    state = place(model.state, shardings.model_state, "variable")
-    extra = sorted(names - wanted)
+    tensors = _Tensors(read, names)
+    params = export_lib.to_params(tensors, model.params, shardings.params, key)
+    state = export_lib.to_params(tensors, model.state, shardings.model_state, key)
+    extra = sorted(names - set(shapes))
     if extra:
         raise UserError(f"{key}: holds tensor {extra[0]} that the model does not have"
                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
