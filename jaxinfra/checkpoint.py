@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import re
-import shutil
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -26,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxinfra import storage
 from jaxinfra.digest import host_digest, tree_digests
 from jaxinfra.errors import Failed, UserError, one_line
 from jaxinfra.names import path_str, tensor_name
@@ -52,12 +51,12 @@ def _verify(found: dict[str, str], expected: dict[str, str] | None, step: int, w
         if name in expected and expected[name] != digest:
             raise CorruptCheckpoint(step, where, ValueError(
                 f"tensor {name} differs from the bytes saved (digest {digest}, recorded {expected[name]}): "
-                f"{os.path.join(where, str(step), STATE)} is damaged"))
+                f"{storage.join(where, str(step), STATE)} is damaged"))
 
 
 def checkpoints_dir(run_dir: str) -> str:
     """Where a run folder keeps its checkpoint steps."""
-    return os.path.join(run_dir, CHECKPOINTS)
+    return storage.join(run_dir, CHECKPOINTS)
 
 
 def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -84,11 +83,13 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 2, keep_every: int = 0, read_only: bool = False,
                  digests: bool = True):
-        self.directory, self.digests = os.path.abspath(directory), digests  # digests=False: benchmarks only
+        self.directory, self.digests = storage.absolute(directory), digests  # digests=False: benchmarks only
         self._sigterm = self._failed = False
+        if storage.is_remote(self.directory):
+            storage.orbax_bridge()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=True)
+            enable_async_checkpointing=True, atomicity_options=storage.atomicity(self.directory))
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -109,7 +110,7 @@ class Checkpointer:
 
     def committed(self, step: int) -> bool:
         """Whether `step` is on disk and committed (a stat or two: cheap enough to poll each step)."""
-        return is_committed(os.path.join(self.directory, str(step)))
+        return is_committed(storage.join(self.directory, str(step)))
 
     def steps(self) -> list[int]:
         """Complete steps on disk, oldest first (interrupted saves are never listed)."""
@@ -157,17 +158,16 @@ class Checkpointer:
     # Steps newer than the one a run resumes from are set aside, not deleted, until the run commits a
     # step of its own: a crash before that loses nothing (the next start puts them back).
     def _aside(self) -> str:
-        return os.path.join(self.directory, ASIDE)
+        return storage.join(self.directory, ASIDE)
 
     def set_aside(self, step: int) -> list[int]:
         """Move the steps newer than `step` out of sight, into checkpoints/.aside/; returns them."""
         newer = [s for s in self.steps() if s > step]
         if newer and jax.process_index() == 0:
-            os.makedirs(self._aside(), exist_ok=True)
-            with open(os.path.join(self._aside(), "resumed_from"), "w") as f:
-                f.write(str(step))
-            for s in newer:
-                os.rename(os.path.join(self.directory, str(s)), os.path.join(self._aside(), str(s)))
+            storage.makedirs(self._aside())
+            storage.write_text(storage.join(self._aside(), "resumed_from"), str(step))
+            for s in newer:  # on a store each step is copied whole before its original goes
+                storage.move(storage.join(self.directory, str(s)), storage.join(self._aside(), str(s)))
         if newer:
             self._moved()
         return newer
@@ -182,18 +182,17 @@ class Checkpointer:
     def drop_aside(self) -> list[int]:
         """Delete the steps set aside (a newer step of this run is committed); returns them."""
         dropped = complete_steps(self._aside())
-        if os.path.isdir(self._aside()) and jax.process_index() == 0:
-            shutil.rmtree(self._aside())
+        if jax.process_index() == 0 and storage.isdir(self._aside()):
+            storage.rmtree(self._aside())
         return dropped
 
     def put_back(self) -> list[int]:
         """At start: steps set aside by a run that died before committing a step of its own go back
         (if it did commit one, they are dropped); returns the steps put back."""
-        if not os.path.isdir(self._aside()):
+        if not storage.isdir(self._aside()):
             return []
         try:
-            with open(os.path.join(self._aside(), "resumed_from")) as f:
-                resumed = int(f.read())
+            resumed = int(storage.read_text(storage.join(self._aside(), "resumed_from")))
         except (OSError, ValueError):
             resumed = -1
         if any(s > resumed for s in self.steps()):
@@ -202,8 +201,8 @@ class Checkpointer:
         back = complete_steps(self._aside())
         if jax.process_index() == 0:
             for s in back:
-                os.rename(os.path.join(self._aside(), str(s)), os.path.join(self.directory, str(s)))
-            shutil.rmtree(self._aside())
+                storage.move(storage.join(self._aside(), str(s)), storage.join(self.directory, str(s)))
+            storage.rmtree(self._aside())
         self._moved()
         return back
 
@@ -244,8 +243,8 @@ class CorruptCheckpoint(UserError):
 
     def __init__(self, step: int, directory: str, cause: BaseException):
         text = one_line(cause, limit=10_000)
-        found = re.search(rf"{re.escape(os.path.join(directory, str(step)))}[^\s'\"]*", text)
-        where = found.group(0) if found else os.path.join(directory, str(step))
+        found = re.search(rf"{re.escape(storage.join(directory, str(step)))}[^\s'\"]*", text)
+        where = found.group(0) if found else storage.join(directory, str(step))
         super().__init__(f"checkpoint step {step} is unreadable ({where}): {one_line(cause)}; "
                          f"checkpoint.fallback=true resumes from the previous good step")
         self.step = step
@@ -307,14 +306,14 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
 
 def is_committed(step_dir: str) -> bool:
     """Whether a step folder holds a complete, committed checkpoint."""
-    return os.path.isdir(step_dir) and ocp.step.is_checkpoint_finalized(step_dir)
+    if not storage.isdir(step_dir):
+        return False
+    return ocp.step.is_checkpoint_finalized(step_dir, atomicity_options=storage.atomicity(step_dir))
 
 
 def complete_steps(root: str) -> list[int]:
     """The committed steps of a checkpoints folder, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and is_committed(os.path.join(root, d)))
+    return sorted(int(d) for d in storage.listdir(root) if d.isdigit() and is_committed(storage.join(root, d)))
 
 
 def has_steps(run_dir: str) -> bool:
@@ -325,15 +324,17 @@ def has_steps(run_dir: str) -> bool:
 def locate(directory: str, step: int | None = None) -> tuple[str, int]:
     """A run folder, its checkpoints folder, or one step's folder -> (step folder, step); the newest
     complete step unless `step` is given."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = storage.absolute(directory)
+    storage.check(directory, "checkpoint folder")
+    storage.reachable(directory, "checkpoint folder")
+    if not storage.isdir(directory):
         raise UserError(f"{directory}: no such checkpoint folder")
-    if os.path.isdir(os.path.join(directory, STATE)) and os.path.basename(directory).isdigit():
-        found = int(os.path.basename(directory))
+    if storage.basename(directory).isdigit() and storage.isdir(storage.join(directory, STATE)):
+        found = int(storage.basename(directory))
         if step is not None and step != found:
             raise UserError(f"--step {step} does not match the step folder {directory}")
         return directory, found
-    root = checkpoints_dir(directory) if os.path.isdir(checkpoints_dir(directory)) else directory
+    root = checkpoints_dir(directory) if storage.isdir(checkpoints_dir(directory)) else directory
     steps = complete_steps(root)
     if not steps:
         raise UserError(f"{directory}: holds no complete checkpoint step")
@@ -341,11 +342,13 @@ def locate(directory: str, step: int | None = None) -> tuple[str, int]:
         step = steps[-1]
     elif step not in steps:
         raise UserError(f"--step {step} is not in {root} (steps: {', '.join(map(str, steps))})")
-    return os.path.join(root, str(step)), step
+    return storage.join(root, str(step)), step
 
 
 def state_metadata(step_dir: str) -> Any:
     """The saved state's tree of (shape, dtype, sharding) metadata, read from one step folder."""
+    if storage.is_remote(step_dir):
+        storage.orbax_bridge()
     try:
         return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE).tree
     except Exception as e:
@@ -356,8 +359,7 @@ def saved_record(step_dir: str) -> dict[str, Any]:
     """A step's metadata record (config, digests, ...), {} if it has none readable."""
     import json
     try:
-        with open(os.path.join(step_dir, META, "metadata")) as f:
-            found = json.load(f)
+        found = json.loads(storage.read_text(storage.join(step_dir, META, "metadata")))
         return found if isinstance(found, dict) else {}
     except (OSError, ValueError):  # no record, or not ours
         return {}
@@ -408,7 +410,7 @@ class SavedParams:
             node = node[k]
         array = np.asarray(node)
         key = f"{where}/{path_str(path)}"
-        root, step = os.path.split(os.path.normpath(self.step_dir))
+        root, step = storage.dirname(self.step_dir), storage.basename(self.step_dir)
         _verify({key: f"{host_digest(array):08x}"}, self.digests, int(step) if step.isdigit() else -1, root)
         return array
 

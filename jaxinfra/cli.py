@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
 
+from jaxinfra import storage
 from jaxinfra.config import Config, load_config, shipped_configs
 from jaxinfra.errors import Failed, UserError
 
@@ -109,7 +109,7 @@ def export_main(argv: list[str] | None = None) -> int:
             from jaxinfra.hf import export_hf
             for f in export_hf(args.directory, args.out, step=args.step, dtype=args.dtype,
                                max_shard_bytes=parse_size(args.max_shard_size), force=args.force):
-                print(f"wrote {f} ({os.path.getsize(f):,} bytes)")
+                print(f"wrote {f} ({storage.size(f):,} bytes)")
             return 0
         if args.sparse:
             if parse_size(args.max_shard_size):
@@ -123,7 +123,7 @@ def export_main(argv: list[str] | None = None) -> int:
         files = export(args.directory, args.out, step=args.step, dtype=args.dtype,
                        max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
         for f in files:
-            print(f"wrote {f} ({os.path.getsize(f):,} bytes)")
+            print(f"wrote {f} ({storage.size(f):,} bytes)")
         return 0
     return _guard(body)
 

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from jaxinfra import storage
 from jaxinfra.errors import UserError
 from jaxinfra.plots import new_figure, read_metrics, save_png, series
 
@@ -103,8 +104,6 @@ def compare(dense_dir: str, pruned_dir: str, out: str | None = None) -> tuple[li
     """(table lines, PNG path) for a dense and a pruned run; the PNG goes to `<pruned_dir>/compare.png`
     unless `out` is given."""
     for d in (dense_dir, pruned_dir):  # both named before any slow reading
-        if not os.path.isdir(d):
-            raise UserError(f"{d}: no such run folder")
-        read_metrics(d)
+        read_metrics(d)  # names a missing folder or bucket
     dense, pruned = run_figures(dense_dir), run_figures(pruned_dir)
-    return table(dense, pruned), plot(dense, pruned, out or os.path.join(pruned_dir, "compare.png"))
+    return table(dense, pruned), plot(dense, pruned, out or storage.join(pruned_dir, "compare.png"))

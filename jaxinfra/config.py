@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jaxinfra import storage
 from jaxinfra.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
@@ -59,7 +60,8 @@ class RunConfig:
     """What to run and where its outputs go."""
 
     name: str = "default"
-    dir: str = ""  # run folder; "" means runs/<name>
+    dir: str = ""  # run folder (a path, s3://bucket/prefix or gs://bucket/prefix); "" means runs/<name>
+    local_dir: str = ""  # with a remote run.dir: where its logs are written before upload; "" = under the temp dir
     seed: int = 0
     steps: int = 600
     log_every: int = 10
@@ -79,9 +81,15 @@ class RunConfig:
         """The run folder."""
         return self.dir or os.path.join("runs", self.name)
 
+    @property
+    def logs(self) -> str:
+        """Where the run's logs and reports are written: the run folder, or a remote one's local mirror."""
+        return self.local_dir or storage.local_mirror(self.path) if storage.is_remote(self.path) else self.path
+
     def check(self) -> None:
         """What the trainer reads of this section."""
         _at_least({"run.steps": self.steps, "run.log_every": self.log_every}, 1, "be at least 1")
+        storage.check(self.path, "run.dir")
         _at_least({"run.eval_every": self.eval_every, "run.eval_batches": self.eval_batches,
                    "run.stop_after": self.stop_after}, 0, "not be negative")
         ps = self.profile_steps
@@ -236,8 +244,8 @@ class DataConfig:
         """The LM job's corpus settings."""
         if not 0 <= self.heldout_percent < 100:
             raise UserError(f"data.heldout_percent={self.heldout_percent} must lie in [0, 100)")
-        if self.path and not os.path.exists(self.path):
-            raise UserError(f"data.path={self.path}: no such file or folder")
+        if self.path:
+            storage.must_exist(self.path, "data.path", "file or folder")
 
 
 @dataclass
@@ -370,8 +378,8 @@ class CheckpointConfig:
         _at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
                    "checkpoint.export_every": self.export_every}, 0, "not be negative")
         _at_least({"checkpoint.keep": self.keep}, 1, "be at least 1")
-        if self.init_from and not os.path.exists(self.init_from):
-            raise UserError(f"checkpoint.init_from={self.init_from}: no such run folder, step folder or export")
+        if self.init_from:
+            storage.must_exist(self.init_from, "checkpoint.init_from", "run folder, step folder or export")
 
 
 @dataclass

@@ -14,13 +14,13 @@ bits zero, so -0.0 and NaN survive the round trip bitwise.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
 import re
 import threading
 from dataclasses import dataclass
+from dataclasses import replace as dataclasses_replace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import sparse
+from jaxinfra import storage
 from jaxinfra.config import DTYPES
 from jaxinfra.errors import UserError, one_line
 from jaxinfra.names import tensor_name
@@ -49,13 +50,13 @@ FORMATS = ("safetensors", "hf")  # checkpoint.export_format and export.py --form
 
 def export_path(run_dir: str, step: int, fmt: str = "safetensors") -> str:
     """Where a run exports `step` during training: a file, or a Hugging Face folder."""
-    return os.path.join(run_dir, EXPORTS, f"hf-{step}" if fmt == "hf" else f"model-{step}.safetensors")
+    return storage.join(run_dir, EXPORTS, f"hf-{step}" if fmt == "hf" else f"model-{step}.safetensors")
 
 
 def newest_export(run_dir: str) -> tuple[str, int] | None:
     """(path, step) of a run's newest exports/model-<step>.safetensors, if any."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(run_dir, EXPORTS, "model-*.safetensors"))
-             if (m := re.fullmatch(r"model-(\d+)\.safetensors", os.path.basename(p)))]
+    found = [(int(m.group(1)), storage.join(run_dir, EXPORTS, p)) for p in storage.listdir(storage.join(run_dir, EXPORTS))
+             if (m := re.fullmatch(r"model-(\d+)\.safetensors", p))]
     return (max(found)[1], max(found)[0]) if found else None
 
 
@@ -108,7 +109,18 @@ def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
 @contextlib.contextmanager
 def _partial(path: str) -> Iterator[Any]:
     """A file written as <path>.partial and renamed to `path` once whole: never a half-written file
-    under the final name, and no .partial left behind when writing fails."""
+    under the final name, and no .partial left behind when writing fails. On an object store: a
+    multipart upload straight to `path`, which appears only once completed (aborted on failure)."""
+    if storage.is_remote(path):
+        f = storage.open_write(path)
+        try:
+            yield f
+        except BaseException:
+            storage.abort(f)
+            raise
+        f.close()
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".partial"
     try:
         with open(tmp, "wb") as f:
@@ -133,7 +145,8 @@ def prepare(directory: str, out: str, step: int | None, dtype: str | None, force
         dtype = ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype}: not one of {', '.join(list(ALIASES) + list(DTYPES))}")
-    if os.path.exists(out) and not force:
+    storage.check(out, "--out")
+    if storage.exists(out) and not force:
         raise UserError(f"--out {out} exists; pass --force to overwrite it")
     saved = ckpt_lib.SavedParams(step_dir)
     entries = []
@@ -162,7 +175,6 @@ def write_tensors(out: str, entries: list[tuple[str, tuple[int, ...], np.dtype]]
     `out` or, past max_shard_bytes, into <stem>-0000i-of-0000n.safetensors plus
     <stem>.safetensors.index.json (the Hugging Face layout); returns the files written."""
     groups = _shard_plan(entries, max_shard_bytes)
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
     files = [out] if len(groups) == 1 else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                                             for i in range(len(groups))]
@@ -171,16 +183,27 @@ def write_tensors(out: str, entries: list[tuple[str, tuple[int, ...], np.dtype]]
         _write_file(path, sel, (read(n, dt) for n, _, dt in sel), metadata)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(math.prod(s) * dt.itemsize for _, s, dt in entries)},
-                 "weight_map": {n: os.path.basename(files[g]) for g, group in enumerate(groups)
+                 "weight_map": {n: storage.basename(files[g]) for g, group in enumerate(groups)
                                 for n in (entries[i][0] for i in group)}}
-        with open(f"{stem}.safetensors.index.json", "w") as f:
-            json.dump(index, f, indent=1)
+        storage.write_text(f"{stem}.safetensors.index.json", json.dumps(index, indent=1))
         files.append(f"{stem}.safetensors.index.json")
     return files
 
 
 def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, dense host array) of one safetensors file, dense or sparse, a tensor at a time."""
+    """(name, dense host array) of one safetensors file, dense or sparse, a tensor at a time (a file
+    on a store is downloaded first, to a temporary file removed afterwards)."""
+    if storage.is_remote(path):
+        storage.check(path, "safetensors file")
+        storage.reachable(path, "safetensors file")
+        if not storage.isfile(path):
+            raise UserError(f"{path}: no such safetensors file")
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
+            local = os.path.join(tmp, storage.basename(path))
+            storage.download(path, local)
+            yield from iter_file(local)
+        return
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such safetensors file")
     try:
@@ -235,11 +258,10 @@ def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
 def load(path: str) -> dict[str, np.ndarray]:
     """Name -> dense host array from one safetensors file (dense or sparse) or a sharded export's index."""
     if path.endswith(".index.json"):
-        with open(path) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(json.loads(storage.read_text(path))["weight_map"].values()))
         out: dict[str, np.ndarray] = {}
         for name in files:
-            out.update(load(os.path.join(os.path.dirname(path), name)))
+            out.update(load(storage.join(storage.dirname(path), name)))
         return out
     return dict(iter_file(path))
 
@@ -398,8 +420,9 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
     pattern = pattern or saved_pattern(step_dir)
     base = base_metadata(step)
+    if storage.is_remote(out):
+        return _sparse_to_store(out, saved, entries, base, pattern)
     reserve = _reserve(entries, base)
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     tally = _Tally(base, pattern)
     with _partial(out) as f:
         f.seek(8 + reserve)
@@ -412,4 +435,24 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
         f.write(raw)
     summary = tally.summary()
     assert summary.sparse_bytes == os.path.getsize(out)
+    return summary
+
+
+def _sparse_to_store(out: str, saved: ckpt_lib.SavedParams, entries: list[tuple[str, tuple[int, ...], np.dtype]],
+                     base: dict[str, str], pattern: tuple[int, int] | None) -> SparseSummary:
+    """A sparse file streamed to an object store, which cannot seek back to write the header: one pass
+    encodes every tensor to learn the header (keeping nothing), the second writes header and pieces."""
+    sizes = _Tally(base, pattern)
+    for name, _, dt in entries:
+        sizes.add(name, saved.read(name).astype(dt, copy=False))
+    tally = _Tally(base, pattern)
+    raw = _header(sizes.stored, sizes.meta)
+    with _partial(out) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, _, dt in entries:
+            for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
+                f.write(np.ascontiguousarray(arr).tobytes())
+    summary = dataclasses_replace(tally.summary(), sparse_bytes=8 + len(raw) + sum(
+        math.prod(s) * np.dtype(d).itemsize for _, s, d in tally.stored))
     return summary

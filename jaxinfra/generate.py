@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxinfra import storage
 from jaxinfra import sharding as shd
 from jaxinfra.errors import UserError
 
@@ -74,10 +75,18 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     from jaxinfra.mesh import make_mesh
     from jaxinfra.step import abstract_model
 
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    path = storage.join(run_dir, "config.yaml")
+    storage.check(run_dir, "run folder")
+    storage.reachable(run_dir, "run folder")
+    if not storage.isfile(path):
         raise UserError(f"{run_dir}: no config.yaml (is it a run folder?)")
-    cfg = load_config(path)
+    if storage.is_remote(path):
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
+            storage.download(path, os.path.join(tmp, "config.yaml"))
+            cfg = load_config(os.path.join(tmp, "config.yaml"))
+    else:
+        cfg = load_config(path)
     for p in prompts:
         encode(p, cfg.model.vocab_size)
     flat, step = checkpoint.read_params(run_dir, step)

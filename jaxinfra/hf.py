@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxinfra import storage
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
 from jaxinfra.errors import UserError
@@ -123,45 +124,47 @@ def byte_tokenizer() -> dict[str, Any]:
 def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
               max_shard_bytes: int = 0, force: bool = False) -> list[str]:
     """A checkpoint step of the default Transformer as a Hugging Face Llama folder; returns its files."""
-    if os.path.exists(out) and not (os.path.isdir(out) and (force or not os.listdir(out))):
+    storage.check(out, "--out")
+    if storage.exists(out) and not (storage.isdir(out) and (force or not storage.listdir(out))):
         raise UserError(f"--out {out} exists; pass --force to overwrite it (a folder)")
-    step_dir, step, saved, entries = export_lib.prepare(directory, os.path.join(out, WEIGHTS), step, dtype, True)
+    step_dir, step, saved, entries = export_lib.prepare(directory, storage.join(out, WEIGHTS), step, dtype, True)
     model = (ckpt_lib.saved_config(step_dir) or {}).get("model")
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
                         f"the default Transformer only")
-    tmp = out.rstrip(os.sep) + ".partial"  # the folder appears under its name only once whole
-    shutil.rmtree(tmp, ignore_errors=True)
+    # the folder appears under its name only once whole: renamed from .partial on a disk; on a store
+    # (no rename) written in place, config.json last, which is what marks a folder as an export
+    remote = storage.is_remote(out)
+    tmp = out if remote else out.rstrip(os.sep) + ".partial"
+    storage.rmtree(tmp)
     renamed, how = [], {}
     for name, shape, dt in entries:
         hf, to_hf = hf_name(name)
         how[hf] = (name, to_hf)
         renamed.append((hf, tuple(to_hf(np.empty(shape, np.uint8)).shape), dt))
-    files = export_lib.write_tensors(os.path.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
+    files = export_lib.write_tensors(storage.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
         how[hf][1](saved.read(how[hf][0]).astype(dt, copy=False))), {"format": "pt"}, max_shard_bytes)
     torch_dtype = str(renamed[0][2]) if renamed else "float32"
-    sidecars = {CONFIG: llama_config(model, torch_dtype),
-                "generation_config.json": {"do_sample": False, "max_length": int(model["seq_len"])},
+    sidecars = {"generation_config.json": {"do_sample": False, "max_length": int(model["seq_len"])},
                 "tokenizer.json": byte_tokenizer(),
                 "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
-                                          int(model["seq_len"]), "clean_up_tokenization_spaces": False}}
+                                          int(model["seq_len"]), "clean_up_tokenization_spaces": False},
+                CONFIG: llama_config(model, torch_dtype)}  # last
     for name, content in sidecars.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(content, f, indent=1, ensure_ascii=False)
-        files.append(os.path.join(tmp, name))
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return [os.path.join(out, os.path.basename(f)) for f in files]
+        storage.write_text(storage.join(tmp, name), json.dumps(content, indent=1, ensure_ascii=False))
+        files.append(storage.join(tmp, name))
+    if not remote:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return [storage.join(out, storage.basename(f)) for f in files]
 
 
 def is_hf_folder(path: str) -> bool:
     """Whether `path` is a folder holding a Hugging Face Llama export."""
-    if not os.path.isfile(os.path.join(path, CONFIG)):
+    if not storage.isfile(storage.join(path, CONFIG)):
         return False
     try:
-        with open(os.path.join(path, CONFIG)) as f:
-            return json.load(f).get("model_type") == "llama"
+        return json.loads(storage.read_text(storage.join(path, CONFIG))).get("model_type") == "llama"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -169,8 +172,7 @@ def is_hf_folder(path: str) -> bool:
 def check_config(path: str, shapes: dict[str, tuple[int, ...]]) -> None:
     """The folder's config.json must describe this architecture: what the tensors' shapes cannot show
     (how q/k/v split into heads, grouped KV heads, rotary scaling, the norm's epsilon)."""
-    with open(os.path.join(path, CONFIG)) as f:
-        c = json.load(f)
+    c = json.loads(storage.read_text(storage.join(path, CONFIG)))
     heads = shapes.get("blocks.0.attn.wq", (0, 0))[1]
     problems = []
     if heads and c.get("num_attention_heads") != heads:
@@ -188,7 +190,7 @@ def check_config(path: str, shapes: dict[str, tuple[int, ...]]) -> None:
 
 def read_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Callable]]:
     """An HF Llama folder -> ({our name: HF array}, {our name: back(array, our shape)})."""
-    weights = os.path.join(path, INDEX) if os.path.isfile(os.path.join(path, INDEX)) else os.path.join(path, WEIGHTS)
+    weights = storage.join(path, INDEX) if storage.isfile(storage.join(path, INDEX)) else storage.join(path, WEIGHTS)
     arrays, back = {}, {}
     for name, w in export_lib.load(weights).items():
         found = our_name(name)

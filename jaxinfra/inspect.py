@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
 
+from jaxinfra import storage
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra.names import tensor_name
 
@@ -23,7 +23,7 @@ def describe_checkpoint(directory: str, step: int | None = None, verify: bool = 
     """Lines: the complete steps, then a row per tensor of one step (shape, dtype, saved sharding, bytes);
     with `verify`, every parameter is read and checked against the digest recorded at save."""
     step_dir, step = ckpt_lib.locate(directory, step)
-    root = os.path.dirname(step_dir)
+    root = storage.dirname(step_dir)
     tree = ckpt_lib.state_metadata(step_dir)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     rows = [("tensor", "shape", "dtype", "saved sharding", "bytes")]

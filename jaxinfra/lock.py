@@ -1,5 +1,6 @@
 """One writer per run folder: a lock file created atomically (O_EXCL, which local disks and shared
-filesystems honour alike) before a run writes anything, naming its holder (host, pid, since when).
+filesystems honour alike; a conditional PUT on an object store) before a run writes anything,
+naming its holder (host, pid, since when).
 
 A lock whose holder is a dead process on this host is taken over with a printed line; one held on
 another host cannot be checked from here, so the message says how to clear it. Readers (export,
@@ -14,6 +15,7 @@ import socket
 import time
 from typing import Any, Callable, Iterator
 
+from jaxinfra import storage
 from jaxinfra.errors import UserError
 
 LOCK = ".jaxinfra.lock"  # in the run folder
@@ -35,15 +37,14 @@ class RunLock:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK)
+        self.path = storage.join(run_dir, LOCK)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         self.held = False
 
     def _holder(self) -> dict[str, Any] | None:
         try:
-            with open(self.path) as f:
-                found = json.load(f)
+            found = json.loads(storage.read_text(self.path))
             return found if isinstance(found, dict) else {}
         except FileNotFoundError:
             return None
@@ -52,11 +53,9 @@ class RunLock:
 
     def acquire(self, say: Callable[[str], None] = print) -> None:
         """Take the lock, or raise UserError naming the folder and the holder."""
-        os.makedirs(self.run_dir, exist_ok=True)
+        storage.makedirs(self.run_dir)
         for _ in range(3):  # a stale lock taken over, or a holder that released it meanwhile
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(self.path, json.dumps(self.me).encode()):
                 other = self._holder()
                 if other is None:
                     continue
@@ -64,16 +63,11 @@ class RunLock:
                 if host == self.me["host"] and isinstance(pid, int) and not _alive(pid):
                     say(f"taking over the lock of {self.run_dir}: its holder, process {pid} on {host} "
                         f"(since {since}), is gone")
-                    try:
-                        os.remove(self.path)
-                    except FileNotFoundError:
-                        pass
+                    storage.remove(self.path)
                     continue
                 raise UserError(f"run.dir={self.run_dir} is in use by process {pid} on host {host} since {since}: "
                                 f"wait for it or choose another run.dir (if that process is gone, remove "
                                 f"{self.path})") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
             self.held = True
             return
         raise UserError(f"run.dir={self.run_dir}: could not take its lock {self.path} (another run keeps taking it)")
@@ -81,13 +75,15 @@ class RunLock:
     def release(self) -> None:
         """Remove the lock if this process holds it."""
         if self.held and self._holder() == self.me:
-            os.remove(self.path)
+            storage.remove(self.path)
         self.held = False
 
 
 def check_no_links(run_dir: str) -> None:
     """A run writes only inside the folder it was given: a symbolic link among what it writes (its
     files, exports, step folders) would send writes, or rotation's deletes, elsewhere."""
+    if storage.is_remote(run_dir):  # an object store has no links
+        return
     places = [run_dir] + [os.path.join(run_dir, d) for d in ("checkpoints", "exports")]
     for place in places:
         if not os.path.isdir(place):

@@ -29,6 +29,8 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+METRICS = "metrics.jsonl"  # in the run folder: one JSON row per logged step
+
 class MetricsWriter:
     """Writes rows from process 0 only; other processes keep quiet."""
 
@@ -40,7 +42,7 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "metrics.jsonl")
+        path = os.path.join(run_dir, METRICS)
         kept = []
         if initial_step and os.path.exists(path):  # a resumed run: rows past the restored step are redone
             with open(path) as f:
@@ -81,6 +83,12 @@ class MetricsWriter:
         """A console line that does not break the progress bar."""
         if self.enabled:
             (self._bar.write if self._bar is not None else print)(line)
+
+    def flush(self) -> None:
+        """Put what was written on disk (before the run folder's files are uploaded)."""
+        if self._tb is not None:
+            with naming(self._tb.logdir):
+                self._tb.flush()
 
     def close(self) -> None:
         """Flush and close everything."""

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
+from jaxinfra import storage
 from jaxinfra.errors import UserError
 
 PANELS = (("loss", "training loss"), ("eval_bpb", "held-out bits per byte"), ("learning_rate", "learning rate"),
@@ -18,20 +18,21 @@ PANELS = (("loss", "training loss"), ("eval_bpb", "held-out bits per byte"), ("l
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """The rows of `<run_dir>/metrics.jsonl` (a torn last line is skipped); UserError if there are none."""
-    if not os.path.isdir(run_dir):
+    storage.check(run_dir, "run folder")
+    storage.reachable(run_dir, "run folder")
+    if not storage.isdir(run_dir):
         raise UserError(f"{run_dir}: no such run folder")
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.isfile(path):
         raise UserError(f"{path}: no such file (is {run_dir} a run folder?)")
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a process killed mid-write leaves a torn line
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-                rows.append(row)
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a process killed mid-write leaves a torn line
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
     if not rows:
         raise UserError(f"{path}: holds no metrics rows")
     return rows
@@ -59,10 +60,10 @@ def new_figure(n_panels: int) -> tuple[Any, list[Any]]:
 
 def save_png(fig: Any, out: str) -> str:
     """Write the figure as a PNG at `out` (whole or not at all); returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = out + ".partial"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out)
+    import io
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    storage.write_bytes(out, png.getvalue())  # whole or not at all, on a disk or a store
     return out
 
 
@@ -80,5 +81,5 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
-    return save_png(fig, out or os.path.join(run_dir, "plots.png"))
+    fig.suptitle(storage.basename(storage.absolute(run_dir)))
+    return save_png(fig, out or storage.join(run_dir, "plots.png"))

@@ -7,13 +7,13 @@ a step the exporter has still to read. It also owns the resume at start-up (`res
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping
 
 import jax
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
+from jaxinfra import storage
 from jaxinfra.config import CheckpointConfig
 from jaxinfra.errors import Diverged, UserError
 from jaxinfra.step import TrainState, all_finite
@@ -35,6 +35,7 @@ class Saver:
         self.first_saved: int | None = None  # the first step this run saved
         self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
         self.resumed_record: dict[str, Any] = {}  # the metadata record of the step restore() resumed from
+        self.on_save: Callable[[], None] = lambda: None  # after each save: the trainer uploads its logs
 
     def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
         """The newest (or checkpoint.restore_step's) state onto target's shardings, None for a fresh run.
@@ -113,7 +114,7 @@ class Saver:
     def owe_final_export(self, step: int) -> None:
         """Export the last step, already committed, if the run wants it and its file is missing."""
         # both formats appear under their final name only once whole (a file renamed, a folder renamed)
-        if self.cfg.export_final and not os.path.exists(export_lib.export_path(self.exporter.run_dir, step,
+        if self.cfg.export_final and not storage.exists(export_lib.export_path(self.exporter.run_dir, step,
                                                                               self.cfg.export_format)):
             self.exporter.request(step)
 
@@ -126,6 +127,7 @@ class Saver:
         self.ckpt.save(step, state, self.record(step))
         if self.first_saved is None:
             self.first_saved = step
+        self.on_save()
 
     def finish(self) -> tuple[list[str], list[str]]:
         """Wait for the last save, write the exports still owed: (files written, one line per failure)."""

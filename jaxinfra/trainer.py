@@ -30,12 +30,13 @@ from jaxinfra import lock as lock_lib
 from jaxinfra import perf
 from jaxinfra import roles
 from jaxinfra import sharding as shd
+from jaxinfra import storage
 from jaxinfra import warmstart
 from jaxinfra.config import DEFAULT_RULES, Config, to_yaml
 from jaxinfra.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
 from jaxinfra.errors import Failed, UserError, naming
 from jaxinfra.mesh import describe, make_mesh
-from jaxinfra.metrics import MetricsWriter, Reporter
+from jaxinfra.metrics import METRICS, MetricsWriter, Reporter
 from jaxinfra.names import path_str
 from jaxinfra.optim import make_optimizer, schedule_change, with_pruning
 from jaxinfra.pruning import find_prune_state, layer_sparsity
@@ -176,6 +177,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     """
     t_start = time.perf_counter()
     cfg.check_train()
+    storage.reachable(cfg.run.path, "run.dir")
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     data_lib.check_source(train_source, "train_source")
@@ -196,6 +198,8 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, compute_dtype) if flops_per_token else 0.0)
     with contextlib.ExitStack() as scope:
         scope.enter_context(lock_lib.held(cfg.run.path, lead=lead, say=say))  # before anything is written there
+        mirror = _mirror(cfg, lead, say)
+        scope.callback(mirror.push)  # what the run wrote reaches the store, also after a failure
         scope.enter_context(jax.set_mesh(mesh))
         say(describe(mesh))
         model = abstract_model(model_fn)
@@ -223,6 +227,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         saver = Saver(cfg.run.path, cfg.checkpoint, stop_after=cfg.run.stop_after,
                       record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
+        saver.on_save = mirror.push
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
         state = _start(cfg, plan, saver, saver.restore(plan.abstract, data_meta, names), known=optimizer is None,
                        say=say)
@@ -285,10 +290,21 @@ class _Run:
     on_finish: Callable[[Finished], None] | None
 
 
+def _mirror(cfg: Config, lead: bool, say: Callable[..., None]) -> storage.Mirror:
+    """The local folder of a remote run folder's logs (process 0 uploads it), its metrics fetched."""
+    mirror = storage.Mirror(cfg.run.path, cfg.run.logs if lead else "")
+    if mirror.active and lead:
+        say(f"run folder {cfg.run.path}: logs are written to {cfg.run.logs} and uploaded at each checkpoint "
+            f"and at the end")
+        mirror.pull(METRICS)  # a restart on another machine continues the store's metrics
+    return mirror
+
+
 def _write(run: _Run, name: str, text: str) -> None:
     """A text file in the run folder (process 0 only)."""
     if run.lead:
-        path = os.path.join(run.cfg.run.path, name)
+        os.makedirs(run.cfg.run.logs, exist_ok=True)
+        path = os.path.join(run.cfg.run.logs, name)
         with naming(path), open(path, "w") as f:
             f.write(text)
 
@@ -310,7 +326,7 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
     loader = data_lib.train_batches(train_source, B, cfg.run.seed, start=start, spec=spec)
     batches = data_lib.global_batches(iter(loader), plan.batch_shardings, cfg.optim.grad_accum)
-    writer = MetricsWriter(cfg.run.path, cfg.run.steps, initial_step=start, enabled=run.lead,
+    writer = MetricsWriter(cfg.run.logs, cfg.run.steps, initial_step=start, enabled=run.lead,
                            progress=cfg.run.progress)
     reporter = Reporter(writer, log_every=cfg.run.log_every, last_step=cfg.run.steps,
                         tokens_per_step=B * run.tokens_per_example, tokens_per_example=run.tokens_per_example,
@@ -323,7 +339,8 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
         evaluator = Evaluator(mean_eval(make_eval_step(plan.model, run.eval_fn, plan.mesh), eval_set),
                               cfg.run.eval_every, cfg.run.steps)
     saver.say = reporter.print  # lines during the loop must not break the progress bar
-    profile = perf.ProfileWindow(os.path.join(cfg.run.path, "profile"), list(cfg.run.profile_steps))
+    on_save, saver.on_save = saver.on_save, lambda: (writer.flush(), on_save())
+    profile = perf.ProfileWindow(os.path.join(cfg.run.logs, "profile"), list(cfg.run.profile_steps))
     try:
         state = fit(state, compiled, batches, steps=cfg.run.steps, reporter=reporter, evaluator=evaluator,
                     profile=profile, saver=saver)
@@ -335,11 +352,11 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     finally:
         profile.close()
         writer.close()
-        saver.say = say
+        saver.say, saver.on_save = say, on_save
 
     final = {"start_step": start, **reporter.final, "model": plan.model.module(state.params, state.model_state)}
     if run.lead and cfg.run.plot:
-        _plot(cfg.run.path, say)
+        _plot(cfg.run.logs, say)
     if saver.stopped_at is not None:
         return {**final, "stopped_at": saver.stopped_at}
     _report_sparsity(run, state)

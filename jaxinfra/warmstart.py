@@ -4,12 +4,12 @@ onto this run's mesh. The optimizer starts fresh at step 0: prune a dense pretra
 fine-tune an export."""
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 
+from jaxinfra import storage
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
 from jaxinfra import hf
@@ -38,10 +38,10 @@ class _Tensors(Mapping):
 
 def _reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str], np.ndarray], set[str], str]:
     """(read tensor by name, the names there, what to call the source); `shapes`: the model's tensors."""
-    if os.path.isdir(path) and hf.is_hf_folder(path):
+    if hf.is_hf_folder(path):
         read, names = hf.reader(path, shapes)
         return read, names, f"{path} (Hugging Face Llama layout)"
-    if path.endswith((".safetensors", ".index.json")) and os.path.isfile(path):
+    if path.endswith((".safetensors", ".index.json")) and storage.isfile(path):
         tensors = export_lib.load(path)
         return tensors.__getitem__, set(tensors), path
     step_dir, step = ckpt_lib.locate(path)

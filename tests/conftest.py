@@ -38,3 +38,40 @@ def no_jit_cache():
     jax.config.update("jax_enable_compilation_cache", False)
     yield
     jax.config.update("jax_enable_compilation_cache", True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), reached only through the standard AWS_* variables."""
+    import socket
+    pytest.importorskip("s3fs", reason="the S3 tests need the cloud client: pip install -e '.[test]'")
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]: pip install -e '.[test]'")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE"]}
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A new empty bucket on the loopback S3 server: its s3:// URI."""
+    import re
+    import uuid
+    from jaxinfra import storage
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    storage._fs(f"s3://{name}").call_s3("create_bucket", Bucket=name)
+    return f"s3://{name}"
