@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from jaxinfra import storage
 from jaxinfra.errors import UserError
 
 
@@ -40,7 +41,7 @@ class Corpus:
     """A corpus as two byte arrays (files concatenated in sorted path order)."""
 
     name: str
-    train: np.ndarray  # uint8
+    train: np.ndarray  # uint8 (StoredBytes for a corpus on an object store)
     heldout: np.ndarray  # uint8
     n_train_files: int
     n_heldout_files: int
@@ -61,8 +62,80 @@ def _files(path: str, glob: str) -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
+class StoredBytes:
+    """The train bytes of a corpus on an object store, concatenated in path order and read lazily:
+    `x[a:b]` fetches only the blocks holding those bytes (ranged GETs), so each process reads about
+    its own rows' byte ranges, never the whole corpus. Quacks like the uint8 array Windows slices."""
+
+    BLOCK = 1 << 20  # bytes per ranged GET, cached per block
+
+    def __init__(self, files: list[tuple[str, int]]):
+        self.files = [f for f in files if f[1]]
+        self.starts = np.cumsum([0] + [n for _, n in self.files])
+        self.size = int(self.starts[-1])
+        self.dtype = np.dtype(np.uint8)
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def _block(self, f: int, b: int) -> bytes:
+        if (f, b) not in self._cache:
+            if len(self._cache) >= 64:  # bounded: the oldest block goes
+                self._cache.pop(next(iter(self._cache)))
+            path, n = self.files[f]
+            self._cache[f, b] = storage.read_bytes(path, b * self.BLOCK, min(n, (b + 1) * self.BLOCK))
+        return self._cache[f, b]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, _ = key.indices(self.size)
+        out = []
+        while start < stop:
+            f = int(np.searchsorted(self.starts, start, side="right")) - 1
+            off = start - int(self.starts[f])
+            take = min(stop - start, self.BLOCK - off % self.BLOCK, self.files[f][1] - off)
+            block = self._block(f, off // self.BLOCK)
+            out.append(block[off % self.BLOCK:off % self.BLOCK + take])
+            start += take
+        return np.frombuffer(b"".join(out), np.uint8)
+
+
+def _stored_files(path: str, glob: str) -> list[tuple[str, str, int]]:
+    """(relative path, URI, size) of a store's corpus files (one object, or a prefix's matching files)."""
+    import fnmatch
+    storage.reachable(path, "data.path")
+    if storage.isfile(path):
+        return [(storage.basename(path), path, storage.size(path))]
+    found = storage.walk_files(path)
+    if not found:
+        raise UserError(f"data.path={path}: no such file or folder")
+    match = (lambda rel: fnmatch.fnmatch(rel, glob)) if "/" in glob else \
+        (lambda rel: fnmatch.fnmatch(rel.rsplit("/", 1)[-1], glob))
+    return [(rel, storage.join(path, rel), n) for rel, n in found if match(rel)]
+
+
+def _load_stored(path: str, glob: str, heldout_percent: float) -> Corpus:
+    """A corpus on an object store: the same split and order as the same files on disk; the held-out
+    files are read whole (every process evaluates on them), the train files lazily (StoredBytes)."""
+    files = _stored_files(path, glob)
+    where = f"data.path={path}"
+    if not files:
+        raise UserError(f"{where} holds no files matching data.glob={glob}")
+    held = [f for f in files if len(files) > 1 and is_heldout(f[0], heldout_percent)]
+    train = [f for f in files if f not in held]
+    if not held and heldout_percent > 0:  # as on disk: the tail of the bytes is held out
+        data = b"".join(storage.read_bytes(uri) for _, uri, _ in train)
+        cut = int(len(data) * (1 - max(heldout_percent, 1.0) / 100))
+        tr, ho = np.frombuffer(data[:cut], np.uint8), np.frombuffer(data[cut:], np.uint8)
+    else:
+        tr = StoredBytes([(uri, n) for _, uri, n in train])
+        ho = np.frombuffer(b"".join(storage.read_bytes(uri) for _, uri, _ in held), np.uint8)
+    if tr.size == 0:
+        raise UserError(f"{where}: the corpus is empty ({len(files)} files, 0 bytes)")
+    return Corpus(path, tr, ho, len(train), len(held))
+
+
 def load_corpus(path: str = "", glob: str = "*.py", heldout_percent: float = 1.0) -> Corpus:
     """Read every file once; split by path hash. Raises UserError for a missing or empty corpus."""
+    if storage.is_remote(path):
+        return _load_stored(path, glob, heldout_percent)
     root, files = _files(path, glob)
     where = f"data.path={path or '<stdlib ' + str(root) + '>'}"
     if not files:

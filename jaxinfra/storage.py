@@ -48,6 +48,8 @@ def is_remote(path: str) -> bool:
 
 def check(path: str, key: str) -> None:
     """A config value or argument that is a URI must be one this module can use (UserError naming `key`)."""
+    if re.match(r"^(s3|gs):/?(?!/)", str(path)):  # s3:/x would pass for a local folder named s3:
+        raise UserError(f"{key}={path}: malformed URI (write {str(path).split(':')[0]}://bucket/prefix)")
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
     if scheme and scheme.group(1) not in SCHEMES:
         raise UserError(f"{key}={path}: unknown storage scheme {scheme.group(1)}:// (use a local path, "
@@ -105,6 +107,16 @@ def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
+def _aws_credentials() -> dict[str, str]:
+    """TensorStore's credential source, chosen as the AWS SDKs' chain would (the keys, a profile, or the
+    whole default chain, whose probing of absent files fills stderr: only when nothing is set)."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {"type": "environment"}
+    if os.environ.get("AWS_PROFILE"):
+        return {"type": "profile", "profile": os.environ["AWS_PROFILE"]}
+    return {"type": "default"}
+
+
 def kvstore(path: str) -> dict[str, Any]:
     """The TensorStore kvstore spec of a folder (local, s3:// or gs://), retries bounded."""
     if not is_remote(path):
@@ -116,7 +128,7 @@ def kvstore(path: str) -> dict[str, Any]:
                 "gcs_request_retries": {"max_retries": 6, "initial_delay": "0.2s", "max_delay": "8s"}}
     spec = {"driver": "s3", "bucket": loc.bucket, "path": prefix, "aws_region": s3_region(),
             # TensorStore reads no endpoint variable itself (the open then hangs on AWS's): pass it
-            "aws_credentials": {"type": "default"},
+            "aws_credentials": _aws_credentials(),
             "s3_request_retries": {"max_retries": 6, "initial_delay": "0.2s", "max_delay": "8s"}}
     if s3_endpoint():
         spec["endpoint"] = s3_endpoint()
@@ -360,8 +372,9 @@ def create_exclusive(path: str, data: bytes) -> bool:
     try:
         fs.call_s3("put_object", Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
         return True
-    except Exception as e:  # s3fs maps 412 to an OSError carrying the code
-        if "PreconditionFailed" in repr(e) or "412" in str(e) or "ConditionalRequestConflict" in repr(e):
+    except Exception as e:  # s3fs turns 412 Precondition Failed into an OSError of the server's text
+        if re.search(r"PreconditionFailed|ConditionalRequestConflict|pre-?conditions? .*not hold|\b412\b",
+                     f"{e!r} {e}"):
             return False
         raise
 
@@ -416,15 +429,17 @@ def reachable(path: str, key: str) -> None:
 
 
 def _cause(e: BaseException, loc: Location) -> str:
-    text = f"{type(e).__name__}: {e}"
-    if re.search(r"NoSuchBucket|404|Not Found|FileNotFoundError", text):
-        return f"bucket {loc.bucket} does not exist"
-    if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|403|Forbidden|NoCredentials|"
-                 r"credentials|PermissionError|401", text):
-        return (f"the credentials were refused ({one_line(e, 120)}); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                f"or AWS_PROFILE" if loc.scheme == "s3" else f"the credentials were refused ({one_line(e, 120)})")
-    if re.search(r"EndpointConnectionError|ConnectTimeout|Connect|Could not connect|timed out|Name or service", text):
+    """What the user can fix, from a client's error (matched on the error's kind, not on the URL in it)."""
+    text = re.sub(r"(https?|s3|gs)://\S+", "", f"{type(e).__name__}: {e}")
+    if re.search(r"EndpointConnectionError|ConnectTimeout|Could not connect|timed out|Name or service|"
+                 r"ClientConnectorError|Connection refused", text):
         return f"cannot reach the endpoint {s3_endpoint() or 'of ' + loc.scheme} ({one_line(e, 120)})"
+    if re.search(r"NoSuchBucket|\b404\b|Not Found|FileNotFoundError", text):
+        return f"bucket {loc.bucket} does not exist"
+    if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|\b40[13]\b|Forbidden|NoCredentials|"
+                 r"Unable to locate credentials|PermissionError|Unauthorized", text):
+        fix = "; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE" if loc.scheme == "s3" else ""
+        return f"the credentials were refused ({one_line(e, 120)}){fix}"
     return one_line(e, 200)
 
 

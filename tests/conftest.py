@@ -7,9 +7,11 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 # Many tests compile the same tiny step; JAX's persistent cache compiles each distinct program once
-# per suite run, in this process (subprocesses don't inherit it). Tests that read the compiler's log
+# per suite run, here and in subprocesses (they inherit the variable). Tests that read the compiler's log
 # take the `no_jit_cache` fixture: a cache hit prints nothing.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jaxinfra-tests-{os.getuid()}"))
+CACHE = os.path.join(tempfile.gettempdir(), f"jaxinfra-tests-{os.getuid()}")
+jax.config.update("jax_compilation_cache_dir", CACHE)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE  # and in the runs tests start as subprocesses (scripts/train.py)
 assert len(jax.devices()) == 8  # start the backend now: no test may change the device count later
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,29 +1,257 @@
-"""Object storage: checkpoints, exports, logs and data on s3:// against moto's server on 127.0.0.1."""
+"""Object storage: checkpoints, exports, logs and data on s3:// against moto's S3 server on 127.0.0.1
+(started by the `s3_server` fixture; every client finds it through the standard AWS_* variables)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
+from conftest import tiny_config
 from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import storage
+from jaxinfra import cli, job, storage
+from jaxinfra import data as data_lib
+from jaxinfra import export as export_lib
 from jaxinfra.errors import UserError
 from jaxinfra.step import TrainState
 
-
-def _state(step):
-    return TrainState(step=jnp.int32(step), params={"w": jnp.arange(12.0).reshape(3, 4) * step},
-                      opt_state={"m": jnp.ones(4)})
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("s3")  # one worker: its server and the shared runs below
 
 
-def test_checkpointer_saves_rotates_and_restores_on_s3(bucket):
+def test_uris_are_parsed_and_refused_in_one_place():
+    assert storage.parse("s3://my-bucket/a//b/") == storage.Location("s3", "my-bucket", "a/b")
+    assert storage.join("s3://my-bucket/run", "checkpoints", "5") == "s3://my-bucket/run/checkpoints/5"
+    for bad, says in [("s3://", "not a valid bucket name"), ("s3://Upper/x", "not a valid bucket name"),
+                      ("s3://ok-bucket/../x", "'..' are not allowed"), ("s4://b/x", "unknown storage scheme s4://"),
+                      ("http://host/x", "unknown storage scheme http://")]:
+        with pytest.raises(UserError, match="run.dir=" + bad.replace("/", "/").replace(".", r"\.") + ".*" + says):
+            storage.check(bad, "run.dir")
+    storage.check("runs/plain-folder", "run.dir")  # local paths pass untouched
+
+
+def test_kvstore_specs_follow_the_standard_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the service-specific one wins
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    spec = storage.kvstore("s3://my-bucket/run/checkpoints")
+    assert spec["endpoint"] == "http://127.0.0.1:10" and spec["aws_region"] == "eu-west-3"
+    assert (spec["bucket"], spec["path"]) == ("my-bucket", "run/checkpoints/")
+    assert spec["aws_credentials"] == {"type": "environment"} and spec["s3_request_retries"]["max_retries"] <= 8
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.setenv("AWS_PROFILE", "prod")
+    assert storage.kvstore("s3://my-bucket/x")["aws_credentials"] == {"type": "profile", "profile": "prod"}
+    gs = storage.kvstore("gs://my-bucket/run")
+    assert (gs["driver"], gs["bucket"], gs["path"]) == ("gcs", "my-bucket", "run/")
+    # the bridge: Orbax's own spec builder now sends s3:// to the s3 driver (its hooks are still there)
+    storage.orbax_bridge()
+    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+    built = tsu.build_kvstore_tspec("s3://my-bucket/run/checkpoints/5/state", use_ocdbt=True)
+    assert built["base"]["driver"] == "s3" and built["base"]["path"].startswith("run/checkpoints/5/state")
+    assert tsu.build_kvstore_tspec("gs://my-bucket/x", use_ocdbt=False)["driver"] == "gcs"
+    assert tsu.build_kvstore_tspec("/tmp/x", use_ocdbt=False)["driver"] == "file"
+
+
+def _state(step, mesh=None, spec=None):
+    w = jnp.arange(32.0).reshape(8, 4) * step
+    if mesh is not None:
+        w = jax.device_put(w, jax.sharding.NamedSharding(mesh, spec))
+    return TrainState(step=jnp.int32(step), params={"w": w}, opt_state={"m": jnp.ones(4)})
+
+
+def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(bucket):
+    from jax.sharding import PartitionSpec as P
+    from jaxinfra.mesh import make_mesh
     ck = ckpt_lib.Checkpointer(storage.join(bucket, "run", "checkpoints"), keep=2)
+    saved = _state(3, make_mesh(2, 2, 2), P(("data", "fsdp"), "tensor"))
     for step in (1, 2, 3):
-        ck.save(step, _state(step), {"step": step, "data": {"global_batches_consumed": step}})
+        ck.save(step, saved if step == 3 else _state(step), {"step": step, "data": {"global_batches_consumed": step}})
     ck.wait()
-    assert ck.steps() == [2, 3]
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
-    back = ckpt_lib.resume(ck, target)
-    np.testing.assert_array_equal(back.params["w"], _state(3).params["w"])
+    assert ck.steps() == [2, 3]  # keep-N rotation on the store
+    for mesh, spec in [(make_mesh(8, 1, 1), P("data", None)), (jax.make_mesh((1,), ("x",), devices=jax.devices()[:1]), P())]:
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, spec if x.ndim == 2 else P())), _state(0))
+        back = ckpt_lib.resume(ck, target)
+        np.testing.assert_array_equal(back.params["w"], saved.params["w"])
+        assert back.params["w"].sharding.mesh.shape == mesh.shape
     ck.close()
-    assert ckpt_lib.complete_steps(storage.join(bucket, "run", "checkpoints")) == [2, 3]
-    assert ckpt_lib.locate(storage.join(bucket, "run"))[1] == 3
+
+
+BASE = ["run.log_every=1", "run.eval_batches=1", "checkpoint.every=5", "run.steps=20", "run.plot=true"]
+
+
+def _losses(run_dir):
+    rows = [json.loads(r) for r in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def s3_runs(s3_server, tmp_path_factory):
+    """20 steps straight, and 10 + a restart + 10, both with run.dir and data.path on s3."""
+    root = f"s3://runs-{os.getpid()}"
+    storage._fs(root).call_s3("create_bucket", Bucket=root[5:])
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(12):  # a small corpus, also on the store under the same relative paths
+        text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60))
+        (corpus / f"pkg{i % 2}" / f"m{i}.py").parent.mkdir(exist_ok=True)
+        (corpus / f"pkg{i % 2}" / f"m{i}.py").write_text(text)
+        storage.write_text(f"{root}/corpus/pkg{i % 2}/m{i}.py", text)
+    args = [*BASE, f"data.path={root}/corpus", "data.heldout_percent=25"]
+    straight = job.run(tiny_config(*args, f"run.dir={root}/straight"))
+    first = job.run(tiny_config(*args, f"run.dir={root}/split", "run.stop_after=10"))
+    storage.rmtree(storage.local_mirror(f"{root}/split"))  # the restart has only the store ("another machine")
+    second = job.run(tiny_config(*args, f"run.dir={root}/split"))
+    return root, corpus, straight, first, second
+
+
+def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs):
+    root, _, straight, first, second = s3_runs
+    assert first["stopped_at"] == 10 and second["start_step"] == 10
+    a, b = _losses(f"{root}/straight"), _losses(f"{root}/split")
+    assert sorted(b) == list(range(1, 21)) and [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
+    files = dict(storage.walk_files(f"{root}/split"))
+    for name in ("config.yaml", "metrics.jsonl", "sharding.txt", "plots.png", "exports/model-20.safetensors",
+                 "checkpoints/20/commit_success.txt"):
+        assert name in files, sorted(files)
+    assert sum(n.startswith("tensorboard/events.out.tfevents") for n in files) == 2  # one per start
+    assert ckpt_lib.complete_steps(f"{root}/split/checkpoints") == [15, 20]  # checkpoint.keep=2 rotation
+    assert ".jaxinfra.lock" not in files
+
+
+def test_exports_from_and_to_s3_read_back_exactly(s3_runs, tmp_path, capsys):
+    root = s3_runs[0]
+    run = f"{root}/straight"
+    assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 0
+    assert cli.export_main([run, "--out", f"{root}/out/s.safetensors", "--sparse"]) == 0
+    assert f"wrote {root}/out/m.safetensors" in capsys.readouterr().out
+    saved, step = ckpt_lib.read_params(run)
+    for name in ("m", "s"):
+        back = export_lib.load(f"{root}/out/{name}.safetensors")  # through the store
+        assert sorted(back) == sorted(saved)
+        for k in saved:
+            np.testing.assert_array_equal(back[k], saved[k])
+    storage.download(f"{root}/out/m.safetensors", str(tmp_path / "m.safetensors"))
+    plain = load_file(str(tmp_path / "m.safetensors"))  # safetensors' own loader
+    assert all(np.array_equal(plain[k], saved[k]) for k in saved)
+    assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 2  # exists: refused, kept
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs):
+    root, corpus = s3_runs[0], s3_runs[1]
+    on_disk = data_lib.load_corpus(str(corpus), "*.py", 25)
+    stored = data_lib.load_corpus(f"{root}/corpus", "*.py", 25)
+    assert isinstance(stored.train, data_lib.StoredBytes) and stored.n_heldout_files > 0
+    assert (stored.n_train_files, stored.n_heldout_files) == (on_disk.n_train_files, on_disk.n_heldout_files)
+    np.testing.assert_array_equal(stored.heldout, on_disk.heldout)
+    batches = [iter(data_lib.train_batches(data_lib.Windows(c.train, 16, "train"), 8, 0)) for c in (on_disk, stored)]
+    seen = [next(batches[0])["tokens"] for _ in range(3)]
+    for want in seen:
+        np.testing.assert_array_equal(next(batches[1])["tokens"], want)
+    assert not np.array_equal(seen[0], seen[1])
+
+
+def _sigkill_trials(run_dir, trials, seed):
+    """Kill a run at random moments while it saves every step to the store; each restart must
+    resume from the newest committed step (a partial one is never listed, never restored)."""
+    import random
+    import signal
+    from test_resume import BASE as RESUME_BASE, _finish, _run, _start, _wait_for_line
+    args = [*RESUME_BASE, "run.steps=100000", "checkpoint.every=1", "checkpoint.keep=3", f"run.dir={run_dir}"]
+    ckpts, rng, picked = storage.join(run_dir, "checkpoints"), random.Random(seed), []
+    for trial in range(trials):
+        complete = ckpt_lib.complete_steps(ckpts)
+        proc = _start(args)
+        head = _wait_for_line(proc, "train step compiled")
+        if complete:
+            picked.append(int(head.split("resumed from step ")[1].split()[0]))
+            assert picked[-1] == max(complete), (picked, complete)
+        else:
+            while not ckpt_lib.complete_steps(ckpts):  # something to resume from, then kill at random
+                assert proc.poll() is None
+                time.sleep(0.1)
+        time.sleep(rng.uniform(0.3, 3.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        _finish(proc)
+    rc, out, err = _run([*args, "run.stop_after=1"])
+    newest = max(ckpt_lib.complete_steps(ckpts))
+    assert rc == 0 and "resumed from step" in out, err[-2000:]
+    assert picked == sorted(picked)
+    return out, newest
+
+
+def test_sigkill_during_async_saves_to_s3_resumes_from_the_newest_committed_step(bucket):
+    _sigkill_trials(f"{bucket}/run", trials=3, seed=1)
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_saves_to_s3_ten_times(bucket):
+    _sigkill_trials(f"{bucket}/run", trials=10, seed=2)
+
+
+def test_two_processes_checkpoint_to_one_s3_prefix_and_resume_from_it(bucket, tmp_path):
+    from test_resume import BASE as RESUME_BASE, _run
+    run = f"{bucket}/run"
+    args = [*RESUME_BASE, "run.steps=4", "checkpoint.every=2", f"run.dir={run}", "run.peak_flops=1e11"]
+    rc, out, err = _run([*args, "run.stop_after=2"], launcher=2)
+    assert rc == 0 and "2 process(es)" in out and "stopping at step 2" in out, err[-3000:]
+    names = dict(storage.walk_files(f"{run}/checkpoints/2/state"))
+    assert {"ocdbt.process_0/manifest.ocdbt", "ocdbt.process_1/manifest.ocdbt"} <= set(names)  # each its shards
+    rc, out, err = _run(args, launcher=2)
+    assert rc == 0 and "resumed from step 2" in out, err[-3000:]
+    assert sorted(_losses(run)) == list(range(1, 5)) and ckpt_lib.complete_steps(f"{run}/checkpoints") == [2, 4]
+
+
+@pytest.fixture
+def refusing_server():
+    """A second moto server that checks credentials (it knows none): every request is refused."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the server's own start-up line is the synchronisation
+            if "Running on" in line:
+                break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _refused(argv, capsys, *words):
+    t0 = time.monotonic()
+    assert cli.main(argv) == 2
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert took < 30, took
+    return err
+
+
+def test_bad_bucket_credentials_endpoint_and_uri_exit_2_with_one_line(bucket, refusing_server, monkeypatch, capsys):
+    from conftest import TINY
+    run = [*TINY, "data.path=" + str(ROOT / "jaxinfra")]
+    _refused([*run, "run.dir=s3://no-such-bucket-here/run"], capsys, "run.dir=s3://no-such-bucket-here/run",
+             "bucket no-such-bucket-here does not exist")
+    _refused([*run, "run.dir=s3://Bad_Bucket/run"], capsys, "not a valid bucket name")
+    _refused([*run, "run.dir=s3:/one-slash/run"], capsys, "run.dir=s3:/one-slash/run: malformed URI")
+    _refused([*TINY, "data.path=s3://no-such-bucket-here/corpus", f"run.dir={bucket}/r"], capsys,
+             "data.path=s3://no-such-bucket-here/corpus", "does not exist")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", refusing_server)
+    _refused([*run, f"run.dir={bucket}/run"], capsys, "credentials were refused", "AWS_ACCESS_KEY_ID")
+    with __import__("socket").socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    _refused([*run, f"run.dir={bucket}/run"], capsys, "cannot reach the endpoint", str(closed))
