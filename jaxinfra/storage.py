@@ -358,14 +358,12 @@ def create_exclusive(path: str, data: bytes) -> bool:
             f.write(data)
         return True
     loc = parse(path)
-    if loc.scheme == "gs":  # generation 0: the object must not exist yet
-        fs = _fs(path)
+    if loc.scheme == "gs":  # gcsfs's mode="create" is the upload with ifGenerationMatch=0
         try:
-            fs.call("POST", "b/{}/o", loc.bucket, uploadType="media", name=loc.key, ifGenerationMatch=0,
-                    data=data, json_out=True)
+            _fs(path).pipe_file(_key(path), data, mode="create")
             return True
-        except Exception as e:  # gcsfs raises its HttpError for 412 Precondition Failed
-            if "412" in str(e) or "recondition" in str(e):
+        except Exception as e:  # 412 Precondition Failed, in gcsfs's words
+            if re.search(r"FileExistsError|PreconditionFailed|[Pp]recondition|\b412\b", f"{e!r} {e}"):
                 return False
             raise
     fs = _fs(path)

