@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -201,6 +202,24 @@ def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, gcs_bucket, tm
     assert cli.export_main([run, "--out", f"{gcs_bucket}/m.safetensors", "--sparse"]) == 0  # s3 -> gs
     back = export_lib.load(f"{gcs_bucket}/m.safetensors")
     assert all(np.array_equal(back[k], saved[k]) for k in saved)
+    # the readers take a run folder on the store as they take a local one
+    assert cli.inspect_main([run, "--verify"]) == 0 and "steps 15, 20" in capsys.readouterr().out
+    assert cli.plot_main([run, "--out", f"{root}/out/plots.png"]) == 0
+    assert storage.read_bytes(f"{root}/out/plots.png")[:4] == b"\x89PNG"
+
+
+def test_a_damaged_object_on_the_store_is_refused(bucket):
+    ck = ckpt_lib.Checkpointer(f"{bucket}/run/checkpoints", keep=2)
+    ck.save(1, _state(1), {"step": 1, "data": {"global_batches_consumed": 1}})
+    ck.close()
+    for rel, n in storage.walk_files(f"{bucket}/run/checkpoints/1/state"):
+        if rel.startswith(("d/", "ocdbt.process_0/d/")):  # every data file: whichever holds the arrays
+            raw = bytearray(storage.read_bytes(f"{bucket}/run/checkpoints/1/state/{rel}"))
+            raw[n // 2] ^= 0x40
+            storage.write_bytes(f"{bucket}/run/checkpoints/1/state/{rel}", bytes(raw))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
+    with pytest.raises(ckpt_lib.CorruptCheckpoint, match="checkpoint step 1 is unreadable"):
+        ckpt_lib.resume(ckpt_lib.Checkpointer(f"{bucket}/run/checkpoints", read_only=True), target)
 
 
 @RUNS
@@ -283,6 +302,7 @@ def refusing_server():
         for line in proc.stderr:  # the server's own start-up line is the synchronisation
             if "Running on" in line:
                 break
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # it logs each request: keep the pipe open
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()
