@@ -102,7 +102,8 @@ def export_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.export import export, export_sparse
+        from jaxinfra.export import export, export_sparse, release_freed_tensors
+        release_freed_tensors()  # this process only exports: host memory stays near two tensors
         if args.format == "hf":
             if args.sparse:
                 raise UserError("--sparse with --format hf: the Hugging Face layout is dense")

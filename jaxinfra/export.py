@@ -103,7 +103,10 @@ def _write_file(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for arr in arrays:
-            f.write(np.ascontiguousarray(arr).tobytes())
+            data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # its bytes, not a copy of them
+            for i in range(0, data.size, 1 << 20):  # a store's buffer takes copies: hand it 1 MiB at a time
+                f.write(memoryview(data[i:i + (1 << 20)]))
+            del arr, data  # not held while the next one is read
 
 
 @contextlib.contextmanager
@@ -112,7 +115,7 @@ def _partial(path: str) -> Iterator[Any]:
     under the final name, and no .partial left behind when writing fails. On an object store: a
     multipart upload straight to `path`, which appears only once completed (aborted on failure)."""
     if storage.is_remote(path):
-        f = storage.open_write(path)
+        f = storage.open_write(path, 5 << 20)  # S3's least part: the buffer stays near 5 MiB
         try:
             yield f
         except BaseException:
@@ -130,6 +133,22 @@ def _partial(path: str) -> Iterator[Any]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def release_freed_tensors() -> None:
+    """For a process that exports (scripts/export.py calls it; the library never does): glibc's malloc
+    hands blocks of 1 MiB or more back to the system when freed. Measured: glibc raises its mmap
+    threshold to the largest block freed so far, so from the second tensor on TensorStore's read
+    buffers come from its threads' arenas, which keep them; an export of a 258 MB model then held 6
+    to 14 tensors' worth, against about 2 with this (benchmarks/export_memory.py). Process-wide, so
+    an entry point's choice; nothing where MALLOC_MMAP_THRESHOLD_ already decided or malloc is not glibc's."""
+    import ctypes
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def base_metadata(step: int) -> dict[str, str]:
@@ -428,7 +447,8 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
         f.seek(8 + reserve)
         for name, _, dt in entries:
             for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
-                f.write(np.ascontiguousarray(arr).tobytes())  # the tensor is dropped after its pieces are out
+                f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))  # no copy of the bytes
+            arr = None  # the tensor is dropped after its pieces are out, before the next is read
         raw = _header(tally.stored, tally.meta, pad_to=reserve)
         f.seek(0)
         f.write(len(raw).to_bytes(8, "little"))
@@ -447,12 +467,12 @@ def _sparse_to_store(out: str, saved: ckpt_lib.SavedParams, entries: list[tuple[
         sizes.add(name, saved.read(name).astype(dt, copy=False))
     tally = _Tally(base, pattern)
     raw = _header(sizes.stored, sizes.meta)
-    with _partial(out) as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+
+    def pieces() -> Iterator[np.ndarray]:  # nothing of one tensor is held while the next is read
         for name, _, dt in entries:
-            for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
-                f.write(np.ascontiguousarray(arr).tobytes())
+            yield from (arr for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)))
+
+    _write_file(out, sizes.stored, pieces(), sizes.meta)
     summary = dataclasses_replace(tally.summary(), sparse_bytes=8 + len(raw) + sum(
         math.prod(s) * np.dtype(d).itemsize for _, s, d in tally.stored))
     return summary
