@@ -275,9 +275,22 @@ def test_sigkill_during_async_saves_to_s3_ten_times(bucket):
     _sigkill_trials(f"{bucket}/run", trials=10, seed=2)
 
 
-def test_two_processes_checkpoint_to_one_s3_prefix_and_resume_from_it(bucket, tmp_path):
+@pytest.mark.slow
+def test_sigkill_during_async_saves_to_gs(gcs_bucket):
+    _sigkill_trials(f"{gcs_bucket}/run", trials=3, seed=3)
+
+
+def test_two_processes_checkpoint_to_one_s3_prefix_and_resume_from_it(bucket):
+    _two_processes(f"{bucket}/run")
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_to_one_gs_prefix_and_resume_from_it(gcs_bucket):
+    _two_processes(f"{gcs_bucket}/run")
+
+
+def _two_processes(run):
     from test_resume import BASE as RESUME_BASE, _run
-    run = f"{bucket}/run"
     args = [*RESUME_BASE, "run.steps=4", "checkpoint.every=2", f"run.dir={run}", *QUICK]
     rc, out, err = _run([*args, "run.stop_after=2"], launcher=2)
     assert rc == 0 and "2 process(es)" in out and "stopping at step 2" in out, err[-3000:]
@@ -319,7 +332,8 @@ def _refused(argv, capsys, *words):
     return err
 
 
-def test_bad_bucket_credentials_endpoint_and_uri_exit_2_with_one_line(bucket, refusing_server, monkeypatch, capsys):
+def test_bad_bucket_credentials_endpoint_and_uri_exit_2_with_one_line(bucket, gcs_server, refusing_server, monkeypatch,
+                                                                      capsys):
     from conftest import TINY
     run = [*TINY, "data.path=" + str(ROOT / "jaxinfra")]
     _refused([*run, "run.dir=s3://no-such-bucket-here/run"], capsys, "run.dir=s3://no-such-bucket-here/run",
@@ -328,6 +342,7 @@ def test_bad_bucket_credentials_endpoint_and_uri_exit_2_with_one_line(bucket, re
     _refused([*run, "run.dir=s3:/one-slash/run"], capsys, "run.dir=s3:/one-slash/run: malformed URI")
     _refused([*TINY, "data.path=s3://no-such-bucket-here/corpus", f"run.dir={bucket}/r"], capsys,
              "data.path=s3://no-such-bucket-here/corpus", "does not exist")
+    _refused([*run, "run.dir=gs://no-such-bucket-here/run"], capsys, "bucket no-such-bucket-here does not exist")
     monkeypatch.setenv("AWS_ENDPOINT_URL", refusing_server)
     _refused([*run, f"run.dir={bucket}/run"], capsys, "credentials were refused", "AWS_ACCESS_KEY_ID")
     with __import__("socket").socket() as sock:  # a port nobody listens on
