@@ -24,11 +24,9 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,25 +126,6 @@ def _size(path: str) -> int:
     return storage.size(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def moto_server() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on 127.0.0.1 in its own process; (process, endpoint)."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # its start-up line is the synchronisation
-        if "Running on" in line:
-            break
-    # then its request log is drained, or the pipe fills and the server stalls mid-upload
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def measure(kind: str, run_dir: str, dest: str, env: dict, warm: bool) -> dict:
     """One export in a fresh interpreter (so that no peak is another's)."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, run_dir, dest,
@@ -171,6 +150,7 @@ def main() -> None:
         return
     import jax
     from benchmarks.run import host_kind
+    from benchmarks.storage import moto_server
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"export-memory-{host_kind()}.json")
     tmp = tempfile.mkdtemp(prefix="jaxinfra-export-memory-")
     run_dir = args.keep or os.path.join(tmp, "run")

@@ -38,20 +38,26 @@ from jaxinfra.mesh import make_mesh  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_s3() -> tuple[subprocess.Popen, str]:
-    """moto's server on a free loopback port, in another process; the AWS_* variables point at it."""
+def moto_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free 127.0.0.1 port in its own process: (process, endpoint)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # its start-up line
+    for line in proc.stderr:  # its start-up line is the synchronisation
         if "Running on" in line:
             break
-    # then keep reading: it logs every request there, and a full pipe would stall it
+    # then its request log is drained, or the pipe fills and the server stalls mid-upload
     threading.Thread(target=proc.stderr.read, daemon=True).start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    """moto_server(), the AWS_* variables pointing at it, and a bucket: (process, bucket URI)."""
+    proc, endpoint = moto_server()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
     storage._fs("s3://bench").call_s3("create_bucket", Bucket="bench")
     return proc, "s3://bench"
 

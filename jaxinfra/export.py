@@ -115,7 +115,7 @@ def _partial(path: str) -> Iterator[Any]:
     under the final name, and no .partial left behind when writing fails. On an object store: a
     multipart upload straight to `path`, which appears only once completed (aborted on failure)."""
     if storage.is_remote(path):
-        f = storage.open_write(path, 5 << 20)  # S3's least part: the buffer stays near 5 MiB
+        f = storage.open_write(path)
         try:
             yield f
         except BaseException:

@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from jaxinfra.errors import UserError, one_line
 
@@ -36,9 +36,6 @@ class Location:
     scheme: str  # s3 or gs
     bucket: str
     key: str  # the prefix inside the bucket, no leading or trailing slash
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.key}".rstrip("/")
 
 
 def is_remote(path: str) -> bool:
@@ -282,11 +279,12 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def open_write(path: str, block_bytes: int = 16 << 20) -> BinaryIO:
-    """A file opened for streaming writes: a multipart upload of `block_bytes` parts on a store
-    (the object appears only when the file is closed whole), a plain file locally."""
+def open_write(path: str) -> BinaryIO:
+    """A file opened for streaming writes: a multipart upload on a store, of 5 MiB parts (S3's least:
+    the client's buffer stays near that; the object appears only when the file is closed whole), a
+    plain file locally."""
     if is_remote(path):
-        return _fs(path).open(_key(path), "wb", block_size=max(block_bytes, 5 << 20))  # S3's least part
+        return _fs(path).open(_key(path), "wb", block_size=5 << 20)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     return open(path, "wb")
 
@@ -377,17 +375,12 @@ def create_exclusive(path: str, data: bytes) -> bool:
         raise
 
 
-@functools.cache
-def _mirror_root() -> str:
-    return os.path.join(tempfile.gettempdir(), "jaxinfra-mirror")
-
-
 def local_mirror(path: str) -> str:
     """The local folder that mirrors a remote run folder's small files (logs, plots, config)."""
     if not is_remote(path):
         return path
     loc = parse(path)
-    return os.path.join(_mirror_root(), loc.scheme, loc.bucket, *loc.key.split("/"))
+    return os.path.join(tempfile.gettempdir(), "jaxinfra-mirror", loc.scheme, loc.bucket, *loc.key.split("/"))
 
 
 def upload(local: str, path: str) -> None:
@@ -439,11 +432,6 @@ def _cause(e: BaseException, loc: Location) -> str:
         fix = "; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE" if loc.scheme == "s3" else ""
         return f"the credentials were refused ({one_line(e, 120)}){fix}"
     return one_line(e, 200)
-
-
-def iter_lines(path: str) -> Iterator[str]:
-    """The lines of a text file (local or remote)."""
-    yield from read_text(path).splitlines()
 
 
 def must_exist(path: str, key: str, what: str) -> None:
