@@ -85,6 +85,7 @@ class Checkpointer:
                  digests: bool = True):
         self.directory, self.digests = storage.absolute(directory), digests  # digests=False: benchmarks only
         self._sigterm = self._failed = False
+        self._in_flight: int | None = None  # the step whose async save was started last, until waited on
         if storage.is_remote(self.directory):
             storage.orbax_bridge()
         options = ocp.CheckpointManagerOptions(
@@ -120,13 +121,27 @@ class Checkpointer:
         """Start an async save (the record gains the arrays' digests); returns once the arrays are
         copied off the devices."""
         meta = {**meta, DIGESTS: digests_of(state)} if self.digests else meta
-        with self._failing():  # the previous async save's failure surfaces here
+        with self._failing(step):  # the previous async save's failure surfaces here
             self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(as_dict(state)),
                                                               META: ocp.args.JsonSave(meta)}), force=True)
+        self._in_flight = step
+
+    def _failed_step(self, starting: int | None) -> int | None:
+        """The step a failure belongs to: the save in flight unless it committed, else the one starting
+        (on a store a failed write leaves no *.orbax-checkpoint-tmp* name in the error to read it from)."""
+        for step in (self._in_flight, starting):
+            if step is not None:
+                try:
+                    if not self.committed(step):
+                        return step
+                except Exception:  # the store that failed the save may fail this look too
+                    return step
+        return None
 
     @contextlib.contextmanager
-    def _failing(self) -> Iterator[None]:
-        """A failed save (a full disk, a folder removed) as one Failed line naming the step and what is safe."""
+    def _failing(self, starting: int | None = None) -> Iterator[None]:
+        """A failed save (a full disk, a folder removed, a store that keeps refusing writes) as one Failed
+        line naming the step and what is safe."""
         try:
             yield
         except Exception as e:
@@ -135,13 +150,15 @@ class Checkpointer:
             self._failed = True
             text = " ".join(str(e).split())
             found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
-            what = f"checkpoint step {found.group(1)}" if found else "a checkpoint"
+            step = int(found.group(1)) if found else self._failed_step(starting)
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
             # tensorstore's long message holds the OS error and the file: say those
             os_error = re.search(r"Failed writing: \"([^\"]+)\".*?: ([^:\[]+?) \[os_error_code", text)
             cause = f"{os_error.group(2)} ({os_error.group(1)})" if os_error else one_line(e)
             kept = complete_steps(self.directory)
             raise Failed(f"saving {what} in {self.directory} failed: {cause}; "
-                         + (f"steps {', '.join(map(str, kept))} stay restorable" if kept else "no step was saved")
+                         + (f"step{'s' * (len(kept) > 1)} {', '.join(map(str, kept))} "
+                            f"{'stay' if len(kept) > 1 else 'stays'} restorable" if kept else "no step was saved")
                          ) from None
 
     def saved_shapes(self, step: int) -> dict[str, Any]:
@@ -230,6 +247,7 @@ class Checkpointer:
         """Block until the last async save is committed."""
         with self._failing():
             self.manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
