@@ -22,12 +22,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def setup_devices(cfg: Config) -> None:
     """Simulated CPU devices and jax.distributed, both before JAX's backend starts."""
-    from jaxinfra.mesh import init_distributed, use_cpu_devices
+    from jaxinfra.mesh import init_distributed, process_count, use_cpu_devices
     d = cfg.distributed
-    n_proc = max(d.num_processes, 1)
+    n_proc, source = process_count(d.num_processes)  # mesh.cpu_devices counts all processes under any launcher
     if cfg.mesh.cpu_devices % n_proc:
-        raise UserError(f"mesh.cpu_devices={cfg.mesh.cpu_devices} is not divisible by "
-                        f"distributed.num_processes={n_proc}")
+        raise UserError(f"mesh.cpu_devices={cfg.mesh.cpu_devices} (all processes together) is not divisible by "
+                        f"{source}={n_proc}")
     use_cpu_devices(cfg.mesh.cpu_devices // n_proc)
     init_distributed(d.coordinator, d.num_processes, d.process_id)
 

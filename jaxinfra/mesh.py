@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from typing import Mapping, Sequence
 
 import jax
@@ -28,19 +30,83 @@ def use_cpu_devices(n: int) -> None:
                             f"with {jax.local_device_count()} devices in this process") from None
 
 
+# JAX's own SLURM detection (jax._src.clusters.slurm_cluster) needs all of these: an srun step, not the
+# batch script around it
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST")
+
+
+def _slurm_step() -> bool:
+    return all(v in os.environ for v in _SLURM_STEP)
+
+
 def _cluster_from_env() -> bool:
     """Whether the environment describes a multi-process job JAX can auto-detect."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    if _slurm_step() and int(os.environ["SLURM_NTASKS"]) > 1:
         return True
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+def process_count(num_processes: int = 0) -> tuple[int, str]:
+    """How many processes the run will have, before JAX starts, and where that number comes from:
+    `num_processes` when set, else SLURM's task count (under srun), else 1."""
+    if num_processes > 0:
+        return num_processes, "distributed.num_processes"
+    if _slurm_step():
+        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+    return 1, "processes"
+
+
+# Gloo, JAX's CPU collectives across processes, prints "[Gloo] Rank i is connected to j peer ranks.
+# Expected number of connected peer ranks is : j" from C++ for every communicator it opens: dozens of
+# lines per run, burying the run's own. Communicators connect on several threads at once, so their
+# pieces interleave ("[Gloo] Rank [Gloo] Rank 01 is connected to ..."): a line made only of those
+# pieces (and the numbers between them) is dropped; any other line passes unchanged.
+_FILTER = r"""
+import os, re, signal, sys, threading
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a launcher's signals are for the run; drain to EOF
+    signal.signal(s, signal.SIG_IGN)
+PIECES = re.compile(rb"\[Gloo\] Rank | is connected to | peer ranks\. |Expected number of connected peer ranks is : ")
+def chatter(line):
+    return PIECES.search(line) is not None and not PIECES.sub(b"", line).translate(None, b"0123456789 \r\n")
+def copy(src, dst):
+    with os.fdopen(src, "rb", 0) as lines:
+        for line in lines:
+            if not chatter(line):
+                os.write(dst, line)
+pairs = [tuple(map(int, p.split(":"))) for p in sys.argv[1:]]
+threads = [threading.Thread(target=copy, args=p) for p in pairs]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+
+
+def quiet_collectives() -> None:
+    """Drop Gloo's connection lines from this process's stdout and stderr, keeping everything else in
+    order. A child process does the filtering, so what this process wrote still comes out if it is
+    killed; it ignores SIGINT/SIGTERM (SLURM signals every process of a task) and ends at EOF."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pairs, ends = [], []
+    for fd in (1, 2):
+        read, write = os.pipe()
+        pairs.append((read, fd))
+        ends.append((write, fd))
+    subprocess.Popen([sys.executable, "-c", _FILTER, *(f"{r}:{fd}" for r, fd in pairs)],
+                     pass_fds=[r for r, _ in pairs], stdin=subprocess.DEVNULL)
+    for (read, _), (write, fd) in zip(pairs, ends):
+        os.close(read)
+        os.dup2(write, fd)
+        os.close(write)
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+                     quiet: bool = True) -> bool:
     """Call jax.distributed.initialize for multi-process runs; a single process runs unchanged.
 
     Explicit arguments win; otherwise JAX reads TPU / SLURM / JAX_COORDINATOR_ADDRESS settings.
+    `quiet` drops Gloo's per-communicator lines from stdout/stderr (see quiet_collectives).
     Returns whether jax.distributed was initialised.
     """
     if coordinator or num_processes > 1:
@@ -49,6 +115,8 @@ def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: 
                 f"distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}: a multi-process run needs all three, with "
                 f"0 <= process_id < num_processes")
+        if quiet:
+            quiet_collectives()
         try:
             jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                        process_id=process_id)
@@ -57,6 +125,8 @@ def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: 
                             f"({str(e).splitlines()[0][:200]})") from None
         return True
     if num_processes == 0 and _cluster_from_env():
+        if quiet:
+            quiet_collectives()
         jax.distributed.initialize()
         return True
     return False

@@ -55,3 +55,24 @@ def test_every_python_block_runs(tmp_path):
     out = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "blocks.json"), str(ROOT)],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+
+
+def test_launching_md_shows_the_sbatch_file_as_it_is():
+    """docs/launching.md quotes scripts/slurm/train.sbatch whole: the doc cannot drift from what is tested."""
+    shown = re.findall(r"```bash\n(#!/bin/bash\n.*?)```", (DOCS / "launching.md").read_text(), re.S)
+    assert shown == [(ROOT / "scripts" / "slurm" / "train.sbatch").read_text()]
+
+
+def test_launching_md_kubernetes_manifest_is_valid_yaml():
+    """The JobSet example parses, runs the launch script with exec (PID 1 receives SIGTERM) and names
+    the coordinator as JobSet's DNS does (<jobset>-<job>-0-0.<jobset>)."""
+    import yaml
+    text = re.search(r"```yaml\n(.*?)```", (DOCS / "launching.md").read_text(), re.S).group(1)
+    manifest = yaml.safe_load(text)
+    job = manifest["spec"]["replicatedJobs"][0]
+    pod = job["template"]["spec"]["template"]["spec"]
+    command = " ".join(pod["containers"][0]["args"])
+    assert command.startswith("exec python scripts/train.py")
+    name, rjob = manifest["metadata"]["name"], job["name"]
+    assert f"distributed.coordinator={name}-{rjob}-0-0.{name}:" in command
+    assert f"distributed.num_processes={job['template']['spec']['completions']}" in command

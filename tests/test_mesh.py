@@ -1,10 +1,14 @@
-"""Mesh building, -1 filling, product checks and the description line."""
+"""Mesh building, -1 filling, product checks, the description line, process counts and quiet collectives."""
+from pathlib import Path
+
 import jax
 import pytest
 from jax.sharding import AxisType
 
 from jaxinfra.errors import UserError
 from jaxinfra.mesh import AXES, describe, init_distributed, make_mesh, resolve_shape
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("sizes, expect", [
@@ -45,3 +49,46 @@ def test_single_process_needs_no_distributed():
     assert init_distributed() is False
     with pytest.raises(UserError, match="process_id"):
         init_distributed("127.0.0.1:1234", 2, 5)
+
+
+SRUN_STEP = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_STEP_NODELIST": "node0"}
+
+
+def test_mesh_cpu_devices_counts_every_slurm_task(monkeypatch, capsys):
+    """Under srun the process count comes from SLURM, as under launch_local.sh from distributed.*: a count
+    that does not divide is one line before JAX starts."""
+    from jaxinfra import cli
+    from jaxinfra.mesh import process_count
+    assert process_count() == (1, "processes")
+    assert process_count(4) == (4, "distributed.num_processes")
+    for k, v in SRUN_STEP.items():
+        monkeypatch.setenv(k, v)
+    assert process_count() == (3, "SLURM_NTASKS")
+    assert cli.main(["mesh.cpu_devices=8"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: mesh.cpu_devices=8 (all processes together) is not "
+                                               "divisible by SLURM_NTASKS=3")
+    monkeypatch.delenv("SLURM_STEP_NODELIST")  # the batch script around srun: not a step, one process
+    assert process_count() == (1, "processes")
+
+
+def test_quiet_collectives_drops_gloo_lines_and_keeps_the_rest(tmp_path):
+    """Gloo's connection lines, whole or in the pieces concurrent communicators interleave, are dropped
+    from stdout and stderr; everything else comes out in order, also when the process is killed."""
+    import subprocess
+    import sys
+    script = (
+        "import os, sys; from jaxinfra.mesh import quiet_collectives; quiet_collectives()\n"
+        "print('first', flush=True)\n"
+        "os.write(1, b'[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n')\n"
+        "os.write(1, b'[Gloo] Rank [Gloo] Rank 01 is connected to  is connected to 3\\n')\n"
+        "os.write(1, b'3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
+        "os.write(2, b'[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n')\n"
+        "print('the host is connected to 3 peers', flush=True)\n"
+        "print('an error line', file=sys.stderr, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == -9
+    assert done.stdout == "first\nthe host is connected to 3 peers\n"
+    assert done.stderr == "an error line\n"
