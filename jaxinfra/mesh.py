@@ -5,6 +5,7 @@ which imports JAX) so user code can build meshes with it.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import subprocess
@@ -93,12 +94,27 @@ def quiet_collectives() -> None:
         read, write = os.pipe()
         pairs.append((read, fd))
         ends.append((write, fd))
-    subprocess.Popen([sys.executable, "-c", _FILTER, *(f"{r}:{fd}" for r, fd in pairs)],
-                     pass_fds=[r for r, _ in pairs], stdin=subprocess.DEVNULL)
+    child = subprocess.Popen([sys.executable, "-c", _FILTER, *(f"{r}:{fd}" for r, fd in pairs)],
+                             pass_fds=[r for r, _ in pairs], stdin=subprocess.DEVNULL)
     for (read, _), (write, fd) in zip(pairs, ends):
         os.close(read)
         os.dup2(write, fd)
         os.close(write)
+    atexit.register(_drain, child)  # registered before jax.distributed's own: runs after it
+
+
+def _drain(child: subprocess.Popen) -> None:
+    """At exit: end the filter's input and reap it, so a run leaves no process behind when it returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        child.wait(timeout=10)  # EOF once every holder of the pipes (this process's children too) closed it
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
