@@ -67,6 +67,7 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4  # held-out batches (of data.batch_size windows) per evaluation
+    score_heldout: bool = True  # LM job, at the end: bits per byte over every held-out byte, each scored once
     sample_tokens: int = 160  # bytes sampled per prompt at the end of the run; 0 = none
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class "])
     sample_temperature: float = 0.8

@@ -23,10 +23,14 @@ def _script(*args, timeout=300):
 def test_launch_script_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     out = _script(*TINY, f"run.dir={run_dir}", "run.steps=6", "run.eval_every=3", "run.log_every=2",
-                  "run.sample_tokens=8", "run.progress=true", "run.profile_steps=[2,3]", "run.plot=true")
+                  "run.sample_tokens=8", "run.progress=true", "run.profile_steps=[2,3]", "run.plot=true",
+                  "run.score_heldout=true")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh data=2 x fsdp=2 x tensor=2 over 8 cpu devices" in out.stdout
-    assert "final held-out bits per byte" in out.stdout and "zlib -9" in out.stdout and "xz -9e" in out.stdout
+    final = next(line for line in out.stdout.splitlines() if line.startswith("final held-out bits per byte"))
+    assert " held-out bytes: " in final.split(" over all ")[1]  # every byte, like the compressors
+    assert 0 < float(final.split(" held-out bytes: ")[1].split()[0]) < 9
+    assert "zlib -9" in final and "xz -9e" in final and "on the same bytes" in final
     assert "samples:" in out.stdout
     assert "Involuntary full rematerialization" not in out.stderr
     assert (run_dir / "config.yaml").read_text().count("steps: 6") == 1
