@@ -24,12 +24,12 @@ def setup_devices(cfg: Config) -> None:
     """Simulated CPU devices and jax.distributed, both before JAX's backend starts."""
     from jaxinfra.mesh import init_distributed, process_count, use_cpu_devices
     d = cfg.distributed
-    n_proc, source = process_count(d.num_processes)  # mesh.cpu_devices counts all processes under any launcher
+    n_proc, source = process_count(d.num_processes)  # mesh.cpu_devices counts all processes: explicit or srun's
     if cfg.mesh.cpu_devices % n_proc:
         raise UserError(f"mesh.cpu_devices={cfg.mesh.cpu_devices} (all processes together) is not divisible by "
                         f"{source}={n_proc}")
     use_cpu_devices(cfg.mesh.cpu_devices // n_proc)
-    init_distributed(d.coordinator, d.num_processes, d.process_id)
+    init_distributed(d.coordinator, d.num_processes, d.process_id, quiet=True)
 
 
 def _quiet_closed_loops(unraisable: "sys.UnraisableHookArgs") -> None:

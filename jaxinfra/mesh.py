@@ -1,15 +1,12 @@
 """Device mesh utilities: simulated CPU devices, jax.distributed, the named (data, fsdp, tensor) mesh.
 
-Importable on its own (of jaxinfra it takes only the error type and the axis names, neither of
-which imports JAX) so user code can build meshes with it.
+Importable on its own (of jaxinfra it takes only the error type, the axis names and the output
+filter, none of which imports JAX) so user code can build meshes with it.
 """
 from __future__ import annotations
 
-import atexit
 import math
 import os
-import subprocess
-import sys
 from typing import Mapping, Sequence
 
 import jax
@@ -19,6 +16,7 @@ from jax.sharding import AxisType, Mesh
 
 from jaxinfra.config import MESH_AXES as AXES
 from jaxinfra.errors import UserError
+from jaxinfra.quiet import quiet_collectives
 
 
 def use_cpu_devices(n: int) -> None:
@@ -37,6 +35,7 @@ _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", 
 
 
 def _slurm_step() -> bool:
+    """Whether this process is a task of an srun step."""
     return all(v in os.environ for v in _SLURM_STEP)
 
 
@@ -50,8 +49,7 @@ def _cluster_from_env() -> bool:
 
 
 def process_count(num_processes: int = 0) -> tuple[int, str]:
-    """How many processes the run will have, before JAX starts, and where that number comes from:
-    `num_processes` when set, else SLURM's task count (under srun), else 1."""
+    """Processes the run will have and the setting that says so (num_processes, SLURM's tasks, or 1)."""
     if num_processes > 0:
         return num_processes, "distributed.num_processes"
     if _slurm_step():
@@ -59,70 +57,13 @@ def process_count(num_processes: int = 0) -> tuple[int, str]:
     return 1, "processes"
 
 
-# Gloo, JAX's CPU collectives across processes, prints "[Gloo] Rank i is connected to j peer ranks.
-# Expected number of connected peer ranks is : j" from C++ for every communicator it opens: dozens of
-# lines per run, burying the run's own. Communicators connect on several threads at once, so their
-# pieces interleave ("[Gloo] Rank [Gloo] Rank 01 is connected to ..."): a line made only of those
-# pieces (and the numbers between them) is dropped; any other line passes unchanged.
-_FILTER = r"""
-import os, re, signal, sys, threading
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a launcher's signals are for the run; drain to EOF
-    signal.signal(s, signal.SIG_IGN)
-PIECES = re.compile(rb"\[Gloo\] Rank | is connected to | peer ranks\. |Expected number of connected peer ranks is : ")
-def chatter(line):
-    return PIECES.search(line) is not None and not PIECES.sub(b"", line).translate(None, b"0123456789 \r\n")
-def copy(src, dst):
-    with os.fdopen(src, "rb", 0) as lines:
-        for line in lines:
-            if not chatter(line):
-                os.write(dst, line)
-pairs = [tuple(map(int, p.split(":"))) for p in sys.argv[1:]]
-threads = [threading.Thread(target=copy, args=p) for p in pairs]
-[t.start() for t in threads]
-[t.join() for t in threads]
-"""
-
-
-def quiet_collectives() -> None:
-    """Drop Gloo's connection lines from this process's stdout and stderr, keeping everything else in
-    order. A child process does the filtering, so what this process wrote still comes out if it is
-    killed; it ignores SIGINT/SIGTERM (SLURM signals every process of a task) and ends at EOF."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pairs, ends = [], []
-    for fd in (1, 2):
-        read, write = os.pipe()
-        pairs.append((read, fd))
-        ends.append((write, fd))
-    child = subprocess.Popen([sys.executable, "-c", _FILTER, *(f"{r}:{fd}" for r, fd in pairs)],
-                             pass_fds=[r for r, _ in pairs], stdin=subprocess.DEVNULL)
-    for (read, _), (write, fd) in zip(pairs, ends):
-        os.close(read)
-        os.dup2(write, fd)
-        os.close(write)
-    atexit.register(_drain, child)  # registered before jax.distributed's own: runs after it
-
-
-def _drain(child: subprocess.Popen) -> None:
-    """At exit: end the filter's input and reap it, so a run leaves no process behind when it returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    os.close(null)
-    try:
-        child.wait(timeout=10)  # EOF once every holder of the pipes (this process's children too) closed it
-    except subprocess.TimeoutExpired:
-        pass
-
-
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
-                     quiet: bool = True) -> bool:
+                     quiet: bool = False) -> bool:
     """Call jax.distributed.initialize for multi-process runs; a single process runs unchanged.
 
     Explicit arguments win; otherwise JAX reads TPU / SLURM / JAX_COORDINATOR_ADDRESS settings.
-    `quiet` drops Gloo's per-communicator lines from stdout/stderr (see quiet_collectives).
+    `quiet` drops Gloo's connection lines from this process's stdout and stderr (jaxinfra.quiet; the
+    launch script sets it; the descriptors become pipes, so isatty() is False from then on).
     Returns whether jax.distributed was initialised.
     """
     if coordinator or num_processes > 1:

@@ -60,8 +60,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
 
 def missing() -> list[str]:
-    """The SLURM and munge commands this machine lacks (empty: a cluster can start)."""
-    return [d for d in DAEMONS if shutil.which(d) is None]
+    """What keeps a cluster from starting here: SLURM and munge commands this machine lacks, or not
+    being root (the generated slurm.conf runs the daemons as root); empty when nothing does."""
+    return [d for d in DAEMONS if shutil.which(d) is None] + (["root"] if os.geteuid() != 0 else [])
 
 
 def _free_port() -> int:
@@ -161,23 +162,21 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pid in self._stepds():
+        for pid in self._leftovers():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _stepds(self) -> list[int]:
-        """slurmstepd processes of this cluster (their environment holds its SLURM_CONF)."""
+    def _leftovers(self) -> list[int]:
+        """Processes of this cluster still there (a job step, its tasks): their environment holds its
+        SLURM_CONF. The test process itself and its other children are not among them."""
         mine, found = f"SLURM_CONF={self.conf}".encode(), []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                with open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip() != "slurmstepd":
-                        continue
                 with open(f"/proc/{pid}/environ", "rb") as f:
-                    if mine in f.read().split(b"\0"):
+                    if mine in f.read().split(b"\0") and int(pid) != os.getpid():
                         found.append(int(pid))
             except OSError:
                 pass

@@ -17,8 +17,8 @@ from test_resume import BASE, ROOT, _run
 
 pytestmark = [pytest.mark.xdist_group("slurm"),
               pytest.mark.skipif(bool(slurm_cluster.missing()), reason=(
-                  f"no {', '.join(slurm_cluster.missing())}: apt-get install slurmctld slurmd slurm-client munge "
-                  "(.ci/run does)"))]
+                  f"no {', '.join(slurm_cluster.missing())}: as root, apt-get install slurmctld slurmd slurm-client "
+                  "munge (.ci/run does)"))]
 
 STEPS = 60  # long enough (about 0.1-0.5 s a step here) that a signal lands well before the end
 ARGS = [*BASE, "mesh.cpu_devices=8", f"run.steps={STEPS}", "checkpoint.every=5"]  # the default (2,2,2) mesh
@@ -74,9 +74,15 @@ def _wait_for(what, ready, timeout=180):
 
 
 def _newest_step(run_dir):
+    """The newest step in metrics.jsonl (a line being written, or the file rewritten at a resume, is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    rows = path.read_text().splitlines() if path.exists() else []
-    return max([json.loads(r)["step"] for r in rows if r.strip()], default=0)
+    steps = []
+    for row in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(row)["step"])
+        except (ValueError, KeyError):
+            pass
+    return max(steps, default=0)
 
 
 def test_sbatch_preempted_by_sigterm_then_requeued_resumes_bit_exactly(slurm, straight, tmp_path):
