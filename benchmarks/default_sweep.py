@@ -55,17 +55,14 @@ def _train(args: list[str], run_dir: str, timeout: float) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - t0
 
 
-def _rows(run_dir: str) -> list[dict]:
-    return [json.loads(r) for r in open(os.path.join(run_dir, "metrics.jsonl"))]
-
-
 def measure(name: str, overrides: list[str], budget: float, scratch: str) -> dict:
     """Probe the candidate's speed, then train it for about `budget` seconds; its figures."""
+    from jaxinfra.config import load_config
+    from jaxinfra.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
     _train([*overrides, *QUIET, "run.steps=20", "run.log_every=2", "run.eval_batches=0"], probe_dir, 600)
-    tok_s = statistics.median(r["tokens_per_sec"] for r in _rows(probe_dir)[3:] if "tokens_per_sec" in r)
-    from jaxinfra.config import load_config
+    tok_s = statistics.median(r["tokens_per_sec"] for r in read_metrics(probe_dir)[3:] if "tokens_per_sec" in r)
     cfg = load_config(None, overrides)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     steps = max(50, int(budget * tok_s / tokens_per_step) // 10 * 10)
@@ -75,7 +72,7 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str) -> dic
                         f"optim.warmup_steps={max(steps // 20, 10)}"], run_dir, 3600)
     final = re.search(r"final held-out bits per byte over all ([\d,]+) held-out bytes: ([\d.]+) "
                       r"\(zlib -9: ([\d.]+), xz -9e: ([\d.]+)", out)
-    rows = _rows(run_dir)
+    rows = read_metrics(run_dir)
     train = [r for r in rows if "tokens_per_sec" in r]
     return {"name": name, "overrides": overrides, "steps": steps, "tokens": steps * tokens_per_step,
             "probe_tokens_per_sec": tok_s, "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in train),

@@ -156,10 +156,9 @@ class Checkpointer:
             os_error = re.search(r"Failed writing: \"([^\"]+)\".*?: ([^:\[]+?) \[os_error_code", text)
             cause = f"{os_error.group(2)} ({os_error.group(1)})" if os_error else one_line(e)
             kept = complete_steps(self.directory)
-            raise Failed(f"saving {what} in {self.directory} failed: {cause}; "
-                         + (f"step{'s' * (len(kept) > 1)} {', '.join(map(str, kept))} "
-                            f"{'stay' if len(kept) > 1 else 'stays'} restorable" if kept else "no step was saved")
-                         ) from None
+            safe = ("no step was saved" if not kept else f"step {kept[0]} stays restorable" if len(kept) == 1
+                    else f"steps {', '.join(map(str, kept))} stay restorable")
+            raise Failed(f"saving {what} in {self.directory} failed: {cause}; {safe}") from None
 
     def saved_shapes(self, step: int) -> dict[str, Any]:
         """The saved state's tree of (shape, dtype, sharding) metadata, without reading arrays."""

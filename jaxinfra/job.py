@@ -61,17 +61,16 @@ def run(cfg: Config) -> dict[str, Any]:
         final = done.final
         if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
             final.update(data_lib.compression_bpb(corpus.heldout))
-        yard = (f" (zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f} on the same bytes)"
-                if "zlib_bpb" in final else "")
+        yard = f"zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f}" if "zlib_bpb" in final else ""
         if cfg.run.eval_batches and cfg.run.score_heldout:  # like for like with the compressors: every byte
             final["heldout_bpb"] = heldout.bits_per_byte(done.graphdef, done.state.params, corpus.heldout, L,
                                                          done.mesh, done.rules)
             say(f"final held-out bits per byte over all {corpus.heldout.size:,} held-out bytes: "
-                f"{final['heldout_bpb']:.3f}{yard}; the evaluations above sample {len(held):,} windows")
+                f"{final['heldout_bpb']:.3f}" + (f" ({yard} on the same bytes)" if yard else "")
+                + f"; the evaluations above sample {len(held):,} windows")
         elif "eval_bpb" in final:
             say(f"final held-out bits per byte on {len(held):,} sampled windows: {final['eval_bpb']:.3f}"
-                + (f" (zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f} on all "
-                   f"{corpus.heldout.size:,} held-out bytes)" if yard else ""))
+                + (f" ({yard} on all {corpus.heldout.size:,} held-out bytes)" if yard else ""))
         if cfg.run.sample_tokens and cfg.run.sample_prompts:
             texts = sample(done.graphdef, done.state.params, cfg.run.sample_prompts,
                            n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,

@@ -71,7 +71,9 @@ def _restore(child: subprocess.Popen, saved: dict[int, int]) -> None:
 def _copy(src: int, dst: int) -> None:
     with os.fdopen(src, "rb") as lines:  # buffered: a line is passed on as soon as it is complete
         for line in lines:
-            while line and not chatter(line):
+            if chatter(line):
+                continue
+            while line:  # a pipe may take part of a long line
                 line = line[os.write(dst, line):]
 
 

@@ -172,7 +172,27 @@ def atomicity(path: str) -> Any:
 
 def _fs(path: str) -> Any:
     """The fsspec filesystem of a URI (cached per scheme and endpoint), with bounded retries."""
-    return _filesystem(parse(path).scheme, s3_endpoint(), s3_region())
+    scheme, endpoint = parse(path).scheme, s3_endpoint()
+    if scheme == "s3" and endpoint != _epath_endpoint[0]:
+        _follow_endpoint(endpoint)
+    return _filesystem(scheme, endpoint, s3_region())
+
+
+_epath_endpoint: list[str | None] = [None]  # the S3 endpoint Orbax's epath was last pointed at
+
+
+def _follow_endpoint(endpoint: str | None) -> None:
+    """Orbax opens s3:// through etils.epath, which keeps one s3fs per process (its lru_cache over
+    fsspec's instance cache) built from the endpoint in the environment at first use: when the endpoint
+    changes in a process, drop both, so Orbax's reads and writes go where ours do."""
+    try:
+        import s3fs
+        from etils.epath import backend
+    except ImportError:  # no cloud extra: _filesystem says so
+        return
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    s3fs.S3FileSystem.clear_instance_cache()
+    _epath_endpoint[0] = endpoint
 
 
 @functools.lru_cache(maxsize=8)
