@@ -59,8 +59,10 @@ def checkpoints_dir(run_dir: str) -> str:
     return storage.join(run_dir, CHECKPOINTS)
 
 
-def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any]) -> dict[str, Any]:
-    """The metadata record a step carries besides arrays: config, versions, mesh, data position."""
+def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], kernels: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """The metadata record a step carries besides arrays: config, versions, mesh, data position, and
+    the model's matmul weights with the dims they contract (what an int8 export needs to know)."""
     from omegaconf import OmegaConf
     versions = {}
     for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
@@ -70,7 +72,7 @@ def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any]) -
             versions[pkg] = "unknown"
     return {"step": step, "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "versions": versions,
             "mesh": dict(mesh.shape), "processes": jax.process_count(),
-            "data": {"global_batches_consumed": step, **data}}
+            "data": {"global_batches_consumed": step, **data}, **({"kernels": kernels} if kernels else {})}
 
 
 def as_dict(state: TrainState) -> dict[str, Any]:

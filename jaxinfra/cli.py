@@ -99,6 +99,9 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--sparse", action="store_true",
                    help="store pruned tensors compressed (values + bitmask, or N:M values + indices)")
+    p.add_argument("--quant", default="none", choices=["none", "int8"],
+                   help="int8: matmul weights as int8 with one scale per output channel (compressed-tensors' "
+                        "layout; a QAT run's own integers)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -109,20 +112,21 @@ def export_main(argv: list[str] | None = None) -> int:
                 raise UserError("--sparse with --format hf: the Hugging Face layout is dense")
             from jaxinfra.hf import export_hf
             for f in export_hf(args.directory, args.out, step=args.step, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force):
+                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force, quant=args.quant):
                 print(f"wrote {f} ({storage.size(f):,} bytes)")
             return 0
         if args.sparse:
             if parse_size(args.max_shard_size):
                 raise UserError(f"--max-shard-size {args.max_shard_size} with --sparse: a sparse export is one file")
-            s = export_sparse(args.directory, args.out, step=args.step, dtype=args.dtype, force=args.force)
+            s = export_sparse(args.directory, args.out, step=args.step, dtype=args.dtype, force=args.force,
+                              quant=args.quant)
             packed = sum(e != "dense" for e in s.encodings.values())
             print(f"wrote {args.out} ({s.sparse_bytes:,} bytes; the dense file would be {s.dense_bytes:,} bytes: "
                   f"{s.sparse_bytes / s.dense_bytes:.1%}); {s.nonzeros:,} of {s.params:,} parameters nonzero, "
                   f"{packed} of {len(s.encodings)} tensors compressed")
             return 0
         files = export(args.directory, args.out, step=args.step, dtype=args.dtype,
-                       max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+                       max_shard_bytes=parse_size(args.max_shard_size), force=args.force, quant=args.quant)
         for f in files:
             print(f"wrote {f} ({storage.size(f):,} bytes)")
         return 0

@@ -352,6 +352,33 @@ class PruneConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Quantization-aware training through Qwix: the forward pass runs on int8-rounded weights (and
+    activations), the backward pass is float (straight-through); the trained weights stay float."""
+
+    weights: str = "none"  # none | int8: symmetric, one scale per output channel
+    activations: str = "none"  # none | int8: symmetric, one scale per token, computed on the fly (W8A8)
+    params: list[str] = field(default_factory=list)  # path globs or logical axis names, as prune.params; empty:
+    # every 2-D+ matmul or conv weight but the output layer, read from the forward pass
+    exclude: list[str] = field(default_factory=list)  # path globs left in float
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the forward pass quantizes anything."""
+        return self.weights != "none"
+
+    def check(self) -> None:
+        """The types, and activations only beside weights."""
+        _one_of("quant.weights", self.weights, ("none", "int8"))
+        _one_of("quant.activations", self.activations, ("none", "int8"))
+        if self.activations != "none" and not self.enabled:
+            raise UserError(f"quant.activations={self.activations} needs quant.weights=int8 (Qwix quantizes the "
+                            f"inputs of the matmuls whose weights it quantizes)")
+        if not self.enabled and (self.params or self.exclude):
+            raise UserError("quant.params / quant.exclude are set but quant.weights=none: nothing is quantized")
+
+
+@dataclass
 class CheckpointConfig:
     """Orbax checkpoints in <run.dir>/checkpoints and merged exports in <run.dir>/exports."""
 
@@ -395,6 +422,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def check_train(self) -> None:
         """What `train_model` reads, for any model: run, mesh, batch, optimizer, checkpoints, pruning."""
@@ -405,6 +433,7 @@ class Config:
         self.optim.check(self.data.batch_size)
         self.checkpoint.check()
         self.prune.check(self.run.steps)
+        self.quant.check()
 
     def check_lm(self) -> None:
         """What only the default LM job reads: the model, the corpus, the samples."""

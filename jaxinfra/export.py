@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra import quant as quant_lib
 from jaxinfra import sparse
 from jaxinfra import storage
 from jaxinfra.config import DTYPES
@@ -38,7 +39,7 @@ from jaxinfra.names import tensor_name
 # dtype name -> (safetensors tag, numpy type) of every dtype an export may hold
 SAFETENSORS = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
                "float16": ("F16", np.float16), "int32": ("I32", np.int32), "int64": ("I64", np.int64),
-               "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_)}
+               "uint8": ("U8", np.uint8), "int8": ("I8", np.int8), "bool": ("BOOL", np.bool_)}
 TAGS = {np.dtype(t): tag for tag, t in SAFETENSORS.values()}  # numpy dtype -> safetensors dtype tag
 ENCODING = "encoding."  # __metadata__ key prefix: how to rebuild one sparse-stored tensor
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
@@ -179,12 +180,36 @@ def prepare(directory: str, out: str, step: int | None, dtype: str | None, force
     return step_dir, step, saved, entries
 
 
+def check_quant(quant: str | None) -> None:
+    """--quant is none or int8."""
+    if quant not in (None, "none", "int8"):
+        raise UserError(f"--quant {quant}: not one of none, int8")
+
+
+def quantizing(step_dir: str, entries: list[tuple[str, tuple[int, ...], np.dtype]], saved: ckpt_lib.SavedParams,
+               metadata: dict[str, str], quant: str | None
+               ) -> tuple[list[tuple[str, tuple[int, ...], np.dtype]], Callable[[str, np.dtype], np.ndarray]]:
+    """The tensors to store and their reader: as saved, or (quant=int8) with the planned matmul
+    weights as int8 values plus scales, recorded in `metadata` so that load() dequantizes them."""
+    read = lambda name, dt: saved.read(name).astype(dt, copy=False)
+    check_quant(quant)
+    if quant in (None, "none"):
+        return entries, read
+    plan, compute_dtype, _ = quant_lib.export_plan(step_dir)
+    metadata[quant_lib.QUANTIZED] = json.dumps({n: str(dt) for n, _, dt in entries if n in plan},
+                                                separators=(",", ":"))
+    return quant_lib.quantized_entries(entries, plan, compute_dtype), quant_lib.QuantizedReader(read, plan,
+                                                                                                compute_dtype)
+
+
 def export(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
-           max_shard_bytes: int = 0, force: bool = False) -> list[str]:
-    """Write the parameters of a checkpoint step as whole tensors; returns the files written."""
-    _, step, saved, entries = prepare(directory, out, step, dtype, force)
-    return write_tensors(out, entries, lambda name, dt: saved.read(name).astype(dt, copy=False),
-                         base_metadata(step), max_shard_bytes)
+           max_shard_bytes: int = 0, force: bool = False, quant: str | None = None) -> list[str]:
+    """Write the parameters of a checkpoint step as whole tensors (quant=int8: matmul weights as int8
+    values and per-channel scales); returns the files written."""
+    step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
+    metadata = base_metadata(step)
+    entries, read = quantizing(step_dir, entries, saved, metadata, quant)
+    return write_tensors(out, entries, read, metadata, max_shard_bytes)
 
 
 def write_tensors(out: str, entries: list[tuple[str, tuple[int, ...], np.dtype]],
@@ -231,15 +256,35 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
         raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200]})") from None
     with f:
         how = _encodings(path, f)
+        quantized = _quantized(path, f)
         pieces = {f"{name}.{part}" for name in how for part in ("values", "mask", "indices")}
+        held: dict[str, np.ndarray] = {}  # a quantized tensor's values or scales, until both are read
+
+        def whole(name: str, get: Callable[[], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+            base = name[:-len(quant_lib.SCALE)] if name.endswith(quant_lib.SCALE) else name
+            if base not in quantized:
+                yield name, get()
+                return
+            held[name] = get()
+            if base in held and base + quant_lib.SCALE in held:
+                pair = {k: held.pop(k) for k in (base, base + quant_lib.SCALE)}
+                try:
+                    yield base, quant_lib.dequantize_tensors(pair, {base: quantized[base]})[base]
+                except ValueError as e:
+                    raise UserError(f"{path}: {e}") from None
+
         for key in f.keys():
             if key not in pieces:
-                yield key, f.get_tensor(key)
+                yield from whole(key, lambda: f.get_tensor(key))
         for name, info in how.items():
             try:
-                yield name, sparse.decode(info, lambda part: f.get_tensor(f"{name}.{part}"))
+                rebuilt = sparse.decode(info, lambda part: f.get_tensor(f"{name}.{part}"))
             except ValueError as e:
                 raise UserError(f"{path}: tensor {name} cannot be rebuilt ({e})") from None
+            yield from whole(name, lambda: rebuilt)
+        if held:
+            raise UserError(f"{path}: quantized tensor {sorted(held)[0]} has no partner (int8 values and "
+                            f"{quant_lib.SCALE} scales come in pairs)")
 
 
 _BY_TAG = {tag: np.dtype(t) for tag, t in SAFETENSORS.values()}
@@ -251,6 +296,20 @@ def _piece(f: Any, keys: set[str], key: str) -> tuple[tuple[int, ...], Any] | No
         return None
     piece = f.get_slice(key)
     return tuple(piece.get_shape()), _BY_TAG.get(piece.get_dtype(), piece.get_dtype())
+
+
+def _quantized(path: str, f: Any) -> dict[str, str]:
+    """{name: dtype} of a file's int8-quantized tensors, from its __metadata__ (empty if none)."""
+    raw = (f.metadata() or {}).get(quant_lib.QUANTIZED)
+    if raw is None:
+        return {}
+    try:
+        found = json.loads(raw)
+        if not isinstance(found, dict) or not all(v in DTYPES for v in found.values()):
+            raise ValueError(f"not a JSON object of tensor name to one of {', '.join(DTYPES)}")
+    except ValueError as e:
+        raise UserError(f"{path}: __metadata__ entry {quant_lib.QUANTIZED} is not valid ({one_line(e, 200)})") from None
+    return found
 
 
 def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
@@ -429,24 +488,27 @@ def summarize(tensors: Iterable[tuple[str, np.ndarray]], pattern: tuple[int, int
 
 
 def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
-                  force: bool = False, pattern: tuple[int, int] | None = None) -> SparseSummary:
+                  force: bool = False, pattern: tuple[int, int] | None = None, quant: str | None = None
+                  ) -> SparseSummary:
     """Write a checkpoint step's parameters as one sparse safetensors file (streamed, a tensor at a time).
 
     Pieces are written as each tensor is encoded, after header space reserved for the longest header
     the tensors could need; the real header then goes in front, padded with spaces to that size.
+    quant=int8 stores int8 values (then compressed the same way: zeros stay zeros) and scales.
     Returns the figures, sparse_bytes being the file's size.
     """
     step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
     pattern = pattern or saved_pattern(step_dir)
     base = base_metadata(step)
+    entries, read = quantizing(step_dir, entries, saved, base, quant)
     if storage.is_remote(out):
-        return _sparse_to_store(out, saved, entries, base, pattern)
+        return _sparse_to_store(out, read, entries, base, pattern)
     reserve = _reserve(entries, base)
     tally = _Tally(base, pattern)
     with _partial(out) as f:
         f.seek(8 + reserve)
         for name, _, dt in entries:
-            for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)):
+            for _, arr in tally.add(name, read(name, dt)):
                 f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))  # no copy of the bytes
             arr = None  # the tensor is dropped after its pieces are out, before the next is read
         raw = _header(tally.stored, tally.meta, pad_to=reserve)
@@ -458,19 +520,20 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     return summary
 
 
-def _sparse_to_store(out: str, saved: ckpt_lib.SavedParams, entries: list[tuple[str, tuple[int, ...], np.dtype]],
+def _sparse_to_store(out: str, read: Callable[[str, np.dtype], np.ndarray],
+                     entries: list[tuple[str, tuple[int, ...], np.dtype]],
                      base: dict[str, str], pattern: tuple[int, int] | None) -> SparseSummary:
     """A sparse file streamed to an object store, which cannot seek back to write the header: one pass
     encodes every tensor to learn the header (keeping nothing), the second writes header and pieces."""
     sizes = _Tally(base, pattern)
     for name, _, dt in entries:
-        sizes.add(name, saved.read(name).astype(dt, copy=False))
+        sizes.add(name, read(name, dt))
     tally = _Tally(base, pattern)
     raw = _header(sizes.stored, sizes.meta)
 
     def pieces() -> Iterator[np.ndarray]:  # nothing of one tensor is held while the next is read
         for name, _, dt in entries:
-            yield from (arr for _, arr in tally.add(name, saved.read(name).astype(dt, copy=False)))
+            yield from (arr for _, arr in tally.add(name, read(name, dt)))
 
     _write_file(out, sizes.stored, pieces(), sizes.meta)
     summary = dataclasses_replace(tally.summary(), sparse_bytes=8 + len(raw) + sum(

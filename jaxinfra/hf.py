@@ -24,6 +24,7 @@ import numpy as np
 from jaxinfra import storage
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import export as export_lib
+from jaxinfra import quant as quant_lib
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
 
@@ -122,8 +123,9 @@ def byte_tokenizer() -> dict[str, Any]:
 
 
 def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
-              max_shard_bytes: int = 0, force: bool = False) -> list[str]:
-    """A checkpoint step of the default Transformer as a Hugging Face Llama folder; returns its files."""
+              max_shard_bytes: int = 0, force: bool = False, quant: str | None = None) -> list[str]:
+    """A checkpoint step of the default Transformer as a Hugging Face Llama folder (quant=int8: the
+    Linear weights in compressed-tensors' int8 layout, which vLLM loads); returns its files."""
     storage.check(out, "--out")
     if storage.exists(out) and not (storage.isdir(out) and (force or not storage.listdir(out))):
         raise UserError(f"--out {out} exists; pass --force to overwrite it (a folder)")
@@ -137,19 +139,34 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     remote = storage.is_remote(out)
     tmp = out if remote else out.rstrip(os.sep) + ".partial"
     storage.rmtree(tmp)
+    metadata: dict[str, str] = {"format": "pt"}
+    names = [n for n, _, _ in entries]
+    entries, read = export_lib.quantizing(step_dir, entries, saved, metadata, quant)
+    quantized = json.loads(metadata.get(quant_lib.QUANTIZED, "{}"))
     renamed, how = [], {}
     for name, shape, dt in entries:
-        hf, to_hf = hf_name(name)
+        scales = name.endswith(quant_lib.SCALE) and name[:-len(quant_lib.SCALE)] in quantized
+        base = name[:-len(quant_lib.SCALE)] if scales else name
+        hf, to_hf = hf_name(base)
+        hf += name[len(base):]  # q_proj.weight -> q_proj.weight_scale: compressed-tensors' name for its scales
         how[hf] = (name, to_hf)
         renamed.append((hf, tuple(to_hf(np.empty(shape, np.uint8)).shape), dt))
+    if quantized:  # load() and init_from dequantize by HF name
+        metadata[quant_lib.QUANTIZED] = json.dumps({hf_name(n)[0]: d for n, d in quantized.items()})
     files = export_lib.write_tensors(storage.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
-        how[hf][1](saved.read(how[hf][0]).astype(dt, copy=False))), {"format": "pt"}, max_shard_bytes)
+        how[hf][1](read(how[hf][0], dt))), metadata, max_shard_bytes)
     torch_dtype = str(renamed[0][2]) if renamed else "float32"
+    config = llama_config(model, torch_dtype)
+    if quantized:
+        linear = [n for n in names if hf_name(n)[0].endswith("proj.weight") or n == "head"]
+        ignored = [hf_name(n)[0].removesuffix(".weight") for n in linear if n not in quantized]
+        act = quant_lib.export_plan(step_dir)[2]
+        config["quantization_config"] = quant_lib.compressed_tensors_config(ignored, act)
     sidecars = {"generation_config.json": {"do_sample": False, "max_length": int(model["seq_len"])},
                 "tokenizer.json": byte_tokenizer(),
                 "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
                                           int(model["seq_len"]), "clean_up_tokenization_spaces": False},
-                CONFIG: llama_config(model, torch_dtype)}  # last
+                CONFIG: config}  # last
     for name, content in sidecars.items():
         storage.write_text(storage.join(tmp, name), json.dumps(content, indent=1, ensure_ascii=False))
         files.append(storage.join(tmp, name))

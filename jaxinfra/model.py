@@ -54,6 +54,21 @@ def rotary(x_BxTxHxK: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
+class CausalAttention(nnx.Module):
+    """softmax(q k^T / sqrt(K)) v under the causal mask; no weights. A module of its own so that a
+    quantization rule matching the attention module (Qwix matches module paths) rounds the four
+    projections, not these activation-by-activation products, which int8 deployments (vLLM's W8A8)
+    keep in float."""
+
+    def __init__(self, impl: str | None):
+        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
+        self.impl = impl
+
+    def __call__(self, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
+        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                            implementation=self.impl)
+
+
 class Attention(nnx.Module):
     """Causal multi-head self-attention; heads split over the mesh axes of 'heads'."""
 
@@ -65,8 +80,7 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (D, H, K), ("embed", "heads", "kv"), D ** -0.5, pdt)
         self.wo = _param(rngs, (H, K, D), ("heads", "kv", "embed"), (D * 2 * cfg.n_layers) ** -0.5, pdt)
         self.dtype, self.theta, self.constrain = jnp.dtype(cfg.dtype), cfg.rope_theta, constrain
-        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
-        self.impl = None if cfg.attention == "xla" else cfg.attention
+        self.core = CausalAttention(None if cfg.attention == "xla" else cfg.attention)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         names = ("batch", "seq", "heads", "kv")
@@ -74,8 +88,7 @@ class Attention(nnx.Module):
         q_BxTxHxK = rotary(proj(self.wq), self.theta)
         k_BxTxHxK = rotary(proj(self.wk), self.theta)
         v_BxTxHxK = proj(self.wv)
-        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
-                                                 implementation=self.impl)
+        o_BxTxHxK = self.core(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
         o_BxTxHxK = self.constrain(o_BxTxHxK, names)
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo[...].astype(self.dtype))
 

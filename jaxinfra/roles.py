@@ -39,11 +39,14 @@ _SAME = {"convert_element_type", "copy", "copy_p", "reduce_precision", "sharding
 
 class Role(NamedTuple):
     """One parameter's use: kind (kernel, embedding or other), the input-feature dimension of a
-    kernel, and the position of its last matmul in the forward pass (-1: none)."""
+    kernel, the position of its last matmul in the forward pass (-1: none), and every dimension its
+    first matmul contracts (an attention output kernel (H, K, D) contracts two; int8 scales are per
+    everything else)."""
 
     kind: str
     in_dim: int | None
     order: int
+    in_dims: tuple[int, ...] = ()
 
 
 def _reshape_dims(dims: Dims, old: Sequence[int], new: Sequence[int]) -> Dims:
@@ -72,6 +75,7 @@ class _Trace:
     def __init__(self) -> None:
         self.kind: dict[int, str] = {}
         self.in_dim: dict[int, int] = {}
+        self.in_dims: dict[int, tuple[int, ...]] = {}
         self.order: dict[int, int] = {}
         self.count = 0
 
@@ -83,6 +87,7 @@ class _Trace:
         origin = [o for d in contracting for o in dims[d]]
         if origin:  # features run fastest along the minor-most contracted dimension
             self.in_dim.setdefault(leaf, origin[-1])
+            self.in_dims.setdefault(leaf, tuple(sorted(set(origin))))
 
     def walk(self, jaxpr: Any, env: dict[Any, tuple[int, Dims]]) -> list[tuple[int, Dims] | None]:
         """Record the roles found in `jaxpr`; env maps its tracked invars; returns its outvars' tracks."""
@@ -155,7 +160,8 @@ def find_roles(forward: Callable[..., Any], params: Any, *args: Any) -> dict[str
     trace = _Trace()
     trace.walk(jaxpr, {v: (i, tuple((d,) for d in range(len(x.shape))))
                        for i, (v, (_, x)) in enumerate(zip(jaxpr.invars, flat))})
-    return {path_str(p): Role(trace.kind.get(i, "other"), trace.in_dim.get(i), trace.order.get(i, -1))
+    return {path_str(p): Role(trace.kind.get(i, "other"), trace.in_dim.get(i), trace.order.get(i, -1),
+                              trace.in_dims.get(i, ()))
             for i, (p, _) in enumerate(flat)}
 
 
@@ -198,9 +204,10 @@ class Selection:
 
 
 def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Sequence[str] = (),
-           exclude: Sequence[str] = ()) -> Selection:
+           exclude: Sequence[str] = (), key: str = "prune") -> Selection:
     """By default every 2-D+ kernel but the output layer; `params` (globs or logical axis names)
-    selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError."""
+    selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError naming
+    `key`.params or `key`.exclude."""
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     specs = {path_str(p): _axis_names(s) for p, s in
              jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]}
@@ -214,9 +221,9 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
         gone = [pat for pat in exclude if fnmatch.fnmatchcase(path, pat)]
         used.update(hit + gone)
         if gone:
-            skipped[path] = f"prune.exclude {gone[0]!r}"
+            skipped[path] = f"{key}.exclude {gone[0]!r}"
         elif params and not hit:
-            skipped[path] = "not in prune.params"
+            skipped[path] = f"not in {key}.params"
         elif params:
             chosen[path] = role.in_dim if role.in_dim is not None else 0
         elif len(x.shape) < 2:
@@ -229,15 +236,15 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
             skipped[path] = "not a matmul or conv weight (added or scaled: position tables, 2-D biases)"
         else:
             chosen[path] = role.in_dim if role.in_dim is not None else 0
-    for key, patterns in (("prune.params", params), ("prune.exclude", exclude)):
+    for name, patterns in ((f"{key}.params", params), (f"{key}.exclude", exclude)):
         missing = [pat for pat in patterns if pat not in used]
         if missing:
-            raise UserError(f"{key}: {', '.join(map(repr, missing))} matches no parameter (give path globs such "
-                            f"as 'blocks/*/mlp/*'{' or logical axis names' if key == 'prune.params' else ''}; "
+            raise UserError(f"{name}: {', '.join(map(repr, missing))} matches no parameter (give path globs such "
+                            f"as 'blocks/*/mlp/*'{' or logical axis names' if name.endswith('.params') else ''}; "
                             f"a 1-D tensor only by its full path)")
     if not chosen:
-        raise UserError("prune: no parameter is selected for pruning (the model has no 2-D+ matmul or conv weight "
-                        "besides its output layer): name tensors with prune.params")
+        raise UserError(f"{key}: no parameter is selected (the model has no 2-D+ matmul or conv weight besides its "
+                        f"output layer): name tensors with {key}.params")
     return Selection(chosen, skipped)
 
 
@@ -265,10 +272,17 @@ def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) ->
     return rows
 
 
-def for_config(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, say: Callable[..., None]) -> Selection:
-    """The tensors prune.* takes, read from the traced forward pass, and the start-up table of them."""
-    found = find_roles(lambda q, s, b: split_loss(loss_fn(model.module(q, s, train=True), b))[0],
-                       model.params, model.state, micro)
+def model_roles(model: ModelDef, loss_fn: Callable, micro: Any) -> dict[str, Role]:
+    """Each parameter's role in the model's training loss (one abstract trace)."""
+    return find_roles(lambda q, s, b: split_loss(loss_fn(model.module(q, s, train=True), b))[0],
+                      model.params, model.state, micro)
+
+
+def for_config(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, say: Callable[..., None],
+               found: Mapping[str, Role] | None = None) -> Selection:
+    """The tensors prune.* takes, read from the traced forward pass (or `found`, its roles), and the
+    start-up table of them."""
+    found = found if found is not None else model_roles(model, loss_fn, micro)
     selection = select(model.params, model.logical, found, p.params, p.exclude)
     shapes = {path_str(q): x.shape for q, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
     if p.nm is not None:

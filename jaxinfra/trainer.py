@@ -28,6 +28,7 @@ from jaxinfra import data as data_lib
 from jaxinfra import evaluation
 from jaxinfra import lock as lock_lib
 from jaxinfra import perf
+from jaxinfra import quant
 from jaxinfra import roles
 from jaxinfra import sharding as shd
 from jaxinfra import storage
@@ -213,7 +214,12 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)
-        selection = roles.for_config(cfg.prune, model, loss_fn, micro, say) if cfg.prune.enabled else None
+        found = roles.model_roles(model, loss_fn, micro)  # pruning, quantization and int8 exports read them
+        kernels = quant.kernels_record(found, compute_dtype)
+        if cfg.quant.enabled:  # the same parameters, run through Qwix's int8 forward pass
+            model_fn, kernels["quantized"] = quant.for_config(cfg.quant, model_fn, model, found, say)
+            model = abstract_model(model_fn)
+        selection = roles.for_config(cfg.prune, model, loss_fn, micro, say, found) if cfg.prune.enabled else None
         tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
                          schedule=schedule, allowed_unused=list(DEFAULT_RULES), seed=cfg.run.seed, model=model)
@@ -225,7 +231,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
                  **{k: name for k, (name, _) in (resume_keys or {}).items()}}
         recorded = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, peak_flops=peak))  # the caller's stays
         saver = Saver(cfg.run.path, cfg.checkpoint, stop_after=cfg.run.stop_after,
-                      record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta), say=say, lead=lead)
+                      record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta, kernels), say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
         saver.on_save = mirror.push
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops

@@ -1,5 +1,5 @@
 """Merge a checkpoint's sharded parameters into whole tensors in safetensors:
-python scripts/export.py RUN_OR_CHECKPOINT_DIR [--step N] --out model.safetensors [--dtype bf16] [--sparse]
+python scripts/export.py RUN_OR_CHECKPOINT_DIR [--step N] --out model.safetensors [--dtype bf16] [--sparse] [--quant int8]
                          [--max-shard-size 5GB] [--force]"""
 import os
 import sys

@@ -1,0 +1,212 @@
+"""int8 quantization: symmetric per-output-channel weights (and, in training, per-token
+activations) through Qwix, and the one function that turns a float kernel into the integers and
+scales the quantized forward pass uses, for exports and the decoder alike.
+
+A kernel's *input-feature* dims (those a matmul contracts with the input) share one scale; every
+other dim is a channel with its own: a Linear (in, out) gets scales (1, out), our attention
+kernels (D, H, K) scales (1, H, K) and (H, K, D) scales (1, 1, D). Scales keep the kernel's rank, so
+`values * scale` broadcasts back. The integers are Qwix's own (`qwix.quantize`): scale = absmax /
+127.5, values = round(w / scale) saturated to int8, exactly what `QtProvider` computes inside a QAT
+forward pass, so a QAT run's export holds the integers its forward pass used.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfra.errors import UserError
+
+if TYPE_CHECKING:
+    from jaxinfra.config import QuantConfig
+    from jaxinfra.roles import Role
+    from jaxinfra.step import ModelDef
+
+
+class QTensor(NamedTuple):
+    """A quantized kernel: int8 values and float scales of the same rank (1 on the input-feature dims)."""
+
+    values: jax.Array
+    scale: jax.Array
+
+
+def quantize(w: jax.Array | np.ndarray, in_dims: Sequence[int]) -> QTensor:
+    """Symmetric int8 with one scale per channel (every dim but `in_dims`), as Qwix's QAT forward computes it."""
+    import qwix
+    w = jnp.asarray(w)
+    channels = tuple(d for d in range(w.ndim) if d not in {d % w.ndim for d in in_dims})
+    q = qwix.quantize(w, jnp.int8, channelwise_axes=channels, calibration_method="absmax")
+    return QTensor(q.qvalue, q.scale)
+
+
+def dequantize(q: QTensor, dtype: jnp.dtype | None = None) -> jax.Array:
+    """values x scale, in the scale's dtype (or `dtype`)."""
+    dtype = dtype or q.scale.dtype
+    return q.values.astype(dtype) * q.scale.astype(dtype)
+
+
+def kernel_dims(found: Mapping[str, Role], names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name ('blocks.0.attn.wq') -> the dims its matmul contracts, for the given paths."""
+    return {name.replace("/", "."): found[name].in_dims or (found[name].in_dim or 0,) for name in names}
+
+
+@dataclass(frozen=True)
+class QatModel:
+    """A model factory whose models run the matmuls of the given modules through Qwix's int8 QAT:
+    weights rounded per output channel (and activations per token) in the forward pass, a float
+    backward pass (Qwix's straight-through estimator) and float weights in the train state."""
+
+    model_fn: Callable[[], nnx.Module]
+    modules: tuple[str, ...]  # module paths as Qwix spells them: 'blocks/0/attn'; '' is the model itself
+    activations: bool
+
+    def __call__(self) -> nnx.Module:
+        """The user's model, quantized."""
+        import qwix
+        model = self.model_fn()
+        have = {"/".join(map(str, path)) for path, _ in model.iter_modules()}
+        missing = [m for m in self.modules if m not in have]
+        if missing:
+            raise UserError(f"quant: the weights under {missing[0]!r} are not attributes of an nnx.Module (Qwix "
+                            f"finds a matmul's weight among its module's own Params): select other tensors with "
+                            f"quant.params")
+        rule = qwix.QtRule(module_path="|".join(map(re.escape, self.modules)), weight_qtype=jnp.int8,
+                           act_qtype=jnp.int8 if self.activations else None)
+        # Qwix's sample input is for a first call that creates static-range statistics; dynamic-range
+        # QAT has none, so that call is skipped and no input is needed.
+        return qwix.quantize_model(model, qwix.QtProvider([rule]), None, skip_nnx_init=True)
+
+
+def for_config(q: QuantConfig, model_fn: Callable[[], nnx.Module], model: ModelDef, found: Mapping[str, Role],
+               say: Callable[..., None]) -> tuple[QatModel, dict[str, tuple[int, ...]]]:
+    """The QAT model factory for quant.*, and the quantized tensors with the dims they contract.
+
+    Qwix chooses by module, so a module's matmul weights are quantized all together or not at all."""
+    from jaxinfra import roles
+    selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant")
+    for name in selection.chosen:
+        if found[name].kind != "kernel":
+            raise UserError(f"quant.params selects {name}, which no matmul uses as a weight: Qwix quantizes matmul "
+                            f"and conv weights only")
+    owner = lambda name: name.rpartition("/")[0]
+    modules = sorted({owner(n) for n in selection.chosen})
+    for name, role in found.items():
+        if role.kind == "kernel" and owner(name) in modules and name not in selection.chosen:
+            raise UserError(f"quant selects {next(n for n in selection.chosen if owner(n) == owner(name))} but not "
+                            f"{name}: Qwix quantizes whole modules, so select all of {owner(name) or 'the model'}'s "
+                            f"matmul weights or none")
+    kernels = kernel_dims(found, selection.chosen)
+    what = "int8 weights" + (" and activations" if q.activations == "int8" else "")
+    say(f"quantization-aware training ({what}, Qwix): {len(kernels)} tensors in {len(modules)} modules, e.g. "
+        + ", ".join(list(kernels)[:3]))
+    return QatModel(model_fn, tuple(modules), q.activations == "int8"), kernels
+
+
+def kernels_record(found: Mapping[str, Role], compute_dtype: str) -> dict[str, Any]:
+    """What a checkpoint records for int8 exports: every matmul weight and the dims it contracts, the
+    output layer (left in float by default, as the pruning default leaves it), the dtype the forward
+    pass casts weights to (Qwix rounds the cast weight), and (QAT runs) the tensors it quantized."""
+    from jaxinfra.roles import output_layer
+    out = output_layer(found)
+    return {"in_dims": kernel_dims(found, [n for n, r in found.items() if r.kind == "kernel"]),
+            "output_layer": out.replace("/", ".") if out else None, "compute_dtype": compute_dtype}
+
+
+# The int8 export layout, compressed-tensors' (what vLLM loads): a quantized tensor keeps its name
+# and holds int8 values; its scales sit beside it under the name + "_scale" (HF's q_proj.weight ->
+# q_proj.weight_scale), shaped like the tensor with 1 on the contracted dims.
+SCALE = "_scale"
+QUANTIZED = "quantized"  # __metadata__ key: JSON {name: the dtype it dequantizes to}
+Entry = tuple[str, tuple[int, ...], np.dtype]
+
+
+def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str, str]:
+    """(name -> contracted dims of each tensor to quantize, the forward pass's compute dtype, the
+    activation scheme) from a checkpoint step's record: a QAT run's own tensors, else every matmul
+    weight but the output layer."""
+    from jaxinfra import checkpoint as ckpt_lib
+    record = ckpt_lib.saved_record(step_dir)
+    kernels = record.get("kernels")
+    if not isinstance(kernels, dict) or not isinstance(kernels.get("in_dims"), dict):
+        raise UserError(f"{step_dir}: its record does not say which tensors are matmul weights (saved by an older "
+                        f"jaxinfra, or not by train_model): --quant int8 needs it; resume the run once to re-save")
+    chosen = kernels.get("quantized") or {n: d for n, d in kernels["in_dims"].items() if n != kernels["output_layer"]}
+    act = ((record.get("config") or {}).get("quant") or {}).get("activations", "none")
+    return {n: tuple(int(x) for x in d) for n, d in chosen.items()}, str(kernels.get("compute_dtype", "float32")), act
+
+
+def quantized_entries(entries: Sequence[Entry], plan: Mapping[str, tuple[int, ...]], compute_dtype: str
+                      ) -> list[Entry]:
+    """The stored tensors of an int8 export: each planned tensor becomes int8 values plus its scales."""
+    out: list[Entry] = []
+    for name, shape, dt in entries:
+        if name not in plan:
+            out.append((name, shape, dt))
+            continue
+        dims = {d % len(shape) for d in plan[name]}
+        out += [(name, shape, np.dtype(np.int8)),
+                (name + SCALE, tuple(1 if d in dims else n for d, n in enumerate(shape)), _np_dtype(compute_dtype))]
+    return out
+
+
+def _np_dtype(name: str) -> np.dtype:
+    """A dtype name (bfloat16 included) as numpy's."""
+    return np.dtype(jnp.dtype(name))
+
+
+class QuantizedReader:
+    """read(name, dtype) of the stored tensors of an int8 export: a planned tensor is cast to the
+    compute dtype (as the forward pass casts it before Qwix rounds it) and quantized once; its
+    values and then its scales are handed out, in the order the entries list them."""
+
+    def __init__(self, read: Callable[[str, np.dtype], np.ndarray], plan: Mapping[str, tuple[int, ...]],
+                 compute_dtype: str):
+        self.read, self.plan, self.dtype = read, plan, _np_dtype(compute_dtype)
+        self._held: tuple[str, QTensor] | None = None  # one tensor's scales, until they are written
+
+    def __call__(self, name: str, dt: np.dtype) -> np.ndarray:
+        if name in self.plan:
+            w = self.read(name, self.dtype)
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):  # host arrays: no accelerator copy
+                q = quantize(w, self.plan[name])
+            self._held = (name, QTensor(np.asarray(q.values), np.asarray(q.scale)))
+            return self._held[1].values
+        if name.endswith(SCALE) and self._held and self._held[0] == name[:-len(SCALE)]:
+            scale, self._held = self._held[1].scale, None
+            return scale
+        return self.read(name, dt)
+
+
+def dequantize_tensors(tensors: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """name -> array of a file's tensors with each quantized one (int8 values + name_scale) turned back
+    into float (values x scale in the scale's dtype, then the recorded dtype); raises ValueError
+    naming what does not fit."""
+    out = dict(tensors)
+    for name, dtype in dtypes.items():
+        values, scale = out.pop(name, None), out.pop(name + SCALE, None)
+        if values is None or scale is None or values.dtype != np.int8:
+            raise ValueError(f"quantized tensor {name} needs int8 values and {name}{SCALE}")
+        if scale.ndim != values.ndim or any(s not in (1, n) for s, n in zip(scale.shape, values.shape)):
+            raise ValueError(f"{name}{SCALE} has shape {scale.shape}, which does not broadcast to {values.shape}")
+        out[name] = (values.astype(scale.dtype) * scale).astype(_np_dtype(dtype))
+    return out
+
+
+def compressed_tensors_config(ignored: Iterable[str], activations: str) -> dict[str, Any]:
+    """config.json's quantization_config for int8 channel-wise weights (and dynamic per-token int8
+    activations after QAT of both) in compressed-tensors' int-quantized format; module names (HF's,
+    without '.weight') of Linear layers left in float go in `ignore`."""
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
+               "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax"}
+    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": None} \
+        if activations == "int8" else None
+    return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "output_activations": None}},
+            "ignore": sorted(ignored), "kv_cache_scheme": None}
