@@ -3,6 +3,7 @@ trainer (`jaxinfra.trainer.train_model`): corpus, model, loss and the LM's end-o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -21,11 +22,29 @@ from jaxinfra.step import ModelFn
 from jaxinfra.trainer import Finished, train_model
 
 
+@dataclass(frozen=True, eq=False)
+class TransformerFn:
+    """Builds the default Transformer of cfg.model, its activations pinned by cfg.mesh.rules on `mesh`
+    and, with quant.activations=int8, its matmul inputs rounded to int8."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+
+    @property
+    def rounds_inputs(self) -> bool:
+        """Whether the model rounds matmul inputs itself (what train_model asks of quant.activations)."""
+        return self.cfg.quant.activations == "int8"
+
+    def __call__(self) -> Transformer:
+        constrain = shd.LogicalConstraint(self.mesh, self.cfg.mesh.logical_rules)
+        return Transformer(self.cfg.model, rngs=nnx.Rngs(self.cfg.run.seed), constrain=constrain,
+                           quant_inputs=self.rounds_inputs)
+
+
 def model_fn(cfg: Config, mesh: jax.sharding.Mesh) -> ModelFn:
-    """The default Transformer of cfg.model, its activations pinned by cfg.mesh.rules on `mesh`:
-    the one place the LM job, generation, the benchmarks and the tests build it."""
-    constrain = shd.LogicalConstraint(mesh, cfg.mesh.logical_rules)
-    return lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed), constrain=constrain)
+    """The default Transformer's factory: the one place the LM job, generation, the benchmarks and
+    the tests build it."""
+    return TransformerFn(cfg, mesh)
 
 
 def lm_eval(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -59,11 +78,13 @@ def run(cfg: Config) -> dict[str, Any]:
 
     def finish(done: Finished) -> None:
         final = done.final
+        # what the forward pass computes with: under QAT the int8-rounded weights, as an export holds them
+        params = jax.jit(done.model.forward)(done.state.params) if done.model.forward else done.state.params
         if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
             final.update(data_lib.compression_bpb(corpus.heldout))
         yard = f"zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f}" if "zlib_bpb" in final else ""
         if cfg.run.eval_batches and cfg.run.score_heldout:  # like for like with the compressors: every byte
-            final["heldout_bpb"] = heldout.bits_per_byte(done.graphdef, done.state.params, corpus.heldout, L,
+            final["heldout_bpb"] = heldout.bits_per_byte(done.graphdef, params, corpus.heldout, L,
                                                          done.mesh, done.rules)
             say(f"final held-out bits per byte over all {corpus.heldout.size:,} held-out bytes: "
                 f"{final['heldout_bpb']:.3f}" + (f" ({yard} on the same bytes)" if yard else "")
@@ -72,7 +93,7 @@ def run(cfg: Config) -> dict[str, Any]:
             say(f"final held-out bits per byte on {len(held):,} sampled windows: {final['eval_bpb']:.3f}"
                 + (f" ({yard} on all {corpus.heldout.size:,} held-out bytes)" if yard else ""))
         if cfg.run.sample_tokens and cfg.run.sample_prompts:
-            texts = sample(done.graphdef, done.state.params, cfg.run.sample_prompts,
+            texts = sample(done.graphdef, params, cfg.run.sample_prompts,
                            n_tokens=cfg.run.sample_tokens, seq_len=L, vocab_size=cfg.model.vocab_size,
                            temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=done.mesh,
                            rules=done.rules)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxinfra.quant import fake_quant
+
 if TYPE_CHECKING:
     from jaxinfra.config import ModelConfig
 
@@ -54,25 +56,10 @@ def rotary(x_BxTxHxK: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
-class CausalAttention(nnx.Module):
-    """softmax(q k^T / sqrt(K)) v under the causal mask; no weights. A module of its own so that a
-    quantization rule matching the attention module (Qwix matches module paths) rounds the four
-    projections, not these activation-by-activation products, which int8 deployments (vLLM's W8A8)
-    keep in float."""
-
-    def __init__(self, impl: str | None):
-        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
-        self.impl = impl
-
-    def __call__(self, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array) -> jax.Array:
-        return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
-                                            implementation=self.impl)
-
-
 class Attention(nnx.Module):
     """Causal multi-head self-attention; heads split over the mesh axes of 'heads'."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain, quant_inputs: bool = False):
         D, H, K = cfg.d_model, cfg.n_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.wq = _param(rngs, (D, H, K), ("embed", "heads", "kv"), D ** -0.5, pdt)
@@ -80,51 +67,62 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (D, H, K), ("embed", "heads", "kv"), D ** -0.5, pdt)
         self.wo = _param(rngs, (H, K, D), ("heads", "kv", "embed"), (D * 2 * cfg.n_layers) ** -0.5, pdt)
         self.dtype, self.theta, self.constrain = jnp.dtype(cfg.dtype), cfg.rope_theta, constrain
-        self.core = CausalAttention(None if cfg.attention == "xla" else cfg.attention)
+        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
+        self.impl = None if cfg.attention == "xla" else cfg.attention
+        self.quant_inputs = quant_inputs  # W8A8 training: round each projection's input to int8 per token
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         names = ("batch", "seq", "heads", "kv")
+        if self.quant_inputs:
+            x_BxTxD = fake_quant(x_BxTxD, (2,))
         proj = lambda w: self.constrain(jnp.einsum("btd,dhk->bthk", x_BxTxD, w[...].astype(self.dtype)), names)
         q_BxTxHxK = rotary(proj(self.wq), self.theta)
         k_BxTxHxK = rotary(proj(self.wk), self.theta)
         v_BxTxHxK = proj(self.wv)
-        o_BxTxHxK = self.core(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
+        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                                 implementation=self.impl)
         o_BxTxHxK = self.constrain(o_BxTxHxK, names)
+        if self.quant_inputs:
+            o_BxTxHxK = fake_quant(o_BxTxHxK, (2, 3))
         return jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo[...].astype(self.dtype))
 
 
 class GatedMLP(nnx.Module):
     """SwiGLU feed-forward; the hidden dimension is split over the mesh axes of 'mlp'."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain, quant_inputs: bool = False):
         D, F = cfg.d_model, cfg.d_ff
         pdt = jnp.dtype(cfg.param_dtype)
         self.w_gate = _param(rngs, (D, F), ("embed", "mlp"), D ** -0.5, pdt)
         self.w_up = _param(rngs, (D, F), ("embed", "mlp"), D ** -0.5, pdt)
         self.w_down = _param(rngs, (F, D), ("mlp", "embed"), (F * 2 * cfg.n_layers) ** -0.5, pdt)
-        self.dtype, self.constrain = jnp.dtype(cfg.dtype), constrain
+        self.dtype, self.constrain, self.quant_inputs = jnp.dtype(cfg.dtype), constrain, quant_inputs
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cast = lambda w: w[...].astype(self.dtype)
         B, T, D = x_BxTxD.shape
+        if self.quant_inputs:
+            x_BxTxD = fake_quant(x_BxTxD, (2,))
         # Plain (B*T, D) matrices rather than 3-D einsums: each weight gradient then contracts one
         # dimension, and XLA's CPU backend no longer writes a transposed copy of the hidden
         # activations (the MLP's backward ran 1.6x faster, same bits).
         x_NxD = x_BxTxD.reshape(B * T, D)
         gate_NxF, up_NxF = x_NxD @ cast(self.w_gate), x_NxD @ cast(self.w_up)
         h_BxTxF = self.constrain((jax.nn.silu(gate_NxF) * up_NxF).reshape(B, T, -1), ("batch", "seq", "mlp"))
+        if self.quant_inputs:
+            h_BxTxF = fake_quant(h_BxTxF, (2,))
         return (h_BxTxF.reshape(B * T, -1) @ cast(self.w_down)).reshape(B, T, D)
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: attention then gated MLP."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain, quant_inputs: bool = False):
         pdt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
-        self.attn = Attention(cfg, rngs=rngs, constrain=constrain)
+        self.attn = Attention(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs)
         self.mlp_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
-        self.mlp = GatedMLP(cfg, rngs=rngs, constrain=constrain)
+        self.mlp = GatedMLP(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs)
         self.constrain = constrain
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -140,12 +138,16 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab) in float32."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab) in float32. quant_inputs (quant.activations=
+    int8) rounds the input of every block matmul to int8 per token (straight-through gradients), as
+    an int8 deployment (vLLM's W8A8) computes them; int8 weights are the train step's business."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain = no_constraint):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain = no_constraint,
+                 quant_inputs: bool = False):
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs, constrain=constrain) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs)
+                                for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
         self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
         self.dtype, self.remat, self.constrain = jnp.dtype(cfg.dtype), cfg.remat, constrain

@@ -1,26 +1,34 @@
-"""int8 quantization: symmetric per-output-channel weights (and, in training, per-token
-activations) through Qwix, and the one function that turns a float kernel into the integers and
-scales the quantized forward pass uses, for exports and the decoder alike.
+"""int8 quantization: the one function that turns a float tensor into int8 values and scales (Qwix's
+numerics), the straight-through rounding a QAT forward pass applies to weights (and, in the default
+Transformer, to matmul inputs), and the int8 export layout (compressed-tensors', what vLLM loads).
 
 A kernel's *input-feature* dims (those a matmul contracts with the input) share one scale; every
 other dim is a channel with its own: a Linear (in, out) gets scales (1, out), our attention
 kernels (D, H, K) scales (1, H, K) and (H, K, D) scales (1, 1, D). Scales keep the kernel's rank, so
-`values * scale` broadcasts back. The integers are Qwix's own (`qwix.quantize`): scale = absmax /
-127.5, values = round(w / scale) saturated to int8, exactly what `QtProvider` computes inside a QAT
-forward pass, so a QAT run's export holds the integers its forward pass used.
+`values * scale` broadcasts back. The integers are Qwix's (`qwix.quantize`): scale = absmax / 127.5,
+values = round(w / scale) saturated to int8. Training rounds each weight with that same function,
+so a QAT run's export holds exactly the integers its forward pass used.
+
+Why not Qwix's own QAT (`qwix.quantize_model` with a `QtProvider`): on an FSDP mesh it rounds each
+weight's shard for the forward pass and rebuilds a copy for the backward pass, so XLA all-gathers
+every attention weight twice (26 all-gathers against the dense step's 18 on a (2, 2, 2) mesh,
+measured; its use_original_residuals and gradient-clipping options do not change it), and pinning the
+gather first is not possible: Qwix finds a matmul's weight by object identity, tracer ancestry or
+shape, which a sharding constraint hides under autodiff ("Multiple candidate params found: wk, wq, wv").
+Rounding the sharded parameters in the step, as below, gathers each weight once, like the dense step.
 """
 from __future__ import annotations
 
-import re
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxinfra.errors import UserError
+from jaxinfra.names import path_str
 
 if TYPE_CHECKING:
     from jaxinfra.config import QuantConfig
@@ -55,56 +63,54 @@ def kernel_dims(found: Mapping[str, Role], names: Iterable[str]) -> dict[str, tu
     return {name.replace("/", "."): found[name].in_dims or (found[name].in_dim or 0,) for name in names}
 
 
-@dataclass(frozen=True)
-class QatModel:
-    """A model factory whose models run the matmuls of the given modules through Qwix's int8 QAT:
-    weights rounded per output channel (and activations per token) in the forward pass, a float
-    backward pass (Qwix's straight-through estimator) and float weights in the train state."""
-
-    model_fn: Callable[[], nnx.Module]
-    modules: tuple[str, ...]  # module paths as Qwix spells them: 'blocks/0/attn'; '' is the model itself
-    activations: bool
-
-    def __call__(self) -> nnx.Module:
-        """The user's model, quantized."""
-        import qwix
-        model = self.model_fn()
-        have = {"/".join(map(str, path)) for path, _ in model.iter_modules()}
-        missing = [m for m in self.modules if m not in have]
-        if missing:
-            raise UserError(f"quant: the weights under {missing[0]!r} are not attributes of an nnx.Module (Qwix "
-                            f"finds a matmul's weight among its module's own Params): select other tensors with "
-                            f"quant.params")
-        rule = qwix.QtRule(module_path="|".join(map(re.escape, self.modules)), weight_qtype=jnp.int8,
-                           act_qtype=jnp.int8 if self.activations else None)
-        # Qwix's sample input is for a first call that creates static-range statistics; dynamic-range
-        # QAT has none, so that call is skipped and no input is needed.
-        return qwix.quantize_model(model, qwix.QtProvider([rule]), None, skip_nnx_init=True)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def fake_quant(x: jax.Array, in_dims: tuple[int, ...]) -> jax.Array:
+    """x as int8 gives it back (one scale per channel, every dim but in_dims): exactly
+    dequantize(quantize(x)) in the forward pass, the identity in the backward pass (straight-through:
+    rounding's derivative taken as 1)."""
+    return dequantize(quantize(x, in_dims), x.dtype)
 
 
-def for_config(q: QuantConfig, model_fn: Callable[[], nnx.Module], model: ModelDef, found: Mapping[str, Role],
-               say: Callable[..., None]) -> tuple[QatModel, dict[str, tuple[int, ...]]]:
-    """The QAT model factory for quant.*, and the quantized tensors with the dims they contract.
+@fake_quant.defjvp
+def _straight_through(in_dims: tuple[int, ...], primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    return fake_quant(x, in_dims), t
 
-    Qwix chooses by module, so a module's matmul weights are quantized all together or not at all."""
+
+@dataclass(frozen=True, eq=False)
+class RoundedWeights:
+    """params -> the params a QAT forward pass computes with: each chosen kernel, cast to the compute
+    dtype as the model casts it, rounded to int8 per output channel (straight-through). Applied to
+    the sharded parameters inside the step, so each device rounds its own shard (the scales' max is
+    a small all-reduce) and the model gathers the rounded weight once for both passes."""
+
+    in_dims: tuple[tuple[str, tuple[int, ...]], ...]  # (path 'blocks/0/attn/wq', its contracted dims)
+    dtype: str  # the compute dtype
+
+    def __call__(self, params: Any) -> Any:
+        dims = dict(self.in_dims)
+
+        def one(path: tuple, w: jax.Array) -> jax.Array:
+            d = dims.get(path_str(path))
+            return w if d is None else fake_quant(w.astype(self.dtype), d).astype(w.dtype)
+        return jax.tree_util.tree_map_with_path(one, params)
+
+
+def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compute_dtype: str,
+               say: Callable[..., None]) -> tuple[RoundedWeights, dict[str, tuple[int, ...]]]:
+    """What quant.* rounds in the forward pass, and the quantized tensors with the dims they contract."""
     from jaxinfra import roles
     selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant")
     for name in selection.chosen:
         if found[name].kind != "kernel":
-            raise UserError(f"quant.params selects {name}, which no matmul uses as a weight: Qwix quantizes matmul "
-                            f"and conv weights only")
-    owner = lambda name: name.rpartition("/")[0]
-    modules = sorted({owner(n) for n in selection.chosen})
-    for name, role in found.items():
-        if role.kind == "kernel" and owner(name) in modules and name not in selection.chosen:
-            raise UserError(f"quant selects {next(n for n in selection.chosen if owner(n) == owner(name))} but not "
-                            f"{name}: Qwix quantizes whole modules, so select all of {owner(name) or 'the model'}'s "
-                            f"matmul weights or none")
+            raise UserError(f"quant.params selects {name}, which no matmul uses as a weight: int8 weights are "
+                            f"matmul and conv weights")
     kernels = kernel_dims(found, selection.chosen)
-    what = "int8 weights" + (" and activations" if q.activations == "int8" else "")
-    say(f"quantization-aware training ({what}, Qwix): {len(kernels)} tensors in {len(modules)} modules, e.g. "
-        + ", ".join(list(kernels)[:3]))
-    return QatModel(model_fn, tuple(modules), q.activations == "int8"), kernels
+    what = "int8 weights" + (" and matmul inputs" if q.activations == "int8" else "")
+    layers = dict.fromkeys("/".join("*" if part.isdigit() else part for part in p.split("/")) for p in selection.chosen)
+    say(f"quantization-aware training ({what}, one scale per output channel): {len(kernels)} tensors "
+        f"({', '.join(layers)})")
+    return RoundedWeights(tuple((p, kernels[p.replace("/", ".")]) for p in selection.chosen), compute_dtype), kernels
 
 
 def kernels_record(found: Mapping[str, Role], compute_dtype: str) -> dict[str, Any]:

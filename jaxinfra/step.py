@@ -83,6 +83,7 @@ class ModelDef:
     rngs: Any
     logical: Any
     state_logical: Any
+    forward: Callable[[Any], Any] | None = None  # params -> what the forward pass computes with (QAT rounding)
 
     def rng_values(self, key: jax.Array) -> Any:
         """Every RNG stream of the model seeded from `key` (one fold per stream) with its count at 0."""
@@ -94,6 +95,7 @@ class ModelDef:
                ) -> nnx.Module:
         """The model from its arrays: train mode (dropout on, batch statistics) or eval mode."""
         rngs = self.rng_values(key if key is not None else jax.random.key(0))
+        params = self.forward(params) if self.forward is not None else params
         return nnx.merge(self.train_def if train else self.eval_def, params, rngs, state if state is not None else {})
 
     def state_of(self, model: nnx.Module) -> Any:

@@ -216,9 +216,13 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)
         found = roles.model_roles(model, loss_fn, micro)  # pruning, quantization and int8 exports read them
         kernels = quant.kernels_record(found, compute_dtype)
-        if cfg.quant.enabled:  # the same parameters, run through Qwix's int8 forward pass
-            model_fn, kernels["quantized"] = quant.for_config(cfg.quant, model_fn, model, found, say)
-            model = abstract_model(model_fn)
+        if cfg.quant.activations != "none" and not getattr(model_fn, "rounds_inputs", False):
+            raise UserError(f"quant.activations={cfg.quant.activations}: the model rounds its own matmul inputs, "
+                            f"and only the default Transformer does (a model_fn with rounds_inputs=True); a model of "
+                            f"your own trains with quant.weights=int8 alone")
+        if cfg.quant.enabled:  # the same float parameters; the forward pass rounds them to int8
+            rounded, kernels["quantized"] = quant.for_config(cfg.quant, model, found, compute_dtype, say)
+            model = dataclasses.replace(model, forward=rounded)
         selection = roles.for_config(cfg.prune, model, loss_fn, micro, say, found) if cfg.prune.enabled else None
         tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,

@@ -1,0 +1,231 @@
+"""int8 quantization: the per-channel round trip, QAT through Qwix inside the sharded step (the
+integers its forward pass rounds to are the export's, no extra all-gather), int8 exports in every
+layout (safetensors, sparse, Hugging Face compressed-tensors) read back, and bad input as one line."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+
+from conftest import tiny_config
+from jaxinfra import cli
+from jaxinfra import export as export_lib
+from jaxinfra import quant, roles
+from jaxinfra import sharding as shd
+from jaxinfra.errors import UserError
+from jaxinfra.job import model_fn, run
+from jaxinfra.model import lm_loss
+from jaxinfra.names import tensor_name
+from jaxinfra.step import abstract_model
+from steps import make_batch, mesh_of, model_plan
+
+pytestmark = pytest.mark.xdist_group("quant")
+
+
+def test_quantize_round_trip_is_within_half_a_step_per_channel():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 4, 8)).astype(np.float32) * rng.uniform(0.01, 10, size=(1, 4, 8)).astype(np.float32)
+    w[:, 0, 0] = 0  # an all-zero channel: scale 1, values 0
+    q = quant.quantize(w, (0,))
+    assert q.values.dtype == jnp.int8 and q.values.shape == w.shape and q.scale.shape == (1, 4, 8)
+    back = np.asarray(quant.dequantize(q))
+    step = np.asarray(q.scale)
+    assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-4))  # rounding to nearest: half a step per channel
+    assert np.all(back[:, 0, 0] == 0) and np.all(np.asarray(q.values)[:, 0, 0] == 0)
+    peak = np.abs(np.asarray(q.values, np.int32)).reshape(48, -1).max(axis=0)[1:]
+    assert np.all(peak >= 127)  # each channel's largest weight uses the whole int8 range
+    wo = rng.normal(size=(4, 8, 32)).astype(np.float32)
+    assert quant.quantize(wo, (0, 1)).scale.shape == (1, 1, 32)  # attention output: one scale per output feature
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """A QAT run of int8 weights and activations on the (2,2,2) mesh, and its dense twin."""
+    base = tmp_path_factory.mktemp("quant")
+    dense = run(tiny_config(f"run.dir={base}/dense", "run.steps=6", "checkpoint.every=0"))
+    qat = run(tiny_config(f"run.dir={base}/qat", "run.steps=6", "checkpoint.every=0", "quant.weights=int8",
+                          "quant.activations=int8"))
+    return base, dense, qat
+
+
+def test_qat_trains_close_to_dense_but_not_equal(qat_run):
+    _, dense, qat = qat_run
+    assert qat["loss"] != dense["loss"]  # the forward pass really rounds
+    assert abs(qat["loss"] - dense["loss"]) < 0.02 * dense["loss"]
+
+
+def _qat_model(cfg, mesh):
+    """The default model's ModelDef and the rounding quant.* makes the trainer apply, as train_model builds them."""
+    model = abstract_model(model_fn(cfg, mesh))
+    micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
+    rounded, kernels = quant.for_config(cfg.quant, model, roles.model_roles(model, lm_loss, micro), "float32", print)
+    return dataclasses.replace(model, forward=rounded), kernels
+
+
+def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
+    base, _, _ = qat_run
+    out = str(tmp_path / "int8.safetensors")
+    assert cli.export_main([f"{base}/qat", "--out", out, "--quant", "int8"]) == 0
+    cfg = tiny_config("quant.weights=int8", "quant.activations=int8")
+    mesh = mesh_of((2, 2, 2))
+    with jax.set_mesh(mesh):
+        model, kernels = _qat_model(cfg, mesh)
+        floats = export_lib.load(f"{base}/qat/exports/model-6.safetensors")  # the run's float weights
+        params = export_lib.to_params(floats, model.params, shd.tree_shardings(model.logical, mesh,
+                                                                               cfg.mesh.logical_rules))
+        module = model.module(params)  # what the QAT forward pass computes with, on the mesh
+        used = {tensor_name(p): np.asarray(jax.device_get(v)) for p, v in
+                jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))[0]}
+    assert len(kernels) == 14 and "head" not in kernels and "embed" not in kernels
+    with safe_open(out, framework="numpy") as f:
+        for name in kernels:
+            values, scale = f.get_tensor(name), f.get_tensor(name + quant.SCALE)
+            assert values.dtype == np.int8 and not np.array_equal(used[name], floats[name])
+            np.testing.assert_array_equal(values.astype(np.float32) * scale, used[name], err_msg=name)
+        assert f.get_tensor("head").dtype == np.float32  # the output layer stays float
+    np.testing.assert_array_equal(used["head"], floats["head"])
+
+
+def _collectives(compiled_text, op):
+    return sum(1 for line in compiled_text.splitlines() if f" {op}(" in line or f" {op}-start(" in line)
+
+
+def test_qat_step_on_the_mesh_adds_no_all_gather():
+    from jaxinfra.optim import make_optimizer
+    from jaxinfra.step import Field, plan_step
+    cfg = tiny_config("quant.weights=int8", "quant.activations=int8")
+    mesh = mesh_of((2, 2, 2))
+    with jax.set_mesh(mesh):
+        dense = model_plan(tiny_config(), mesh)
+        model, _ = _qat_model(cfg, mesh)
+        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+        fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
+        qat = plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
+                        batch_size=cfg.data.batch_size, schedule=schedule, model=model)
+        texts = [p.compile().as_text() for p in (dense, qat)]
+    gathers = [_collectives(t, "all-gather") for t in texts]
+    assert gathers[1] <= gathers[0], gathers
+    assert "round-nearest-even" in texts[1] and "round-nearest-even" not in texts[0]  # only the QAT step rounds
+
+
+def test_int8_export_reloads_within_half_a_step_and_keeps_other_tensors(qat_run, tmp_path):
+    base, _, _ = qat_run
+    floats = export_lib.load(f"{base}/dense/exports/model-6.safetensors")
+    out = str(tmp_path / "ptq.safetensors")
+    assert cli.export_main([f"{base}/dense", "--out", out, "--quant", "int8"]) == 0
+    got = export_lib.load(out)
+    assert set(got) == set(floats)
+    with safe_open(out, framework="numpy") as f:
+        meta = json.loads(f.metadata()[quant.QUANTIZED])
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(quant.SCALE)}
+    assert sorted(meta) == sorted(k[:-len(quant.SCALE)] for k in scales) and len(meta) == 14
+    for name, w in floats.items():
+        if name in meta:
+            assert got[name].dtype == np.float32
+            assert np.all(np.abs(got[name] - w) <= scales[name + quant.SCALE] / 2 * (1 + 1e-4)), name
+        else:
+            assert np.array_equal(got[name], w), name  # embeddings, norms and the output layer untouched
+    dense_bytes = os.path.getsize(f"{base}/dense/exports/model-6.safetensors")
+    kernel_bytes = sum(floats[name].nbytes for name in meta)
+    assert dense_bytes - os.path.getsize(out) >= 0.7 * kernel_bytes  # a byte per weight instead of 4, plus scales
+
+
+def test_sparse_int8_export_keeps_exact_zeros(tmp_path):
+    run(tiny_config(f"run.dir={tmp_path}/r", "run.steps=6", "checkpoint.every=0", "prune.pattern=2:4"))
+    floats = export_lib.load(f"{tmp_path}/r/exports/model-6.safetensors")
+    out = str(tmp_path / "s.safetensors")
+    assert cli.export_main([f"{tmp_path}/r", "--out", out, "--quant", "int8", "--sparse"]) == 0
+    got = export_lib.load(out)
+    with safe_open(out, framework="numpy") as f:
+        meta = f.metadata()
+        enc = {k[len(export_lib.ENCODING):]: json.loads(v) for k, v in meta.items() if k.startswith(export_lib.ENCODING)}
+        assert f.get_tensor("blocks.0.mlp.w_up.values").dtype == np.int8
+        for name in enc:  # int8 values plus a bit per entry: under the byte per entry of dense int8
+            stored = f.get_slice(f"{name}.values").get_shape()[0] + f.get_slice(f"{name}.mask").get_shape()[0]
+            assert stored <= 0.63 * floats[name].size, name
+    # 2:4 int8: a uint8 index per kept value would weigh as much as the dense int8 tensor, so the
+    # bitmask (an eighth of a byte per entry) is what stores it smaller
+    assert enc["blocks.0.mlp.w_up"]["encoding"] == "bitmask"
+    for name in json.loads(meta[quant.QUANTIZED]):
+        zero = floats[name] == 0
+        assert zero.mean() >= 0.5 and np.all(got[name][zero] == 0), name
+    dense_int8 = str(tmp_path / "d.safetensors")
+    assert cli.export_main([f"{tmp_path}/r", "--out", dense_int8, "--quant", "int8"]) == 0
+    assert all(np.array_equal(got[k], v) for k, v in export_lib.load(dense_int8).items())  # same numbers
+
+
+def test_hf_int8_export_is_compressed_tensors_layout(qat_run, tmp_path):
+    base, _, _ = qat_run
+    out = str(tmp_path / "hf")
+    assert cli.export_main([f"{base}/qat", "--out", out, "--format", "hf", "--quant", "int8"]) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    group = qc["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and qc["ignore"] == ["lm_head"]
+    assert group["weights"] == {**group["weights"], "num_bits": 8, "type": "int", "symmetric": True,
+                                "strategy": "channel", "dynamic": False}
+    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+    with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as f:
+        keys = set(f.keys())
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        s = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
+        o = f.get_slice("model.layers.1.self_attn.o_proj.weight_scale").get_shape()
+        head = f.get_tensor("lm_head.weight")
+    assert q.dtype == np.int8 and q.shape == (32, 32) and s.shape == (32, 1) and list(o) == [32, 1]
+    assert head.dtype == np.float32 and "lm_head.weight_scale" not in keys
+    assert sum(k.endswith(".weight_scale") for k in keys) == 14
+    ours = export_lib.load(os.path.join(out, "model.safetensors"))  # dequantized by HF name
+    assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == np.float32
+    np.testing.assert_array_equal(ours["model.layers.0.self_attn.q_proj.weight"], q.astype(np.float32) * s)
+
+
+def test_compressed_tensors_own_decompressor_agrees(qat_run, tmp_path):
+    ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (and torch) are not installed")
+    torch = pytest.importorskip("torch")
+    base, _, _ = qat_run
+    out = str(tmp_path / "hf")
+    assert cli.export_main([f"{base}/qat", "--out", out, "--format", "hf", "--quant", "int8"]) == 0
+    compressor = ct.compressors.ModelCompressor.from_pretrained(out)
+    ours = export_lib.load(os.path.join(out, "model.safetensors"))
+    theirs = dict(compressor.quantization_compressor.decompress(os.path.join(out, "model.safetensors")))
+    name = "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_allclose(theirs[name].to(torch.float32).numpy(), ours[name], rtol=1e-6)
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    import subprocess
+    import sys
+    from jaxinfra import checkpoint as ckpt_lib
+    from jaxinfra.step import TrainState
+    with pytest.raises(UserError, match="quant.weights='int4' is not one of none, int8"):
+        tiny_config("quant.weights=int4").check_train()
+    with pytest.raises(UserError, match="quant.activations=int8 needs quant.weights=int8"):
+        tiny_config("quant.activations=int8").check_train()
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "old"))  # a step without the kernels record (older jaxinfra)
+    ck.save(3, TrainState(jnp.asarray(3), {"w": jnp.ones((4, 4))}, {}), {"step": 3, "config": {}})
+    ck.close()
+    assert cli.export_main([str(tmp_path / "old"), "--out", str(tmp_path / "x.safetensors"), "--quant", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not say which tensors are matmul weights" in err[0]
+    bad = tmp_path / "bad.safetensors"  # hostile metadata: a dtype that is not one, a scale that does not fit
+    from safetensors.numpy import save_file
+    save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((1, 4), np.float32)}, str(bad),
+              metadata={quant.QUANTIZED: json.dumps({"w": "object"})})
+    with pytest.raises(UserError, match="__metadata__ entry quantized is not valid"):
+        export_lib.load(str(bad))
+    save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((3, 4), np.float32)}, str(bad),
+              metadata={quant.QUANTIZED: json.dumps({"w": "float32"})})
+    with pytest.raises(UserError, match=r"w_scale has shape \(3, 4\)"):
+        export_lib.load(str(bad))
+    save_file({"w": np.ones((4, 4), np.int8)}, str(bad), metadata={quant.QUANTIZED: json.dumps({"w": "float32"})})
+    with pytest.raises(UserError, match="has no partner"):
+        export_lib.load(str(bad))
+    r = subprocess.run([sys.executable, "scripts/train.py", "quant.weights=int8", "quant.activations=fp8"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "quant.activations='fp8'" in r.stderr
