@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks.baseline import make_baseline  # noqa: E402
-from jaxinfra import job, perf, roles  # noqa: E402
+from jaxinfra import job, perf, quant, roles  # noqa: E402
 from jaxinfra import sharding as shd  # noqa: E402
 from jaxinfra.config import Config, load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
@@ -65,9 +65,12 @@ def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
     model_fn = job.model_fn(cfg, mesh)
     model = abstract_model(model_fn)
     selection = None  # what the trainer prunes: roles read from the traced loss, N:M along input features
+    micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
+    found = roles.model_roles(model, lm_loss, micro)  # read from the float model, as the trainer reads them
+    if cfg.quant.enabled:  # as the trainer does: the forward pass rounds the chosen weights
+        model, _ = quant.for_config(cfg.quant, model, found, cfg.model.dtype, say=lambda *_: None)
     if cfg.prune.enabled and optimizer is None:
-        micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
-        selection = roles.for_config(cfg.prune, model, lm_loss, micro, say=lambda *_: None)
+        selection = roles.for_config(cfg.prune, model, lm_loss, micro, say=lambda *_: None, found=found)
     tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
     return plan_step(model_fn, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, accum=cfg.optim.grad_accum,
                      batch_size=cfg.data.batch_size, schedule=schedule, model=model)

@@ -234,9 +234,10 @@ def write_tensors(out: str, entries: list[tuple[str, tuple[int, ...], np.dtype]]
     return files
 
 
-def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def iter_file(path: str, dequantize: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """(name, dense host array) of one safetensors file, dense or sparse, a tensor at a time (a file
-    on a store is downloaded first, to a temporary file removed afterwards)."""
+    on a store is downloaded first, to a temporary file removed afterwards); int8 tensors come back
+    dequantized, or (dequantize=False) as stored: int8 values, and their scales under name_scale."""
     if storage.is_remote(path):
         storage.check(path, "safetensors file")
         storage.reachable(path, "safetensors file")
@@ -246,7 +247,7 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
         with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
             local = os.path.join(tmp, storage.basename(path))
             storage.download(path, local)
-            yield from iter_file(local)
+            yield from iter_file(local, dequantize)
         return
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such safetensors file")
@@ -256,7 +257,7 @@ def iter_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
         raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200]})") from None
     with f:
         how = _encodings(path, f)
-        quantized = _quantized(path, f)
+        quantized = _quantized(path, f) if dequantize else {}
         pieces = {f"{name}.{part}" for name in how for part in ("values", "mask", "indices")}
         held: dict[str, np.ndarray] = {}  # a quantized tensor's values or scales, until both are read
 
@@ -333,15 +334,16 @@ def _encodings(path: str, f: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load(path: str) -> dict[str, np.ndarray]:
-    """Name -> dense host array from one safetensors file (dense or sparse) or a sharded export's index."""
+def load(path: str, dequantize: bool = True) -> dict[str, np.ndarray]:
+    """Name -> dense host array from one safetensors file (dense or sparse) or a sharded export's
+    index; int8 tensors dequantized unless dequantize=False."""
     if path.endswith(".index.json"):
         files = sorted(set(json.loads(storage.read_text(path))["weight_map"].values()))
         out: dict[str, np.ndarray] = {}
         for name in files:
-            out.update(load(storage.join(storage.dirname(path), name)))
+            out.update(load(storage.join(storage.dirname(path), name), dequantize))
         return out
-    return dict(iter_file(path))
+    return dict(iter_file(path, dequantize))
 
 
 def to_params(flat: Mapping[str, np.ndarray], abstract_params: Any, shardings: Any, where: str = "the export"

@@ -19,6 +19,7 @@ Rounding the sharded parameters in the step, as below, gathers each weight once,
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -97,8 +98,9 @@ class RoundedWeights:
 
 
 def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compute_dtype: str,
-               say: Callable[..., None]) -> tuple[RoundedWeights, dict[str, tuple[int, ...]]]:
-    """What quant.* rounds in the forward pass, and the quantized tensors with the dims they contract."""
+               say: Callable[..., None]) -> tuple[ModelDef, dict[str, tuple[int, ...]]]:
+    """The model whose forward pass rounds what quant.* chooses (its parameters stay float), and the
+    quantized tensors with the dims they contract."""
     from jaxinfra import roles
     selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant")
     for name in selection.chosen:
@@ -110,7 +112,8 @@ def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compu
     layers = dict.fromkeys("/".join("*" if part.isdigit() else part for part in p.split("/")) for p in selection.chosen)
     say(f"quantization-aware training ({what}, one scale per output channel): {len(kernels)} tensors "
         f"({', '.join(layers)})")
-    return RoundedWeights(tuple((p, kernels[p.replace("/", ".")]) for p in selection.chosen), compute_dtype), kernels
+    rounded = RoundedWeights(tuple((p, kernels[p.replace("/", ".")]) for p in selection.chosen), compute_dtype)
+    return dataclasses.replace(model, forward=rounded), kernels
 
 
 def kernels_record(found: Mapping[str, Role], compute_dtype: str) -> dict[str, Any]:

@@ -221,8 +221,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
                             f"and only the default Transformer does (a model_fn with rounds_inputs=True); a model of "
                             f"your own trains with quant.weights=int8 alone")
         if cfg.quant.enabled:  # the same float parameters; the forward pass rounds them to int8
-            rounded, kernels["quantized"] = quant.for_config(cfg.quant, model, found, compute_dtype, say)
-            model = dataclasses.replace(model, forward=rounded)
+            model, kernels["quantized"] = quant.for_config(cfg.quant, model, found, compute_dtype, say)
         selection = roles.for_config(cfg.prune, model, loss_fn, micro, say, found) if cfg.prune.enabled else None
         tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,

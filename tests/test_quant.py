@@ -1,7 +1,6 @@
 """int8 quantization: the per-channel round trip, QAT through Qwix inside the sharded step (the
 integers its forward pass rounds to are the export's, no extra all-gather), int8 exports in every
 layout (safetensors, sparse, Hugging Face compressed-tensors) read back, and bad input as one line."""
-import dataclasses
 import json
 import os
 
@@ -63,8 +62,7 @@ def _qat_model(cfg, mesh):
     """The default model's ModelDef and the rounding quant.* makes the trainer apply, as train_model builds them."""
     model = abstract_model(model_fn(cfg, mesh))
     micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
-    rounded, kernels = quant.for_config(cfg.quant, model, roles.model_roles(model, lm_loss, micro), "float32", print)
-    return dataclasses.replace(model, forward=rounded), kernels
+    return quant.for_config(cfg.quant, model, roles.model_roles(model, lm_loss, micro), "float32", print)
 
 
 def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):

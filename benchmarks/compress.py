@@ -1,0 +1,284 @@
+"""Compression report: size, quality and speed of each way of shrinking a trained model.
+
+python benchmarks/compress.py [--model default wide] [--workdir DIR] [--phase train report]
+
+For each model (the default job's, and the 4.3M-parameter wide model of the pruning benchmark) it
+trains four runs with the same data, steps and seed (dense, int8 QAT of weights and matmul inputs,
+2:4, 80% magnitude), then for each variant (f32, bf16, int8 PTQ, int8 QAT, 2:4, 80%, 80% + int8,
+2:4 + int8) writes the export a user would ship and measures: its file size, held-out loss and bits
+per byte over every held-out byte (the weights read back from that file), prefill and decode tokens/s
+of the KV-cache decoder on one device, and the decoder's peak memory; plus the QAT step's time
+against the dense step's, measured alternately in one process. Writes
+benchmarks/results/compress-<host>.json, a markdown table per model, and docs/compression.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.run import host_kind  # noqa: E402
+from jaxinfra.config import load_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
+# (4, 2, 1) for every run: with tensor=2 the 4 heads of wo split 2 per device, and 2:4 groups need 4
+MESH = ["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1"]
+MODELS: dict[str, dict[str, Any]] = {
+    # the default job as shipped (3,000 steps of batch 16)
+    "default": {"overrides": [], "window": (0.1, 0.6)},
+    # the pruning benchmark's wide model (docs/benchmarks.md): 4.3M parameters, 600 steps of batch 32
+    "wide": {"overrides": ["model.d_model=256", "model.d_ff=1024", "run.steps=600", "data.batch_size=32"],
+             "window": (0.25, 0.67)},
+}
+RUNS = {
+    "dense": [],
+    "qat": ["quant.weights=int8", "quant.activations=int8"],
+    "2:4": ["prune.pattern=2:4"],
+    "80%": ["prune.sparsity=0.8"],
+}
+# variant -> (run it comes from, export options)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "f32": ("dense", {}),
+    "bf16": ("dense", {"dtype": "bfloat16"}),
+    "int8 PTQ": ("dense", {"quant": "int8"}),
+    "int8 QAT": ("qat", {"quant": "int8"}),
+    "2:4": ("2:4", {"sparse": True}),
+    "80%": ("80%", {"sparse": True}),
+    "80% + int8": ("80%", {"sparse": True, "quant": "int8"}),
+    "2:4 + int8": ("2:4", {"sparse": True, "quant": "int8"}),
+}
+
+
+def run_config(model: str, run: str, workdir: str, extra: list[str] = ()) -> Any:
+    """The config of one training run of the report."""
+    spec = MODELS[model]
+    cfg = load_config(DEFAULT, spec["overrides"])
+    steps = cfg.run.steps
+    start, end = round(steps * spec["window"][0]), round(steps * spec["window"][1])
+    common = MESH + spec["overrides"] + [
+        f"run.dir={workdir}/{model}/{run.replace(':', '-').replace('%', 'pct')}", "run.progress=false",
+        "run.sample_tokens=0", "run.score_heldout=false", "run.eval_every=0", "run.plot=false",
+        "checkpoint.every=0", "checkpoint.export_final=false", f"prune.start_step={start}", f"prune.end_step={end}"]
+    return load_config(DEFAULT, common + RUNS[run] + list(extra))
+
+
+def train(model: str, workdir: str) -> None:
+    """Train (or finish) the four runs of `model`; a finished run is left as it is."""
+    from jaxinfra import checkpoint as ckpt_lib
+    from jaxinfra.job import run
+    for name in RUNS:
+        cfg = run_config(model, name, workdir)
+        try:
+            if ckpt_lib.locate(cfg.run.path, None)[1] == cfg.run.steps:
+                print(f"## {model} {name}: done already", flush=True)
+                continue
+        except Exception:  # no checkpoint yet
+            pass
+        t0 = time.perf_counter()
+        final = run(cfg)
+        print(f"## {model} {name}: loss {final['loss']:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def slug(name: str) -> str:
+    """A variant's name as a file name."""
+    return name.replace(" + ", "-").replace(" ", "-").replace(":", "-").replace("%", "pct")
+
+
+def export_variant(model: str, variant: str, workdir: str) -> str:
+    """Write the file a user would ship for this variant; returns its path."""
+    from jaxinfra.export import export, export_sparse
+    run, opts = VARIANTS[variant]
+    out = f"{workdir}/{model}/files/{slug(variant)}.safetensors"
+    src = run_config(model, run, workdir).run.path
+    if opts.get("sparse"):
+        export_sparse(src, out, dtype=opts.get("dtype"), force=True, quant=opts.get("quant"))
+    else:
+        export(src, out, dtype=opts.get("dtype"), force=True, quant=opts.get("quant"))
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """'blocks.0.attn.wq' -> {'blocks': {0: {'attn': {'wq': ...}}}} (the model's parameter tree)."""
+    out: dict[Any, Any] = {}
+    for name, x in flat.items():
+        node, parts = out, [int(k) if k.isdigit() else k for k in name.split(".")]
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+        node[parts[-1]] = x
+    return out
+
+
+def decoder_params(path: str) -> dict[str, Any]:
+    """An export as the decoder takes it: int8 tensors as QTensor(values, scales), the rest as stored."""
+    from jaxinfra.export import load
+    from jaxinfra.quant import SCALE, QTensor
+    raw = load(path, dequantize=False)
+    flat = {n: QTensor(x, raw[n + SCALE]) if n + SCALE in raw else x for n, x in raw.items()
+            if not (n.endswith(SCALE) and n[:-len(SCALE)] in raw)}
+    return nest(flat)
+
+
+def one_device() -> Any:
+    from jaxinfra.mesh import make_mesh
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, float]:
+    """(held-out loss in nats, bits per byte) over every held-out byte, the weights read back from `path`."""
+    from jaxinfra import export, heldout
+    from jaxinfra import sharding as shd
+    from jaxinfra.job import model_fn
+    from jaxinfra.step import abstract_model
+    mesh, rules = one_device(), cfg.mesh.logical_rules
+    with jax.set_mesh(mesh):
+        model = abstract_model(model_fn(cfg, mesh))  # a QAT run's model rounds its matmul inputs, as trained
+        params = export.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules))
+        bpb = heldout.bits_per_byte(model.eval_def, params, heldout_tokens, cfg.model.seq_len, mesh, rules)
+    return bpb * math.log(2), bpb
+
+
+def speed(cfg: Any, path: str, dtype: str, prompts: list[bytes], n_tokens: int) -> dict[str, float]:
+    """Prefill and decode tokens/s of the KV-cache decoder on one device (warm), and its memory."""
+    from jaxinfra import decode
+    mesh, rules = one_device(), cfg.mesh.logical_rules
+    params = decoder_params(path)
+    kw = dict(temperature=0.0, seed=0, mesh=mesh, rules=rules, dtype=dtype)
+    times = {}
+    for n in (1, n_tokens):
+        decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)  # compile, warm
+        best = min(decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)[1]["decode_s"]
+                   for _ in range(3))
+        times[n], info = best, decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)[1]
+    B, Tp = len(prompts), info["prompt_pad"]
+    return {"prefill_tokens_per_s": B * Tp / times[1],
+            "decode_tokens_per_s": B * (n_tokens - 1) / (times[n_tokens] - times[1]),
+            "cache_bytes": info["cache_bytes"], "peak_bytes": info.get("peak_bytes", 0)}
+
+
+def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> dict[str, float]:
+    """Median ms per step of the dense and the QAT step on the runs' mesh, timed alternately in one process."""
+    from benchmarks.run import lm_plan
+    from jaxinfra.mesh import make_mesh
+    mesh = make_mesh(4, 2, 1)
+    loops, times = {}, {"dense": [], "qat": []}
+    with jax.set_mesh(mesh):
+        for name in times:
+            cfg = run_config(model, name, workdir)
+            plan = lm_plan(cfg, mesh)
+            tokens = np.random.default_rng(0).integers(0, 256, (cfg.data.batch_size, cfg.model.seq_len + 1),
+                                                       dtype=np.int32)
+            loops[name] = [plan.compile(), plan.init()[0], {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}]
+        for r in range(rounds + 1):  # round 0 warms up
+            for name, loop in loops.items():
+                step, state, batch = loop
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    state, _ = step(state, batch)
+                jax.block_until_ready(state)
+                loop[1] = state
+                if r:
+                    times[name].append((time.perf_counter() - t0) / steps)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def report(model: str, workdir: str, n_tokens: int) -> dict[str, Any]:
+    """Every variant's file, quality and speed for one model, and the QAT step's time."""
+    from jaxinfra import data as data_lib
+    base = run_config(model, "dense", workdir)
+    corpus = data_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
+    text = corpus.heldout.tobytes()
+    prompts = [text[i * 997:i * 997 + 32] for i in range(8)]  # 8 prompts of 32 held-out bytes
+    rows: dict[str, Any] = {}
+    for variant, (run, opts) in VARIANTS.items():
+        t0 = time.perf_counter()
+        path = export_variant(model, variant, workdir)
+        cfg = run_config(model, run, workdir)
+        loss, bpb = quality(cfg, path, corpus.heldout)
+        dtype = "bfloat16" if opts.get("dtype") == "bfloat16" else "float32"
+        rows[variant] = {"file_bytes": os.path.getsize(path), "heldout_loss": loss, "heldout_bpb": bpb,
+                         **speed(cfg, path, dtype, prompts, n_tokens)}
+        print(f"## {model} {variant}: {rows[variant]['file_bytes']:,} bytes, loss {loss:.4f}, bpb {bpb:.4f}, "
+              f"decode {rows[variant]['decode_tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    f32 = rows["f32"]
+    for row in rows.values():
+        row["size_vs_f32"] = row["file_bytes"] / f32["file_bytes"]
+        row["loss_vs_f32"] = row["heldout_loss"] / f32["heldout_loss"]
+    steps = step_times(model, workdir)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(decoder_params(f"{workdir}/{model}/files/f32.safetensors")))
+    return {"params": params, "config": MODELS[model]["overrides"], "rows": rows, "step_ms": steps,
+            "qat_step_ratio": steps["qat"] / steps["dense"], "decode_tokens": n_tokens, "prompts": len(prompts)}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table of one model."""
+    lines = ["| variant | file | x f32 | held-out loss | x f32 | bits/byte | prefill tok/s | decode tok/s | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {r['file_bytes'] / 2**20:.2f} MiB | {r['size_vs_f32']:.3f} | {r['heldout_loss']:.4f} | "
+                     f"{r['loss_vs_f32']:.4f} | {r['heldout_bpb']:.4f} | {r['prefill_tokens_per_s']:,.0f} | "
+                     f"{r['decode_tokens_per_s']:,.0f} | {r['peak_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out: str) -> None:
+    """Held-out bits per byte against file size, one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (model, result) in zip(axes[0], results.items()):
+        for name, r in result["rows"].items():
+            ax.scatter(r["size_vs_f32"], r["heldout_bpb"])
+            ax.annotate(name, (r["size_vs_f32"], r["heldout_bpb"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_xlabel("file size / f32 file")
+        ax.set_ylabel("held-out bits per byte (all bytes)")
+        ax.set_title(f"{model} model ({result['params'] / 1e6:.1f}M parameters)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "compress"))
+    p.add_argument("--phase", nargs="*", default=["train", "report"], choices=["train", "report"])
+    p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt when timing the decoder")
+    args = p.parse_args()
+    for model in args.model:
+        if "train" in args.phase:
+            train(model, args.workdir)
+    if "report" not in args.phase:
+        return
+    out = os.path.join(ROOT, "benchmarks", "results", f"compress-{host_kind()}.json")
+    results = json.load(open(out))["models"] if os.path.exists(out) else {}
+    for model in args.model:
+        results[model] = report(model, args.workdir, args.tokens)
+        print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
+              f"{results[model]['step_ms']['qat']:.1f} ms against dense {results[model]['step_ms']['dense']:.1f} ms "
+              f"({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
+    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
+    with open(out, "w") as f:
+        json.dump({"models": results, "meta": meta}, f, indent=1)
+    plot(results, os.path.join(ROOT, "docs", "compression.png"))
+    print(f"wrote {out} and docs/compression.png")
+
+
+if __name__ == "__main__":
+    main()
