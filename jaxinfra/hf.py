@@ -155,7 +155,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
         metadata[quant_lib.QUANTIZED] = json.dumps({hf_name(n)[0]: d for n, d in quantized.items()})
     files = export_lib.write_tensors(storage.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
         how[hf][1](read(how[hf][0], dt))), metadata, max_shard_bytes)
-    torch_dtype = str(renamed[0][2]) if renamed else "float32"
+    torch_dtype = next((str(dt) for _, _, dt in renamed if dt != np.int8), "float32")  # int8 weights: their own config
     config = llama_config(model, torch_dtype)
     if quantized:
         linear = [n for n in names if hf_name(n)[0].endswith("proj.weight") or n == "head"]
