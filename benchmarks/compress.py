@@ -1,6 +1,6 @@
 """Compression report: size, quality and speed of each way of shrinking a trained model.
 
-python benchmarks/compress.py [--model default wide] [--workdir DIR] [--phase train report]
+python benchmarks/compress.py [--model default wide] [--workdir DIR] [--phase train quality speed]
 
 For each model (the default job's, and the 4.3M-parameter wide model of the pruning benchmark) it
 trains four runs with the same data, steps and seed (dense, int8 QAT of weights and matmul inputs,
@@ -151,11 +151,13 @@ def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, flo
 
 
 def speed(cfg: Any, path: str, dtype: str, prompts: list[bytes], n_tokens: int) -> dict[str, float]:
-    """Prefill and decode tokens/s of the KV-cache decoder on one device (warm), and its memory."""
+    """Prefill and decode tokens/s of the KV-cache decoder on one device (warm), and its memory; a W8A8
+    QAT run decodes as it trained (matmul inputs rounded)."""
     from jaxinfra import decode
     mesh, rules = one_device(), cfg.mesh.logical_rules
     params = decoder_params(path)
-    kw = dict(temperature=0.0, seed=0, mesh=mesh, rules=rules, dtype=dtype)
+    kw = dict(temperature=0.0, seed=0, mesh=mesh, rules=rules, dtype=dtype,
+              quant_inputs=cfg.quant.activations == "int8")
     times = {}
     for n in (1, n_tokens):
         decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)  # compile, warm
@@ -194,33 +196,46 @@ def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> di
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def report(model: str, workdir: str, n_tokens: int) -> dict[str, Any]:
-    """Every variant's file, quality and speed for one model, and the QAT step's time."""
+def prompts_of(model: str, workdir: str) -> tuple[Any, list[bytes]]:
+    """The held-out bytes, and 8 prompts of 32 held-out bytes for timing the decoder."""
     from jaxinfra import data as data_lib
     base = run_config(model, "dense", workdir)
     corpus = data_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
     text = corpus.heldout.tobytes()
-    prompts = [text[i * 997:i * 997 + 32] for i in range(8)]  # 8 prompts of 32 held-out bytes
+    return corpus.heldout, [text[i * 997:i * 997 + 32] for i in range(8)]
+
+
+def measure_quality(model: str, workdir: str) -> dict[str, Any]:
+    """Every variant's file, and its held-out loss and bits per byte read back from that file."""
+    heldout_tokens, _ = prompts_of(model, workdir)
     rows: dict[str, Any] = {}
-    for variant, (run, opts) in VARIANTS.items():
+    for variant, (run, _) in VARIANTS.items():
         t0 = time.perf_counter()
         path = export_variant(model, variant, workdir)
-        cfg = run_config(model, run, workdir)
-        loss, bpb = quality(cfg, path, corpus.heldout)
-        dtype = "bfloat16" if opts.get("dtype") == "bfloat16" else "float32"
-        rows[variant] = {"file_bytes": os.path.getsize(path), "heldout_loss": loss, "heldout_bpb": bpb,
-                         **speed(cfg, path, dtype, prompts, n_tokens)}
-        print(f"## {model} {variant}: {rows[variant]['file_bytes']:,} bytes, loss {loss:.4f}, bpb {bpb:.4f}, "
-              f"decode {rows[variant]['decode_tokens_per_s']:,.0f} tokens/s ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-    f32 = rows["f32"]
+        loss, bpb = quality(run_config(model, run, workdir), path, heldout_tokens)
+        rows[variant] = {"file_bytes": os.path.getsize(path), "heldout_loss": loss, "heldout_bpb": bpb}
+        print(f"## {model} {variant}: {rows[variant]['file_bytes']:,} bytes, loss {loss:.4f}, bpb {bpb:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     for row in rows.values():
-        row["size_vs_f32"] = row["file_bytes"] / f32["file_bytes"]
-        row["loss_vs_f32"] = row["heldout_loss"] / f32["heldout_loss"]
-    steps = step_times(model, workdir)
+        row["size_vs_f32"] = row["file_bytes"] / rows["f32"]["file_bytes"]
+        row["loss_vs_f32"] = row["heldout_loss"] / rows["f32"]["heldout_loss"]
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(decoder_params(f"{workdir}/{model}/files/f32.safetensors")))
-    return {"params": params, "config": MODELS[model]["overrides"], "rows": rows, "step_ms": steps,
-            "qat_step_ratio": steps["qat"] / steps["dense"], "decode_tokens": n_tokens, "prompts": len(prompts)}
+    return {"params": params, "config": MODELS[model]["overrides"], "rows": rows}
+
+
+def measure_speed(model: str, workdir: str, n_tokens: int, result: dict[str, Any]) -> None:
+    """Add each variant's decoder speed and memory, and the QAT step's time, to `result` (a quiet machine)."""
+    _, prompts = prompts_of(model, workdir)
+    for variant, (run, opts) in VARIANTS.items():
+        cfg = run_config(model, run, workdir)
+        path = f"{workdir}/{model}/files/{slug(variant)}.safetensors"
+        dtype = "bfloat16" if opts.get("dtype") == "bfloat16" else "float32"
+        result["rows"][variant].update(speed(cfg, path, dtype, prompts, n_tokens))
+        print(f"## {model} {variant}: decode {result['rows'][variant]['decode_tokens_per_s']:,.0f} tokens/s",
+              flush=True)
+    result["step_ms"] = step_times(model, workdir)
+    result["qat_step_ratio"] = result["step_ms"]["qat"] / result["step_ms"]["dense"]
+    result.update(decode_tokens=n_tokens, prompts=len(prompts))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -257,27 +272,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "compress"))
-    p.add_argument("--phase", nargs="*", default=["train", "report"], choices=["train", "report"])
+    p.add_argument("--phase", nargs="*", default=["train", "quality", "speed"], choices=["train", "quality", "speed"],
+                   help="speed wants a quiet machine; quality and speed add to the results file")
     p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt when timing the decoder")
     args = p.parse_args()
-    for model in args.model:
-        if "train" in args.phase:
-            train(model, args.workdir)
-    if "report" not in args.phase:
-        return
     out = os.path.join(ROOT, "benchmarks", "results", f"compress-{host_kind()}.json")
     results = json.load(open(out))["models"] if os.path.exists(out) else {}
     for model in args.model:
-        results[model] = report(model, args.workdir, args.tokens)
-        print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
-              f"{results[model]['step_ms']['qat']:.1f} ms against dense {results[model]['step_ms']['dense']:.1f} ms "
-              f"({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
-    with open(out, "w") as f:
-        json.dump({"models": results, "meta": meta}, f, indent=1)
-    plot(results, os.path.join(ROOT, "docs", "compression.png"))
-    print(f"wrote {out} and docs/compression.png")
+        if "train" in args.phase:
+            train(model, args.workdir)
+        if "quality" in args.phase:
+            results[model] = measure_quality(model, args.workdir)
+        if "speed" in args.phase:
+            measure_speed(model, args.workdir, args.tokens, results[model])
+            print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
+                  f"{results[model]['step_ms']['qat']:.1f} ms against dense {results[model]['step_ms']['dense']:.1f} "
+                  f"ms ({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
+        meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+                "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
+        with open(out, "w") as f:
+            json.dump({"models": results, "meta": meta}, f, indent=1)
+    if all("decode_tokens" in r for r in results.values()) and results:
+        plot(results, os.path.join(ROOT, "docs", "compression.png"))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """jaxinfra: sharded JAX training on a named (data, fsdp, tensor) device mesh.
 
 The public surface is `__all__` below: mesh utilities, logical sharding rules, the config, the
-generic trainer, checkpoint and export helpers, and magnitude pruning. Names are imported lazily
+generic trainer, checkpoint and export helpers, magnitude pruning and int8 quantization. Names are imported lazily
 on first use, so `import jaxinfra` (and loading a config) never starts JAX's backend: simulated
 CPU devices (`use_cpu_devices`) and `init_distributed` can still be set up afterwards.
 Everything else (submodules such as `jaxinfra.job`) is internal.
@@ -47,6 +47,11 @@ _EXPORTS = {
     "with_pruning": ("optim", "with_pruning"),
     "cubic_sparsity": ("pruning", "cubic_sparsity"),
     "sparsity_of": ("pruning", "sparsity_of"),
+    # int8 quantization
+    "QTensor": ("quant", "QTensor"),
+    "quantize_int8": ("quant", "quantize"),
+    "dequantize_int8": ("quant", "dequantize"),
+    "fake_quant": ("quant", "fake_quant"),
 }
 
 __all__ = sorted(_EXPORTS)

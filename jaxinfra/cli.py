@@ -150,7 +150,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """jaxinfra-generate / scripts/generate.py: sample text from a trained run's newest checkpoint."""
+    """jaxinfra-generate / scripts/generate.py: text from a trained run's newest checkpoint (KV-cache decoding)."""
     p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a trained run.")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: 'def '")
@@ -165,9 +165,12 @@ def generate_main(argv: list[str] | None = None) -> int:
             raise UserError(f"--tokens={args.tokens} must be at least 1 and --temperature={args.temperature} "
                             f"not negative")
         from jaxinfra.generate import generate_from_run
-        texts, _ = generate_from_run(args.run_dir, args.prompt or ["def "], n_tokens=args.tokens,
-                                     temperature=args.temperature, seed=args.seed, step=args.step)
+        texts, _, info = generate_from_run(args.run_dir, args.prompt or ["def "], n_tokens=args.tokens,
+                                           temperature=args.temperature, seed=args.seed, step=args.step)
         print("\n".join(texts))
+        # on stderr: stdout stays the texts alone
+        print(f"decoded {len(texts)} x {args.tokens} tokens at {info['tokens_per_s']:,.0f} tokens/s "
+              f"({info['compile_s']:.1f}s compiling); KV cache {info['cache_bytes']:,} bytes", file=sys.stderr)
         return 0
     return _guard(body)
 

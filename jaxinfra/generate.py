@@ -1,4 +1,5 @@
-"""Sampling bytes from a trained language model, on whatever mesh its parameters live."""
+"""Sampling bytes from a trained language model, on whatever mesh its parameters live: `sample` recomputes a
+sliding window of seq_len per token (the reference); `generate_from_run` decodes with jaxinfra.decode's KV cache."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -12,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxinfra import storage
 from jaxinfra import sharding as shd
 from jaxinfra.errors import UserError
+from jaxinfra.names import tensor_name
 
 
 def encode(prompt: str, vocab_size: int) -> list[int]:
@@ -60,16 +62,19 @@ def sample(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[str], *,
     return [bytes(r).decode("utf-8", errors="replace") for r in rows[:len(prompts)]]
 
 
-
 def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 200, temperature: float = 0.8,
-                      seed: int = 0, step: int | None = None) -> tuple[list[str], int]:
-    """Load a run's newest (or given) checkpoint onto all local devices (data parallel) and sample.
+                      seed: int = 0, step: int | None = None) -> tuple[list[str], int, dict[str, Any]]:
+    """Load a run's newest (or given) checkpoint onto all local devices (data parallel) and continue each
+    prompt with the KV-cache decoder (jaxinfra.decode; `sample` is the sliding-window reference).
 
-    Returns (texts, step). The model is rebuilt from the run's config.yaml.
+    Returns (texts, step, info): info as decode.generate's (cache_bytes, tokens_per_s, compile_s, ...).
+    The model is rebuilt from the run's config.yaml; a QAT run decodes as it trained: its int8 kernels
+    as int8 values and scales (quant.quantize of the saved float weights) and, for quant.activations=int8,
+    matmul inputs rounded per token.
     """
     import os
 
-    from jaxinfra import checkpoint, export
+    from jaxinfra import checkpoint, decode, export
     from jaxinfra.config import load_config
     from jaxinfra.job import model_fn
     from jaxinfra.mesh import make_mesh
@@ -95,6 +100,20 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     with jax.set_mesh(mesh):
         model = abstract_model(model_fn(cfg, mesh))
         params = export.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules))
-        texts = sample(model.eval_def, params, prompts, n_tokens=n_tokens, seq_len=cfg.model.seq_len,
-                       vocab_size=cfg.model.vocab_size, temperature=temperature, seed=seed, mesh=mesh, rules=rules)
-    return texts, step
+        if cfg.quant.enabled:
+            params = _as_trained(params, checkpoint.locate(run_dir, step)[0])
+        new, info = decode.generate(params, cfg.model, prompts, n_tokens=n_tokens, temperature=temperature,
+                                    seed=seed, mesh=mesh, rules=rules, quant_inputs=cfg.quant.activations == "int8")
+    texts = [bytes(encode(p, cfg.model.vocab_size) + t).decode("utf-8", errors="replace") for p, t in zip(prompts, new)]
+    return texts, step, info
+
+
+def _as_trained(params: Any, step_dir: str) -> Any:
+    """A QAT run's parameters with the kernels it rounded as int8 QTensors (what its forward pass used)."""
+    from jaxinfra import quant
+    plan, compute_dtype, _ = quant.export_plan(step_dir)
+
+    def one(path: tuple, w: jax.Array) -> Any:
+        dims = plan.get(tensor_name(path))
+        return w if dims is None else quant.quantize(w.astype(compute_dtype), dims)
+    return jax.tree_util.tree_map_with_path(one, params)

@@ -231,3 +231,32 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     r = subprocess.run([sys.executable, "scripts/train.py", "quant.weights=int8", "quant.activations=fp8"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "quant.activations='fp8'" in r.stderr
+
+
+def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
+    """A W8A8 QAT run decodes with int8 kernels and rounded matmul inputs (what generate_from_run does):
+    each greedy token is the argmax of the QAT forward pass over the tokens before it."""
+    from jaxinfra import decode
+    from jaxinfra.checkpoint import locate, read_params
+    from jaxinfra.generate import _as_trained, generate_from_run
+    base, _, _ = qat_run
+    _, _, info = generate_from_run(f"{base}/qat", ["def f"], n_tokens=10, temperature=0.0)
+    assert info["peak_bytes"] > info["cache_bytes"] > 0
+    cfg = tiny_config("quant.weights=int8", "quant.activations=int8")
+    mesh = mesh_of((1, 1, 1))
+    prompts = [list(b"def f"), list(b"class")]
+    with jax.set_mesh(mesh):
+        model, _ = _qat_model(cfg, mesh)
+        flat, _ = read_params(f"{base}/qat")
+        params = export_lib.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh,
+                                                                             cfg.mesh.logical_rules))
+        int8 = _as_trained(params, locate(f"{base}/qat", None)[0])
+        assert isinstance(int8["blocks"][0]["attn"]["wq"], quant.QTensor)
+        new, _ = decode.generate(int8, cfg.model, prompts, n_tokens=10, temperature=0.0, seed=0, mesh=mesh,
+                                 rules=cfg.mesh.logical_rules, quant_inputs=True)
+        for prompt, more in zip(prompts, new):
+            tokens = np.array(prompt + more, np.int32)
+            logits = np.asarray(model.module(params)(tokens[None, :-1]))[0][len(prompt) - 1:]
+            top2 = np.sort(logits, axis=-1)[:, -2:]
+            clear = top2[:, 1] - top2[:, 0] > 1e-3
+            assert clear.sum() >= 5 and np.array_equal(logits.argmax(-1)[clear], np.array(more)[clear])
