@@ -359,7 +359,7 @@ class QuantConfig:
     weights: str = "none"  # none | int8: symmetric, one scale per output channel
     activations: str = "none"  # none | int8: symmetric, one scale per token, computed on the fly (W8A8)
     params: list[str] = field(default_factory=list)  # path globs or logical axis names, as prune.params; empty:
-    # every 2-D+ matmul or conv weight but the output layer, read from the forward pass
+    # every 2-D+ matmul or conv weight, the output layer too, read from the forward pass
     exclude: list[str] = field(default_factory=list)  # path globs left in float
 
     @property

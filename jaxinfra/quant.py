@@ -45,7 +45,7 @@ class QTensor(NamedTuple):
 
 
 def quantize(w: jax.Array | np.ndarray, in_dims: Sequence[int]) -> QTensor:
-    """Symmetric int8 with one scale per channel (every dim but `in_dims`), as Qwix's QAT forward computes it."""
+    """Symmetric int8 with one scale per channel (every dim but `in_dims`): Qwix's numerics."""
     import qwix
     w = jnp.asarray(w)
     channels = tuple(d for d in range(w.ndim) if d not in {d % w.ndim for d in in_dims})
@@ -102,7 +102,10 @@ def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compu
     """The model whose forward pass rounds what quant.* chooses (its parameters stay float), and the
     quantized tensors with the dims they contract."""
     from jaxinfra import roles
-    selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant")
+    # the output layer too (unlike pruning's default): int8 costs it little, and it is a tenth of a
+    # small model's bytes (quant.exclude=[head] keeps it float)
+    selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant",
+                             output_layer_too=True)
     for name in selection.chosen:
         if found[name].kind != "kernel":
             raise UserError(f"quant.params selects {name}, which no matmul uses as a weight: int8 weights are "
@@ -118,12 +121,10 @@ def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compu
 
 def kernels_record(found: Mapping[str, Role], compute_dtype: str) -> dict[str, Any]:
     """What a checkpoint records for int8 exports: every matmul weight and the dims it contracts, the
-    output layer (left in float by default, as the pruning default leaves it), the dtype the forward
-    pass casts weights to (Qwix rounds the cast weight), and (QAT runs) the tensors it quantized."""
-    from jaxinfra.roles import output_layer
-    out = output_layer(found)
+    dtype the forward pass casts weights to (QAT rounds the cast weight), and (QAT runs) the tensors
+    it quantized."""
     return {"in_dims": kernel_dims(found, [n for n, r in found.items() if r.kind == "kernel"]),
-            "output_layer": out.replace("/", ".") if out else None, "compute_dtype": compute_dtype}
+            "compute_dtype": compute_dtype}
 
 
 # The int8 export layout, compressed-tensors' (what vLLM loads): a quantized tensor keeps its name
@@ -137,14 +138,14 @@ Entry = tuple[str, tuple[int, ...], np.dtype]
 def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str, str]:
     """(name -> contracted dims of each tensor to quantize, the forward pass's compute dtype, the
     activation scheme) from a checkpoint step's record: a QAT run's own tensors, else every matmul
-    weight but the output layer."""
+    weight (output layer included, as QAT's default; embeddings are looked up, not multiplied)."""
     from jaxinfra import checkpoint as ckpt_lib
     record = ckpt_lib.saved_record(step_dir)
     kernels = record.get("kernels")
     if not isinstance(kernels, dict) or not isinstance(kernels.get("in_dims"), dict):
         raise UserError(f"{step_dir}: its record does not say which tensors are matmul weights (saved by an older "
                         f"jaxinfra, or not by train_model): --quant int8 needs it; resume the run once to re-save")
-    chosen = kernels.get("quantized") or {n: d for n, d in kernels["in_dims"].items() if n != kernels["output_layer"]}
+    chosen = kernels.get("quantized") or kernels["in_dims"]
     act = ((record.get("config") or {}).get("quant") or {}).get("activations", "none")
     return {n: tuple(int(x) for x in d) for n, d in chosen.items()}, str(kernels.get("compute_dtype", "float32")), act
 

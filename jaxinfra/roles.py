@@ -204,10 +204,10 @@ class Selection:
 
 
 def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Sequence[str] = (),
-           exclude: Sequence[str] = (), key: str = "prune") -> Selection:
-    """By default every 2-D+ kernel but the output layer; `params` (globs or logical axis names)
-    selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError naming
-    `key`.params or `key`.exclude."""
+           exclude: Sequence[str] = (), key: str = "prune", output_layer_too: bool = False) -> Selection:
+    """By default every 2-D+ kernel but the output layer (or with it); `params` (globs or logical axis
+    names) selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError
+    naming `key`.params or `key`.exclude."""
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     specs = {path_str(p): _axis_names(s) for p, s in
              jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]}
@@ -230,7 +230,7 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
             skipped[path] = "1-D (bias, norm scale)"
         elif role.kind == "embedding":
             skipped[path] = "embedding (looked up)"
-        elif path == out_layer:
+        elif path == out_layer and not output_layer_too:
             skipped[path] = "output layer"
         elif role.kind != "kernel":
             skipped[path] = "not a matmul or conv weight (added or scaled: position tables, 2-D biases)"
