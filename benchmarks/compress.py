@@ -35,7 +35,8 @@ from jaxinfra.config import load_config  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
 # (4, 2, 1) for every run: with tensor=2 the 4 heads of wo split 2 per device, and 2:4 groups need 4
-MESH = ["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1"]
+MESH = [4, 2, 1]
+EXTRA: list[str] = []  # overrides for every run (--steps)
 MODELS: dict[str, dict[str, Any]] = {
     # the default job as shipped (3,000 steps of batch 16)
     "default": {"overrides": [], "window": (0.1, 0.6)},
@@ -65,10 +66,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def run_config(model: str, run: str, workdir: str, extra: list[str] = ()) -> Any:
     """The config of one training run of the report."""
     spec = MODELS[model]
-    cfg = load_config(DEFAULT, spec["overrides"])
+    cfg = load_config(DEFAULT, spec["overrides"] + EXTRA)
     steps = cfg.run.steps
     start, end = round(steps * spec["window"][0]), round(steps * spec["window"][1])
-    common = MESH + spec["overrides"] + [
+    mesh = [f"mesh.{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), MESH)] + ["mesh.cpu_devices=0"]
+    common = mesh + spec["overrides"] + EXTRA + [
         f"run.dir={workdir}/{model}/{run.replace(':', '-').replace('%', 'pct')}", "run.progress=false",
         "run.sample_tokens=0", "run.score_heldout=false", "run.eval_every=0", "run.plot=false",
         "checkpoint.every=0", "checkpoint.export_final=false", f"prune.start_step={start}", f"prune.end_step={end}"]
@@ -174,7 +176,7 @@ def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> di
     """Median ms per step of the dense and the QAT step on the runs' mesh, timed alternately in one process."""
     from benchmarks.run import lm_plan
     from jaxinfra.mesh import make_mesh
-    mesh = make_mesh(4, 2, 1)
+    mesh = make_mesh(*MESH)
     loops, times = {}, {"dense": [], "qat": []}
     with jax.set_mesh(mesh):
         for name in times:
@@ -275,8 +277,14 @@ def main() -> None:
     p.add_argument("--phase", nargs="*", default=["train", "quality", "speed"], choices=["train", "quality", "speed"],
                    help="speed wants a quiet machine; quality and speed add to the results file")
     p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt when timing the decoder")
+    p.add_argument("--mesh", nargs=3, type=int, default=MESH, metavar=("DATA", "FSDP", "TENSOR"),
+                   help="the runs' mesh (4 2 1; one GPU: 1 1 1)")
+    p.add_argument("--steps", type=int, help="train every run this many steps (a shortened check)")
+    p.add_argument("--out", help="the results file (default benchmarks/results/compress-<host>.json)")
     args = p.parse_args()
-    out = os.path.join(ROOT, "benchmarks", "results", f"compress-{host_kind()}.json")
+    MESH[:] = args.mesh
+    EXTRA.extend([f"run.steps={args.steps}", "optim.warmup_steps=" + str(max(1, args.steps // 20))] if args.steps else [])
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"compress-{host_kind()}.json")
     results = json.load(open(out))["models"] if os.path.exists(out) else {}
     for model in args.model:
         if "train" in args.phase:
@@ -293,7 +301,8 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"models": results, "meta": meta}, f, indent=1)
     if all("decode_tokens" in r for r in results.values()) and results:
-        plot(results, os.path.join(ROOT, "docs", "compression.png"))
+        plot(results, os.path.join(os.path.dirname(out), "compression.png") if args.out
+             else os.path.join(ROOT, "docs", "compression.png"))
     print(f"wrote {out}")
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmark, sized to finish in under 8 minutes on one H100 / H200 (JAX preinstalled,
+# The GPU benchmark, sized to finish in under 13 minutes on one H100 / H200 (JAX preinstalled,
 # no network: carried wheels in .whl/ are installed first when present).
 #   bash benchmarks/gpu.sh [OUT_DIR]        figures into OUT_DIR (default benchmarks/results/gpu)
 #   TINY=1 bash benchmarks/gpu.sh /tmp/x    the same script on CPU with a tiny model (a check)
 # It times configs/gpu_1b.yaml (~1B parameters, seq 2048, bf16 compute, f32 master weights) under
 # each remat policy and both attention kernels, one process per variant (an out-of-memory variant
-# fails alone), then runs the launch script end to end on configs/accelerator.yaml.
+# fails alone), runs the launch script end to end on configs/accelerator.yaml, then the compression
+# report (benchmarks/compress.py: the default model shortened to 600 steps, one device; at most 5 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
@@ -73,3 +74,10 @@ rm -rf /tmp/jaxinfra-e2e
 timeout $LIMIT $PY scripts/train.py --config configs/accelerator.yaml "${E2E[@]}" >>"$LOG" 2>&1 \
   || echo "   end-to-end run failed or timed out (exit $?)" | tee -a "$LOG"
 grep -E "bits per byte|compiled|done in|error" "$LOG" | tail -6
+
+echo "== compression: benchmarks/compress.py (the default model, shortened, one device)" | tee -a "$LOG"
+CSTEPS=600; [ "${TINY:-0}" = 1 ] && CSTEPS=20
+rm -rf /tmp/jaxinfra-compress
+timeout 300 $PY benchmarks/compress.py --model default --mesh 1 1 1 --steps $CSTEPS --workdir /tmp/jaxinfra-compress \
+  --out "$OUT/compress.json" >>"$LOG" 2>&1 || echo "   compression report failed or timed out (exit $?)" | tee -a "$LOG"
+grep -A12 "^default model" "$LOG" | tail -12
