@@ -207,17 +207,20 @@ def prompts_of(model: str, workdir: str) -> tuple[Any, list[bytes]]:
     return corpus.heldout, [text[i * 997:i * 997 + 32] for i in range(8)]
 
 
-def measure_quality(model: str, workdir: str) -> dict[str, Any]:
-    """Every variant's file, and its held-out loss and bits per byte read back from that file."""
+def measure_quality(model: str, workdir: str, variants: list[str], result: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's file, and its held-out loss and bits per byte read back from that file (into
+    `result`, the model's earlier figures, if any)."""
     heldout_tokens, _ = prompts_of(model, workdir)
-    rows: dict[str, Any] = {}
-    for variant, (run, _) in VARIANTS.items():
+    rows: dict[str, Any] = result.get("rows", {})
+    for variant in variants:
+        run = VARIANTS[variant][0]
         t0 = time.perf_counter()
         path = export_variant(model, variant, workdir)
         loss, bpb = quality(run_config(model, run, workdir), path, heldout_tokens)
         rows[variant] = {"file_bytes": os.path.getsize(path), "heldout_loss": loss, "heldout_bpb": bpb}
         print(f"## {model} {variant}: {rows[variant]['file_bytes']:,} bytes, loss {loss:.4f}, bpb {bpb:.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = {name: rows[name] for name in VARIANTS if name in rows}  # the table's order
     for row in rows.values():
         row["size_vs_f32"] = row["file_bytes"] / rows["f32"]["file_bytes"]
         row["loss_vs_f32"] = row["heldout_loss"] / rows["f32"]["heldout_loss"]
@@ -281,6 +284,8 @@ def main() -> None:
                    help="the runs' mesh (4 2 1; one GPU: 1 1 1)")
     p.add_argument("--steps", type=int, help="train every run this many steps (a shortened check)")
     p.add_argument("--out", help="the results file (default benchmarks/results/compress-<host>.json)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="quality: measure these (the rest keep their figures in the results file)")
     args = p.parse_args()
     MESH[:] = args.mesh
     EXTRA.extend([f"run.steps={args.steps}", "optim.warmup_steps=" + str(max(1, args.steps // 20))] if args.steps else [])
@@ -290,7 +295,7 @@ def main() -> None:
         if "train" in args.phase:
             train(model, args.workdir)
         if "quality" in args.phase:
-            results[model] = measure_quality(model, args.workdir)
+            results[model] = measure_quality(model, args.workdir, args.variants, results.get(model, {}))
         if "speed" in args.phase:
             measure_speed(model, args.workdir, args.tokens, results[model])
             print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
