@@ -303,6 +303,8 @@ def main() -> None:
                   f"ms ({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
         meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                 "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
+        if os.path.exists(out):  # another model's figures may have been written meanwhile
+            results = {**json.load(open(out))["models"], model: results[model]}
         with open(out, "w") as f:
             json.dump({"models": results, "meta": meta}, f, indent=1)
     if all("decode_tokens" in r for r in results.values()) and results:
