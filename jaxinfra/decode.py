@@ -270,8 +270,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[str | Sequence[int
     memory = compiled.memory_analysis()  # what the one call holds at once: weights, prompts, cache, temporaries
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes if memory else 0
     info = {"cache_bytes": cache_bytes(cfg, B, dtype), "peak_bytes": int(peak), "compile_s": compile_s,
-            "decode_s": decode_s,
-            "tokens_per_s": len(rows) * n_tokens / decode_s, "batch": B}
+            "decode_s": decode_s, "tokens_per_s": len(rows) * n_tokens / decode_s, "batch": B, "prompt_pad": Tp}
     if keep_logits:
         info["logits"] = logits_BxNxV[:len(rows)]
     return [r.tolist() for r in out_BxN[:len(rows)]], info
