@@ -303,6 +303,8 @@ def main() -> None:
             print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
                   f"{results[model]['step_ms']['qat']:.1f} ms against dense {results[model]['step_ms']['dense']:.1f} "
                   f"ms ({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
+        if not {"quality", "speed"} & set(args.phase):
+            continue  # training alone writes no figures
         meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                 "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
         if os.path.exists(out):  # another model's figures may have been written meanwhile
