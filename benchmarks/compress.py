@@ -160,12 +160,12 @@ def speed(cfg: Any, path: str, dtype: str, prompts: list[bytes], n_tokens: int) 
     params = decoder_params(path)
     kw = dict(temperature=0.0, seed=0, mesh=mesh, rules=rules, dtype=dtype,
               quant_inputs=cfg.quant.activations == "int8")
-    times = {}
+    times, rows = {}, [list(p) for p in prompts]
     for n in (1, n_tokens):
-        decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)  # compile, warm
-        best = min(decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)[1]["decode_s"]
-                   for _ in range(3))
-        times[n], info = best, decode.generate(params, cfg.model, [list(p) for p in prompts], n_tokens=n, **kw)[1]
+        decode.generate(params, cfg.model, rows, n_tokens=n, **kw)  # compile, warm
+        info = min((decode.generate(params, cfg.model, rows, n_tokens=n, **kw)[1] for _ in range(3)),
+                   key=lambda i: i["decode_s"])
+        times[n] = info["decode_s"]
     B, Tp = len(prompts), info["prompt_pad"]
     return {"prefill_tokens_per_s": B * Tp / times[1],
             "decode_tokens_per_s": B * (n_tokens - 1) / (times[n_tokens] - times[1]),

@@ -195,7 +195,7 @@ def quantizing(step_dir: str, entries: list[tuple[str, tuple[int, ...], np.dtype
     check_quant(quant)
     if quant in (None, "none"):
         return entries, read
-    plan, compute_dtype, _ = quant_lib.export_plan(step_dir)
+    plan, compute_dtype = quant_lib.export_plan(step_dir)
     metadata[quant_lib.QUANTIZED] = json.dumps({n: str(dt) for n, _, dt in entries if n in plan},
                                                 separators=(",", ":"))
     return quant_lib.quantized_entries(entries, plan, compute_dtype), quant_lib.QuantizedReader(read, plan,

@@ -111,7 +111,7 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
 def _as_trained(params: Any, step_dir: str) -> Any:
     """A QAT run's parameters with the kernels it rounded as int8 QTensors (what its forward pass used)."""
     from jaxinfra import quant
-    plan, compute_dtype, _ = quant.export_plan(step_dir)
+    plan, compute_dtype = quant.export_plan(step_dir)
 
     def one(path: tuple, w: jax.Array) -> Any:
         dims = plan.get(tensor_name(path))

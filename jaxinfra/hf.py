@@ -130,7 +130,8 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if storage.exists(out) and not (storage.isdir(out) and (force or not storage.listdir(out))):
         raise UserError(f"--out {out} exists; pass --force to overwrite it (a folder)")
     step_dir, step, saved, entries = export_lib.prepare(directory, storage.join(out, WEIGHTS), step, dtype, True)
-    model = (ckpt_lib.saved_config(step_dir) or {}).get("model")
+    recorded = ckpt_lib.saved_config(step_dir) or {}
+    model = recorded.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
                         f"the default Transformer only")
@@ -160,7 +161,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if quantized:
         linear = [n for n in names if hf_name(n)[0].endswith("proj.weight") or n == "head"]
         ignored = [hf_name(n)[0].removesuffix(".weight") for n in linear if n not in quantized]
-        act = quant_lib.export_plan(step_dir)[2]
+        act = (recorded.get("quant") or {}).get("activations", "none")
         config["quantization_config"] = quant_lib.compressed_tensors_config(ignored, act)
     sidecars = {"generation_config.json": {"do_sample": False, "max_length": int(model["seq_len"])},
                 "tokenizer.json": byte_tokenizer(),

@@ -135,9 +135,9 @@ QUANTIZED = "quantized"  # __metadata__ key: JSON {name: the dtype it dequantize
 Entry = tuple[str, tuple[int, ...], np.dtype]
 
 
-def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str, str]:
-    """(name -> contracted dims of each tensor to quantize, the forward pass's compute dtype, the
-    activation scheme) from a checkpoint step's record: a QAT run's own tensors, else every matmul
+def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str]:
+    """(name -> contracted dims of each tensor to quantize, the forward pass's compute dtype) from a
+    checkpoint step's record: a QAT run's own tensors, else every matmul
     weight (output layer included, as QAT's default; embeddings are looked up, not multiplied)."""
     from jaxinfra import checkpoint as ckpt_lib
     record = ckpt_lib.saved_record(step_dir)
@@ -146,8 +146,7 @@ def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str, str]:
         raise UserError(f"{step_dir}: its record does not say which tensors are matmul weights (saved by an older "
                         f"jaxinfra, or not by train_model): --quant int8 needs it; resume the run once to re-save")
     chosen = kernels.get("quantized") or kernels["in_dims"]
-    act = ((record.get("config") or {}).get("quant") or {}).get("activations", "none")
-    return {n: tuple(int(x) for x in d) for n, d in chosen.items()}, str(kernels.get("compute_dtype", "float32")), act
+    return {n: tuple(int(x) for x in d) for n, d in chosen.items()}, str(kernels.get("compute_dtype", "float32"))
 
 
 def quantized_entries(entries: Sequence[Entry], plan: Mapping[str, tuple[int, ...]], compute_dtype: str
