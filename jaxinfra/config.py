@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from jaxinfra import storage
 from jaxinfra.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
+MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
 DTYPES = ("float32", "bfloat16", "float16")  # compute, master-weight and export dtypes
 SHIPPED = Path(__file__).resolve().parent / "configs"  # the configs installed with the package
 
@@ -37,6 +37,8 @@ DEFAULT_RULES: dict[str, list[str]] = {
     "kv": [],
     "mlp": ["tensor"],
     "norm": [],
+    "layers": ["stage"],  # pipeline: stacked layers split into consecutive groups, one per stage
+    "repeats": [],  # a circular schedule's layer groups: every stage holds one of each
 }
 
 
@@ -120,10 +122,12 @@ class MeshConfig:
     """Device mesh sizes (one may be -1: filled from the device count) and sharding rules."""
 
     data: int = 2
+    stage: int = 1  # pipeline stages: the stacked layers split over them (pipeline.* says how)
     fsdp: int = 2
     tensor: int = 2
     cpu_devices: int = 8  # simulated CPU devices in all processes together; 0 = JAX's default
     dcn_data: int = 1  # hybrid mesh: how much of each axis spans nodes / slices (the slow network)
+    dcn_stage: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
     rules: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_RULES))
@@ -282,6 +286,33 @@ class OptimConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """How the default Transformer's stacked layers run over mesh.stage > 1 (docs/strategies.md)."""
+
+    microbatches: int = 0  # M: micro-batches per (grad_accum) batch; 0 = one per stage
+    repeats: int = 1  # R: layer groups per stage, visited in a circle (1 = GPipe)
+
+    def check(self) -> None:
+        """Counts (what they must divide is checked against the mesh, see check_mesh)."""
+        _at_least({"pipeline.microbatches": self.microbatches}, 0, "not be negative")
+        _at_least({"pipeline.repeats": self.repeats}, 1, "be at least 1")
+
+    def check_mesh(self, stages: int, n_layers: int, rows: int, batch_ways: int) -> None:
+        """Layers split into stages x repeats groups; a step's `rows` (per grad_accum micro-batch) into
+        micro-batches that the batch mesh axes (`batch_ways`) split evenly; circular needs M >= S."""
+        M = self.microbatches or stages
+        if n_layers % (stages * self.repeats):
+            raise UserError(f"model.n_layers={n_layers} is not divisible by mesh.stage={stages} x "
+                            f"pipeline.repeats={self.repeats} = {stages * self.repeats}")
+        if stages > 1 and (rows % M or (rows // M) % batch_ways):
+            raise UserError(f"data.batch_size / optim.grad_accum = {rows} rows do not split into pipeline.microbatches"
+                            f"={M} micro-batches of a multiple of the batch mesh axes' {batch_ways} ways")
+        if self.repeats > 1 and M < stages:
+            raise UserError(f"pipeline.microbatches={M} is below mesh.stage={stages}: a circular schedule "
+                            f"(pipeline.repeats={self.repeats}) needs at least one micro-batch per stage")
+
+
+@dataclass
 class PruneConfig:
     """Magnitude pruning inside the train step (sparsity 0 = off)."""
 
@@ -423,6 +454,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def check_train(self) -> None:
         """What `train_model` reads, for any model: run, mesh, batch, optimizer, checkpoints, pruning."""
@@ -438,6 +470,7 @@ class Config:
     def check_lm(self) -> None:
         """What only the default LM job reads: the model, the corpus, the samples."""
         self.model.check()
+        self.pipeline.check()
         self.data.check_corpus()
         self.run.check_sampling(self.model.vocab_size)
 

@@ -38,7 +38,8 @@ class TransformerFn:
     def __call__(self) -> Transformer:
         constrain = shd.LogicalConstraint(self.mesh, self.cfg.mesh.logical_rules)
         return Transformer(self.cfg.model, rngs=nnx.Rngs(self.cfg.run.seed), constrain=constrain,
-                           quant_inputs=self.rounds_inputs)
+                           quant_inputs=self.rounds_inputs, microbatches=self.cfg.pipeline.microbatches,
+                           repeats=self.cfg.pipeline.repeats)
 
 
 def model_fn(cfg: Config, mesh: jax.sharding.Mesh) -> ModelFn:
@@ -64,8 +65,10 @@ def run(cfg: Config) -> dict[str, Any]:
     corpus = data_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
     data_lib.check_corpus(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
     m = cfg.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
+    cfg.pipeline.check_mesh(mesh.shape["stage"], cfg.model.n_layers, cfg.data.batch_size // cfg.optim.grad_accum,
+                            shd.batch_divisor(mesh, m.logical_rules))
     platform = mesh.devices.flat[0].platform
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "

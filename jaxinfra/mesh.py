@@ -1,4 +1,4 @@
-"""Device mesh utilities: simulated CPU devices, jax.distributed, the named (data, fsdp, tensor) mesh.
+"""Device mesh utilities: simulated CPU devices, jax.distributed, the named (data, stage, fsdp, tensor) mesh.
 
 Importable on its own (of jaxinfra it takes only the error type, the axis names and the output
 filter, none of which imports JAX) so user code can build meshes with it.
@@ -110,15 +110,17 @@ def resolve_shape(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
-              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto (GSPMD) axes over the given or all devices.
+              dcn: Sequence[int] | None = None, stage: int = 1) -> Mesh:
+    """A (data, stage, fsdp, tensor) mesh with Auto (GSPMD) axes over the given or all devices.
 
-    `dcn` splits each axis into an across-granule factor (slices on TPU, processes elsewhere)
-    times an in-granule one, as jax's hybrid device mesh lays it out: put the data axis
-    across the slow network and keep fsdp and tensor inside a node.
+    `dcn` (one factor per axis, in that order) splits each axis into an across-granule factor
+    (slices on TPU, processes elsewhere) times an in-granule one, as jax's hybrid device mesh lays
+    it out: put data (or stage: one activation per micro-batch crosses it) across the slow network
+    and keep fsdp and tensor inside a node. `stage` splits the stacked layers (pipeline.py).
     """
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = resolve_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    dcn = tuple(dcn) if dcn is not None else (1,) * len(AXES)
+    sizes = resolve_shape({"data": data, "stage": stage, "fsdp": fsdp, "tensor": tensor}, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     types = (AxisType.Auto,) * len(AXES)
     if any(d != 1 for d in dcn):

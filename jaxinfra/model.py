@@ -1,7 +1,7 @@
 """Decoder-only transformer language model in Flax NNX.
 
 Parameters and activations carry logical axis names only (batch, seq, embed, heads, kv, mlp,
-vocab, norm); `mesh.rules` decides which mesh axes they map to. Activation constraints go
+vocab, norm, and layers for the stacked blocks); `mesh.rules` decides which mesh axes they map to. Activation constraints go
 through the `constrain` callable the caller hands in, so this module knows nothing of meshes.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxinfra.pipeline import Stacked
 from jaxinfra.quant import fake_quant
 
 if TYPE_CHECKING:
@@ -131,26 +132,23 @@ class Block(nnx.Module):
         return self.constrain(x_BxTxD, ("batch", "seq", "embed"))
 
 
-REMAT_POLICIES = {
-    "full": None,  # recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
-
 class Transformer(nnx.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab) in float32. quant_inputs (quant.activations=
-    int8) rounds the input of every block matmul to int8 per token (straight-through gradients), as
-    an int8 deployment (vLLM's W8A8) computes them; int8 weights are the train step's business."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab) in float32. The blocks are one Stacked
+    module (parameters (n_layers, ...), scanned; pipelined over mesh.stage with `microbatches` and
+    `repeats`). quant_inputs (quant.activations=int8) rounds the input of every block matmul to int8
+    per token (straight-through gradients), as an int8 deployment (vLLM's W8A8) computes them; int8
+    weights are the train step's business."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain = no_constraint,
-                 quant_inputs: bool = False):
+                 quant_inputs: bool = False, microbatches: int = 0, repeats: int = 1):
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs)
-                                for _ in range(cfg.n_layers)])
+        # built one after another from the same rngs, as a list of blocks would be: the same initial values
+        self.blocks = Stacked(lambda: Block(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs),
+                              cfg.n_layers, repeats=repeats, microbatches=microbatches, remat=cfg.remat)
         self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
         self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
-        self.dtype, self.remat, self.constrain = jnp.dtype(cfg.dtype), cfg.remat, constrain
+        self.dtype, self.constrain = jnp.dtype(cfg.dtype), constrain
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         # Look rows up in the whole table (FSDP gathers weights anyway): a lookup into a sharded table makes
@@ -158,11 +156,7 @@ class Transformer(nnx.Module):
         table_VxD = self.constrain(self.embed[...], (None, None))
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.dtype)
         x_BxTxD = self.constrain(x_BxTxD, ("batch", "seq", "embed"))
-        run = lambda block, x: block(x)
-        if self.remat != "none":
-            run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-        for block in self.blocks:
-            x_BxTxD = run(block, x_BxTxD)
+        x_BxTxD = self.blocks(x_BxTxD)
         x_BxTxD = self.final_norm(x_BxTxD)
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.head[...].astype(self.dtype))
         return self.constrain(logits_BxTxV.astype(jnp.float32), ("batch", "seq", "vocab"))

@@ -126,7 +126,12 @@ class LogicalConstraint:
         self.mesh, self.rules = mesh, {k: tuple(v) for k, v in rules.items()}
 
     def __call__(self, x: jax.Array, names: LogicalNames) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, named(self.mesh, names, self.rules))
+        spec = logical_to_spec(names, self.rules)
+        if jax.sharding.get_abstract_mesh().axis_names == self.mesh.axis_names:
+            # a bare spec resolves against the mesh in scope, which inside a pipeline stage (a shard_map
+            # manual over stage) marks stage manual: a NamedSharding of the plain mesh is refused there
+            return jax.lax.with_sharding_constraint(x, spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 
 def tree_bytes(abstract: Any) -> int:

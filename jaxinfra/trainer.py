@@ -192,7 +192,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     eval_host = data_lib.fixed_batches(eval_source, cfg.data.eval_batch, cfg.run.eval_batches, "eval_source", spec) \
         if eval_source is not None and cfg.run.eval_batches else []
     m, rules = cfg.mesh, cfg.mesh.logical_rules
-    mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn())
+    mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
     check_batch(cfg, shd.batch_divisor(mesh, rules))
     fields = _fields(spec, batch_axes)
     # outside the mesh scope: a one-device matmul
