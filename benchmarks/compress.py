@@ -147,7 +147,8 @@ def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, flo
     mesh, rules = one_device(), cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
         model = abstract_model(model_fn(cfg, mesh))  # a QAT run's model rounds its matmul inputs, as trained
-        params = export.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules))
+        params = export.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules),
+                                   stacked=model.stacked)
         bpb = heldout.bits_per_byte(model.eval_def, params, heldout_tokens, cfg.model.seq_len, mesh, rules)
     return bpb * math.log(2), bpb
 

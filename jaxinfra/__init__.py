@@ -1,4 +1,4 @@
-"""jaxinfra: sharded JAX training on a named (data, fsdp, tensor) device mesh.
+"""jaxinfra: sharded JAX training on a named (data, stage, fsdp, tensor) device mesh.
 
 The public surface is `__all__` below: mesh utilities, logical sharding rules, the config, the
 generic trainer, checkpoint and export helpers, magnitude pruning and int8 quantization. Names are imported lazily
@@ -36,6 +36,7 @@ _EXPORTS = {
     "Finished": ("trainer", "Finished"),
     "TrainState": ("step", "TrainState"),
     "build_model": ("step", "build_model"),
+    "Stacked": ("pipeline", "Stacked"),
     # checkpoints and exports
     "Checkpointer": ("checkpoint", "Checkpointer"),
     "export_checkpoint": ("export", "export"),

@@ -20,14 +20,17 @@ import threading
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfra import storage
 from jaxinfra.digest import host_digest, tree_digests
 from jaxinfra.errors import Failed, UserError, one_line
 from jaxinfra.names import path_str, tensor_name
+from jaxinfra.pipeline import take, whole_layers
 from jaxinfra.step import TrainState
 
 STATE, META = "state", "meta"
@@ -35,13 +38,15 @@ CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
 ASIDE = ".aside"  # in it: steps newer than a resume's, kept until the run commits a step of its own
 MODEL_STATE = "model_state"  # the state's item of other model variables (BatchNorm statistics)
 MODEL_ITEMS = ("params", MODEL_STATE)  # what makes the model: exports and init_from read these
+STACKED = "stacked"  # the metadata record's entry: Stacked module path -> its leading layer dims
 DIGESTS = "digests"  # the metadata record's entry: tensor path -> digest of its bytes at save
 
 
-def digests_of(state: TrainState) -> dict[str, str]:
-    """Tensor path ('params/blocks/0/attn/wq') -> digest of its bytes, computed on the devices where
+def digests_of(state: TrainState | dict[str, Any]) -> dict[str, str]:
+    """Tensor path ('params/blocks/attn/wq') -> digest of its bytes, computed on the devices where
     the state lives (each its shards, no gathering)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree_digests(as_dict(state))))
+    tree = as_dict(state) if isinstance(state, TrainState) else state
+    flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree_digests(tree)))
     return {path_str(p): f"{int(v):08x}" for p, v in flat}
 
 
@@ -59,10 +64,11 @@ def checkpoints_dir(run_dir: str) -> str:
     return storage.join(run_dir, CHECKPOINTS)
 
 
-def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], kernels: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
-    """The metadata record a step carries besides arrays: config, versions, mesh, data position, and
-    the model's matmul weights with the dims they contract (what an int8 export needs to know)."""
+def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], kernels: dict[str, Any] | None = None,
+           stacked: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """The metadata record a step carries besides arrays: config, versions, mesh, data position, the
+    model's matmul weights with the dims they contract (what an int8 export needs to know), and its
+    stacked layers (module path -> leading layer dims: what splits them into whole layers)."""
     from omegaconf import OmegaConf
     versions = {}
     for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
@@ -72,7 +78,8 @@ def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], k
             versions[pkg] = "unknown"
     return {"step": step, "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "versions": versions,
             "mesh": dict(mesh.shape), "processes": jax.process_count(),
-            "data": {"global_batches_consumed": step, **data}, **({"kernels": kernels} if kernels else {})}
+            "data": {"global_batches_consumed": step, **data}, **({"kernels": kernels} if kernels else {}),
+            STACKED: {k: list(v) for k, v in (stacked or {}).items()}}
 
 
 def as_dict(state: TrainState) -> dict[str, Any]:
@@ -224,9 +231,12 @@ class Checkpointer:
         self._moved()
         return back
 
-    def restore(self, step: int, target: TrainState, digests: dict[str, str] | None = None) -> TrainState:
+    def restore(self, step: int, target: TrainState, digests: dict[str, str] | None = None,
+                stacked: dict[str, Any] | None = None, saved_stacked: dict[str, Any] | None = None) -> TrainState:
         """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count),
-        each tensor checked against `digests` (the step's record) where given."""
+        each tensor checked against `digests` (the step's record) where given. Layers stacked otherwise
+        than the target's (`stacked`; `saved_stacked` from the step's record), or saved as a list of
+        blocks before layers were stacked, are restored as saved and then restacked."""
         try:
             saved = self.saved_shapes(step)
         except Exception as e:  # metadata lives in the same files: truncation shows here first
@@ -234,15 +244,20 @@ class Checkpointer:
         item = as_dict(target)
         if MODEL_STATE not in saved and not jax.tree.leaves(target.model_state):
             item.pop(MODEL_STATE)  # written before the state carried other variables: nothing is missing
-        check_shapes(saved, item, step)
+        relayout = _relayout(saved, item, saved_stacked or {}, stacked or {})
+        if relayout is not None:
+            item, convert = relayout
+        else:
+            check_shapes(saved, item, step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(item)}))[STATE]
         except Exception as e:  # a corrupt or truncated file surfaces here, from tensorstore
             raise CorruptCheckpoint(step, self.directory, e) from None
-        state = TrainState(**{MODEL_STATE: {}, **out})
         if digests:
-            _verify(digests_of(state), digests, step, self.directory)
-        return state
+            _verify(digests_of(out), digests, step, self.directory)
+        if relayout is not None:
+            out = convert(out)
+        return TrainState(**{MODEL_STATE: {}, **out})
 
     def wait(self) -> None:
         """Block until the last async save is committed."""
@@ -274,6 +289,55 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     return {path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
 
 
+def _relayout(saved: Any, item: dict[str, Any], saved_stacked: dict[str, Any], stacked: dict[str, Any]
+              ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]] | None:
+    """When the saved tensors are the target's with layers stacked otherwise ((L, ...), (R, L/R, ...),
+    or one tensor per layer as saved before stacking): (restore target in the saved layout, jitted
+    conversion to the target's); None when the layouts agree or the tensors differ (check_shapes says how).
+    A saved tensor is restored with its layer dims whole and its other dims split as the target's are."""
+    have, want = _flat_shapes(saved), _flat_shapes(item)
+    if {p: shape for p, (shape, _) in have.items()} == {p: shape for p, (shape, _) in want.items()}:
+        return None
+    saved_layers = whole_layers({p: shape for p, (shape, _) in have.items()}, saved_stacked)
+    target_layers = whole_layers({p: shape for p, (shape, _) in want.items()}, stacked)
+    if set(saved_layers) != set(target_layers) or any(saved_layers[n].shape != target_layers[n].shape
+                                                      for n in target_layers):
+        return None
+    targets = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(item)[0]}
+    spec_of: dict[str, tuple[Any, ...]] = {}
+    for name, t in target_layers.items():
+        dst, src = targets[t.stored], saved_layers[name]
+        spec_of[src.stored] = (None,) * src.lead + tuple(dst.sharding.spec)[t.lead:] if dst.sharding.spec else ()
+    mesh = next(iter(targets.values())).sharding.mesh
+    dtype_of = {saved_layers[n].stored: targets[t.stored].dtype for n, t in target_layers.items()}
+
+    def restore_as(path: tuple, meta: Any) -> jax.ShapeDtypeStruct:
+        name = path_str(path)
+        return jax.ShapeDtypeStruct(tuple(meta.shape), dtype_of[name],
+                                    sharding=NamedSharding(mesh, PartitionSpec(*spec_of[name])))
+    as_saved = jax.tree_util.tree_map_with_path(restore_as, saved, is_leaf=lambda x: hasattr(x, "shape"))
+    parts: dict[str, list[str]] = {}
+    for name, t in target_layers.items():
+        parts.setdefault(t.stored, []).append(name)
+
+    def convert(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        out = {}
+        for path, names in parts.items():
+            pieces = [take(flat[saved_layers[n].stored], saved_layers[n]) for n in names]
+            out[path] = pieces[0] if target_layers[names[0]].index is None \
+                else jnp.stack(pieces).reshape(targets[path].shape)
+        return out
+    shardings = {p: x.sharding for p, x in targets.items()}
+    relayout = jax.jit(convert, out_shardings=shardings)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(item)
+
+    def to_target(restored: dict[str, Any]) -> dict[str, Any]:
+        flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+        done = relayout(flat)
+        return jax.tree_util.tree_unflatten(treedef, [done[path_str(p)] for p, _ in leaves])
+    return as_saved, to_target
+
+
 def check_shapes(saved: Any, target: Any, step: int) -> None:
     """The checkpoint must hold the tensors the model expects, in the same shapes (dtypes may be
     cast): name the first that differs."""
@@ -294,7 +358,8 @@ def check_shapes(saved: Any, target: Any, step: int) -> None:
 
 def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
            fallback: bool = False, say: Callable[[str], None] = print,
-           meta: Callable[[int, dict[str, Any]], None] | None = None) -> TrainState | None:
+           meta: Callable[[int, dict[str, Any]], None] | None = None,
+           stacked: dict[str, Any] | None = None) -> TrainState | None:
     """The newest complete step (or `restore_step`) restored onto target's shardings; None if none.
 
     `meta(step, record)` checks the step's metadata record (read first: a step without one is unreadable).
@@ -313,7 +378,8 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
             record = ckpt.meta(step)
             if meta is not None:
                 meta(step, record)
-            return ckpt.restore(step, target, record.get(DIGESTS) if isinstance(record, dict) else None)
+            return ckpt.restore(step, target, record.get(DIGESTS) if isinstance(record, dict) else None, stacked,
+                                saved_stacked_of(record))
         except CorruptCheckpoint as e:
             if not fallback:
                 raise
@@ -390,24 +456,54 @@ def saved_config(step_dir: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def saved_stacked_of(record: Any) -> dict[str, tuple[int, ...]]:
+    """A record's stacked layers (module path -> leading layer dims); {} for a step saved before them."""
+    found = record.get(STACKED) if isinstance(record, dict) else None
+    return {str(k): tuple(int(d) for d in v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def saved_stacked(step_dir: str) -> dict[str, tuple[int, ...]]:
+    """A step folder's stacked layers (module path -> leading layer dims)."""
+    return saved_stacked_of(saved_record(step_dir))
+
+
 class SavedParams:
     """One step's model tensors (parameters, then other variables such as batch statistics), read a
-    whole tensor at a time as host arrays (the optimizer state is skipped)."""
+    whole tensor at a time as host arrays (the optimizer state is skipped). Stacked layers read as
+    one tensor per layer, named as a list of blocks names them ('blocks.0.attn.wq'): the stacked
+    tensor is read once and kept while its layers are asked for in turn."""
 
     def __init__(self, step_dir: str):
         self.step_dir = step_dir
         self.tree = state_metadata(step_dir)
         digests = saved_record(step_dir).get(DIGESTS)
         self.digests = digests if isinstance(digests, dict) else None  # None: written before digests
-        self.entries = {}  # name -> (item, key path, shape/dtype metadata); paths are unique across items
+        self.stored = {}  # stored name -> (item, key path, shape/dtype metadata); paths are unique across items
         for item in MODEL_ITEMS:
             flat, _ = jax.tree_util.tree_flatten_with_path(self.tree.get(item) or {},
                                                            is_leaf=lambda x: hasattr(x, "shape"))
-            self.entries.update({tensor_name(p): (item, p, x) for p, x in flat})
+            self.stored.update({tensor_name(p): (item, p, x) for p, x in flat})
+        self.layers = whole_layers({n: tuple(m.shape) for n, (_, _, m) in self.stored.items()},
+                                   saved_stacked(step_dir), sep=".")
+        # name -> (item, key path, shape and dtype) of each tensor as users see it
+        self.entries = {n: (self.stored[l.stored][0], self.stored[l.stored][1],
+                            jax.ShapeDtypeStruct(l.shape, self.stored[l.stored][2].dtype))
+                        for n, l in self.layers.items()}
+        self._kept: tuple[str, np.ndarray] | None = None
 
     def read(self, name: str) -> np.ndarray:
-        """One saved parameter as a whole host array."""
-        where, path, _ = self.entries[name]
+        """One saved tensor (or one layer of a stacked one) as a whole host array."""
+        layer = self.layers[name]
+        if layer.index is None:
+            return self._read_stored(name)
+        if self._kept is None or self._kept[0] != layer.stored:
+            self._kept = None  # the previous stacked tensor is freed before the next is read
+            self._kept = (layer.stored, self._read_stored(layer.stored))
+        return np.ascontiguousarray(take(self._kept[1], layer))
+
+    def _read_stored(self, name: str) -> np.ndarray:
+        """One stored tensor, whole, its digest checked."""
+        where, path, _ = self.stored[name]
         item = jax.tree.map(lambda _: ocp.PLACEHOLDER, self.tree, is_leaf=lambda x: hasattr(x, "shape"))
         node = item[where]
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]

@@ -75,9 +75,16 @@ def _norm(x_BxTxD: jax.Array, scale_D: jax.Array) -> jax.Array:
 
 
 def _blocks(params: Any) -> list[Any]:
-    """The blocks in layer order: nnx.List keys them by int, a reloaded tree may by str (or list them)."""
+    """The blocks in layer order, one tree each: a list as given, or the layers of model.py's Stacked
+    blocks (arrays and QTensors (L, ...) sliced; logical names lose their leading `layers`)."""
     blocks = params["blocks"]
-    return list(blocks) if isinstance(blocks, (list, tuple)) else [blocks[k] for k in sorted(blocks, key=int)]
+    if isinstance(blocks, (list, tuple)):
+        return list(blocks)
+    is_names = lambda x: isinstance(x, P)
+    first = jax.tree.leaves(blocks, is_leaf=is_names)[0]
+    if is_names(first):
+        return [jax.tree.map(lambda n: P(*n[1:]), blocks, is_leaf=is_names)]  # every layer alike
+    return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(first.shape[0])]
 
 
 def forward(params: Any, cfg: ModelConfig, tokens_BxT: jax.Array, pos_BxT: jax.Array, cache: Cache,
@@ -151,8 +158,9 @@ def _weight_shardings(params: Any, cfg: ModelConfig, mesh: Mesh, rules: shd.Rule
             scale = [n if s > 1 else None for n, s in zip(names, leaf.scale.shape)]
             return QTensor(shd.named(mesh, tuple(names), weight_rules), shd.named(mesh, scale, weight_rules))
         return shd.named(mesh, tuple(names), weight_rules)
-    canon = lambda t: {**t, "blocks": _blocks(t)}  # one structure whatever the blocks' keys
-    return jax.tree.map(one, canon(found["names"]), canon(params), is_leaf=lambda x: isinstance(x, P))
+    layers = _blocks(params)
+    names_of = {**found["names"], "blocks": _blocks(found["names"]) * len(layers)}
+    return jax.tree.map(one, names_of, {**params, "blocks": layers}, is_leaf=lambda x: isinstance(x, P))
 
 
 _PROGRAMS: dict[Any, Any] = {}  # the newest few compiled generations: a repeated call neither traces nor compiles

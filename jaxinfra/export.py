@@ -35,6 +35,7 @@ from jaxinfra import storage
 from jaxinfra.config import DTYPES
 from jaxinfra.errors import UserError, one_line
 from jaxinfra.names import tensor_name
+from jaxinfra.pipeline import find_stacked, whole_layers
 
 # dtype name -> (safetensors tag, numpy type) of every dtype an export may hold
 SAFETENSORS = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16),
@@ -346,21 +347,30 @@ def load(path: str, dequantize: bool = True) -> dict[str, np.ndarray]:
     return dict(iter_file(path, dequantize))
 
 
-def to_params(flat: Mapping[str, np.ndarray], abstract_params: Any, shardings: Any, where: str = "the export"
-              ) -> Any:
+def to_params(flat: Mapping[str, np.ndarray], abstract_params: Any, shardings: Any, where: str = "the export",
+              stacked: Mapping[str, Any] | None = None) -> Any:
     """Put loaded tensors (name -> host array; a lazy Mapping is read once per tensor) into a tree
     shaped like `abstract_params` on the given shardings (any mesh, any process count); names and
-    shapes must match. `where` names the source in errors."""
+    shapes must match. A Stacked module's tensors (`stacked`, ModelDef.stacked; found by name when
+    not given) are assembled from one tensor per layer ('blocks.0.attn.wq', ...). `where` names the
+    source in errors."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     out = []
     for (path, a), sh in zip(leaves, jax.tree.leaves(shardings)):
         name = tensor_name(path)
-        if name not in flat:
-            raise UserError(f"{where}: has no tensor {name} (shape {tuple(a.shape)} in the model)")
-        x = np.asarray(flat[name])
-        if tuple(x.shape) != tuple(a.shape):
-            raise UserError(f"{where}: tensor {name} has shape {tuple(x.shape)}, the model's is {tuple(a.shape)}")
-        x = x.astype(a.dtype)  # every process holds the whole tensor: each places its own shards
+        here = stacked if stacked is not None else {} if name in flat else find_stacked(name, a.shape, flat)
+        layers = whole_layers({name: tuple(a.shape)}, here, sep=".")
+        parts = []
+        for part, layer in layers.items():
+            if part not in flat:
+                raise UserError(f"{where}: has no tensor {part} (shape {layer.shape} in the model)")
+            x = np.asarray(flat[part])
+            if tuple(x.shape) != layer.shape:
+                raise UserError(f"{where}: tensor {part} has shape {tuple(x.shape)}, the model's is {layer.shape}")
+            parts.append(x.astype(a.dtype))
+        x = parts[0] if len(parts) == 1 and next(iter(layers.values())).index is None \
+            else np.stack(parts).reshape(a.shape)
+        # every process holds the whole tensor: each places its own shards
         out.append(jax.make_array_from_callback(x.shape, sh, lambda index, x=x: x[index]))
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -2,6 +2,7 @@
 sliding window of seq_len per token (the reference); `generate_from_run` decodes with jaxinfra.decode's KV cache."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -14,6 +15,7 @@ from jaxinfra import storage
 from jaxinfra import sharding as shd
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
+from jaxinfra.pipeline import layer_names
 
 
 def encode(prompt: str, vocab_size: int) -> list[int]:
@@ -96,24 +98,29 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
         encode(p, cfg.model.vocab_size)
     flat, step = checkpoint.read_params(run_dir, step)
     mesh = make_mesh(-1, 1, 1)
+    # the decoder walks the layers in order: a circular run's (repeats, layers) stack reads back as one
+    cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, repeats=1))
     rules = cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
         model = abstract_model(model_fn(cfg, mesh))
-        params = export.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules))
+        params = export.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules),
+                                   stacked=model.stacked)
         if cfg.quant.enabled:
-            params = _as_trained(params, checkpoint.locate(run_dir, step)[0])
+            params = _as_trained(params, checkpoint.locate(run_dir, step)[0], model.stacked)
         new, info = decode.generate(params, cfg.model, prompts, n_tokens=n_tokens, temperature=temperature,
                                     seed=seed, mesh=mesh, rules=rules, quant_inputs=cfg.quant.activations == "int8")
     texts = [bytes(encode(p, cfg.model.vocab_size) + t).decode("utf-8", errors="replace") for p, t in zip(prompts, new)]
     return texts, step, info
 
 
-def _as_trained(params: Any, step_dir: str) -> Any:
+def _as_trained(params: Any, step_dir: str, stacked: Any) -> Any:
     """A QAT run's parameters with the kernels it rounded as int8 QTensors (what its forward pass used)."""
     from jaxinfra import quant
-    plan, compute_dtype = quant.export_plan(step_dir)
+    plan, compute_dtype = quant.export_plan(step_dir)  # by whole layer: a stacked tensor's dims shift by one
 
     def one(path: tuple, w: jax.Array) -> Any:
-        dims = plan.get(tensor_name(path))
-        return w if dims is None else quant.quantize(w.astype(compute_dtype), dims)
+        layers = layer_names(tensor_name(path), w.shape, stacked, ".")
+        dims = plan.get(layers[0] if layers else tensor_name(path))
+        lead = 1 if layers else 0
+        return w if dims is None else quant.quantize(w.astype(compute_dtype), tuple(d + lead for d in dims))
     return jax.tree_util.tree_map_with_path(one, params)

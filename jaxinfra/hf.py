@@ -27,6 +27,7 @@ from jaxinfra import export as export_lib
 from jaxinfra import quant as quant_lib
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
+from jaxinfra.pipeline import whole_layers
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 RMS_EPS = 1e-6  # model.RMSNorm's epsilon
@@ -232,7 +233,9 @@ def reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str
     return read, set(arrays)
 
 
-def check_model(params: Any) -> None:
-    """checkpoint.export_format=hf needs every tensor to have a Llama place: checked before training."""
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        hf_name(tensor_name(path), "checkpoint.export_format=hf")
+def check_model(params: Any, stacked: Any = None) -> None:
+    """checkpoint.export_format=hf needs every tensor (each layer of a stacked one) to have a Llama
+    place: checked before training."""
+    shapes = {tensor_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name in whole_layers(shapes, stacked or {}, sep="."):
+        hf_name(name, "checkpoint.export_format=hf")

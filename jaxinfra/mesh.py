@@ -120,6 +120,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     """
     devices = list(devices) if devices is not None else jax.devices()
     dcn = tuple(dcn) if dcn is not None else (1,) * len(AXES)
+    if len(dcn) == len(AXES) - 1:  # (data, fsdp, tensor), as written before the stage axis
+        dcn = (dcn[0], 1, *dcn[1:])
     sizes = resolve_shape({"data": data, "stage": stage, "fsdp": fsdp, "tensor": tensor}, len(devices))
     shape = tuple(sizes[a] for a in AXES)
     types = (AxisType.Auto,) * len(AXES)
@@ -147,7 +149,8 @@ def describe(mesh: Mesh) -> str:
     """One line: platform, devices, processes and axis sizes."""
     devs = mesh.devices.flat
     first = next(iter(devs))
-    axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
+    # a stage axis of 1 (no pipeline) is left out: the line reads as it did before pipelines
+    axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items() if not (n == "stage" and s == 1))
     kind = getattr(first, "device_kind", first.platform)
     return (f"mesh {axes} over {mesh.devices.size} {first.platform} devices ({kind}), "
             f"{jax.process_count()} process(es), this is process {jax.process_index()}")

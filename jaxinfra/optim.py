@@ -76,7 +76,8 @@ def with_pruning(tx: optax.GradientTransformation, p: PruneConfig, selection: Se
     end = p.last_update  # N:M masks are set once, at start_step, whatever the schedule
     sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)
-    where = {"include": selection.include, "nm_axis": selection.axis} if selection is not None \
+    where = {"include": selection.include, "nm_axis": selection.axis, "layers": selection.layers} \
+        if selection is not None \
         else {"include": default_include}
     return prune(tx, sparsity, update_every=p.every, start=p.start_step, end=end, nm=p.nm, scope=p.scope,
                  erk=p.sparsity if p.distribution == "erk" else None, criterion=p.criterion, **where)

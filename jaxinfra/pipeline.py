@@ -18,7 +18,8 @@ iteration is one table (`schedule`): the same table drives the computation and c
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,25 +108,16 @@ class Stacked(nnx.Module):
                         repeats=self.repeats)
 
 
-def microbatch_count(batch: int, wanted: int, stages: int, repeats: int) -> int:
-    """The micro-batches a batch of `batch` rows splits into: `wanted`, or (an eval batch it does not
-    divide) the largest divisor below it; a circular schedule needs at least one per stage."""
-    m = max(d for d in range(1, min(wanted, batch) + 1) if batch % d == 0)
-    if repeats > 1 and m < stages:
-        raise UserError(f"a batch of {batch} rows splits into {m} micro-batches, fewer than the {stages} stages "
-                        f"a circular schedule (pipeline.repeats={repeats}) needs")
-    return m
-
-
 def pipeline(apply: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array, *, stages: int,
              microbatches: int, repeats: int = 1) -> jax.Array:
     """The layers stacked in `params` applied in order to x (batch first), pipelined over the stage
     axis of the mesh in scope: GPipe, circular when repeats > 1."""
-    S, R, B = stages, repeats, x.shape[0]
-    M = microbatch_count(B, microbatches, S, R)
+    S, R, M, B = stages, repeats, microbatches, x.shape[0]
+    if B % M:  # a batch the micro-batches do not divide (an eval or sampling batch): rows are independent
+        x = jnp.concatenate([x, jnp.zeros((M - B % M,) + x.shape[1:], x.dtype)])
     table = jnp.asarray(schedule(S, M, R))
     # micro-batch m = rows m, M + m, 2M + m, ...: every device keeps the rows it holds (no resharding)
-    x_MxBm = x.reshape((B // M, M) + x.shape[1:]).swapaxes(0, 1)
+    x_MxBm = x.reshape((x.shape[0] // M, M) + x.shape[1:]).swapaxes(0, 1)
     layer_spec = jax.P(None, STAGE) if R > 1 else jax.P(STAGE)
     last = S - 1
 
@@ -161,7 +153,7 @@ def pipeline(apply: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.A
 
     y_MxBm = jax.shard_map(body, in_specs=(jax.tree.map(lambda _: layer_spec, params), jax.P()),
                            out_specs=jax.P(), axis_names={STAGE})(params, x_MxBm)
-    return y_MxBm.swapaxes(0, 1).reshape(x.shape)
+    return y_MxBm.swapaxes(0, 1).reshape(x.shape)[:B]
 
 
 def stacked_modules(model: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -174,12 +166,74 @@ def stacked_modules(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def layer_names(path: str, shape: tuple[int, ...], stacked: Mapping[str, tuple[int, ...]]
-                ) -> list[tuple[str, int]] | None:
-    """A stacked tensor's per-layer paths ('blocks/attn/wq' -> [('blocks/0/attn/wq', 0), ...]) and the
-    leading dims the layer index spans, or None for a tensor of no Stacked module."""
+def layer_names(path: str, shape: tuple[int, ...], stacked: Mapping[str, Any], sep: str = "/"
+                ) -> list[str] | None:
+    """A stacked tensor's per-layer names ('blocks/attn/wq' -> ['blocks/0/attn/wq', ...], in layer
+    order), or None for a tensor of no Stacked module; `stacked` as `stacked_modules` gives it."""
     for prefix, lead in stacked.items():
-        if path.startswith(prefix + "/") and tuple(shape[:len(lead)]) == tuple(lead):
-            rest = path[len(prefix) + 1:]
-            return [(f"{prefix}/{i}/{rest}", len(lead)) for i in range(int(np.prod(lead)))]
+        at = _find(path, prefix.replace("/", sep), sep)
+        if at >= 0 and tuple(shape[:len(lead)]) == tuple(lead):
+            head, rest = path[:at], path[at:]
+            return [f"{head}{i}{sep}{rest}" for i in range(int(np.prod(lead)))]
     return None
+
+
+def find_stacked(name: str, shape: tuple[int, ...], names: Any, sep: str = ".") -> dict[str, tuple[int, ...]]:
+    """A model's stacked tensor found as one tensor per layer among `names` (a file saved from a list of
+    blocks, read without a record of the stacking): {module path: leading dims}, or {} if it is not."""
+    parts = name.split(sep)
+    for i in range(1, len(parts)):
+        at = lambda k: sep.join(parts[:i] + [str(k)] + parts[i:])
+        n = 0
+        while at(n) in names:
+            n += 1
+        for lead in (tuple(shape[:1]), tuple(shape[:2])):
+            if n and math.prod(lead) == n:
+                return {"/".join(parts[:i]): lead}
+    return {}
+
+
+def lead_of(path: str, shape: tuple[int, ...], stacked: Mapping[str, Any], sep: str = "/") -> int:
+    """How many leading dims of a tensor index stacked layers (0 for a tensor of no Stacked module)."""
+    for prefix, lead in stacked.items():
+        if _find(path, prefix.replace("/", sep), sep) >= 0 and tuple(shape[:len(lead)]) == tuple(lead):
+            return len(lead)
+    return 0
+
+
+def _find(path: str, prefix: str, sep: str) -> int:
+    """Where the module path `prefix` ends within `path` (at its start or after a separator: an
+    optimizer's moments hold the parameters' paths deeper down), -1 if nowhere."""
+    if path.startswith(prefix + sep):
+        return len(prefix) + 1
+    at = path.find(sep + prefix + sep)
+    return at + len(prefix) + 2 if at >= 0 else -1
+
+
+class Layer(NamedTuple):
+    """Where a whole-layer tensor lives in the stored (maybe stacked) one."""
+
+    stored: str  # the stored tensor's name
+    index: int | None  # its layer, None for a tensor of no Stacked module
+    lead: int  # how many leading dims the layer index spans (0, 1 or 2 for a circular schedule)
+    shape: tuple[int, ...]  # the whole layer's shape
+
+
+def whole_layers(shapes: Mapping[str, tuple[int, ...]], stacked: Mapping[str, Any], sep: str = "/"
+                 ) -> dict[str, Layer]:
+    """Stored tensor name -> shape, as users see tensors (exports, init_from, the HF folder): one
+    entry per layer of each stacked tensor, named as a list of blocks would name it."""
+    out = {}
+    for name, shape in shapes.items():
+        names = layer_names(name, shape, stacked, sep)
+        if names is None:
+            out[name] = Layer(name, None, 0, tuple(shape))
+            continue
+        lead = lead_of(name, shape, stacked, sep)
+        out.update({n: Layer(name, i, lead, tuple(shape[lead:])) for i, n in enumerate(names)})
+    return out
+
+
+def take(x: Any, layer: Layer) -> Any:
+    """One layer of a stored tensor (the tensor itself when it is not stacked)."""
+    return x if layer.index is None else x.reshape((-1,) + tuple(x.shape[layer.lead:]))[layer.index]

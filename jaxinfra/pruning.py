@@ -174,14 +174,15 @@ def find_prune_state(opt_state: Any) -> PruneState | None:
 def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], jax.Array], *,
           update_every: int = 1, start: int = 0, end: int = 0, nm: tuple[int, int] | None = None,
           scope: str = "layer", include: Include = default_include, erk: float | None = None,
-          criterion: str = "magnitude", nm_axis: Callable[[tuple[Any, ...], jax.Array], int] = lambda p, x: 0
-          ) -> optax.GradientTransformation:
+          criterion: str = "magnitude", nm_axis: Callable[[tuple[Any, ...], jax.Array], int] = lambda p, x: 0,
+          layers: Callable[[tuple[Any, ...], jax.Array], int] = lambda p, x: 0) -> optax.GradientTransformation:
     """Wrap `inner` with magnitude pruning; masks recomputed when start <= step <= end and
     (step - start) % update_every == 0, and at `end` (N:M masks once, at `start`). `step` counts
     the updates done before this one. erk=S: per-tensor targets from the ERK distribution for a
     total sparsity S, each tensor following `sparsity(step) / S` of its own target (scope layer).
     criterion="random" ranks by fixed random scores instead of |w| (the baseline magnitude must beat).
-    nm_axis(path, param) names the dimension N:M groups run along (the input features)."""
+    nm_axis(path, param) names the dimension N:M groups run along (the input features); layers(path,
+    param) how many leading dims index stacked layers: each layer is thresholded as its own tensor."""
 
     def scores(leaves: list[jax.Array]) -> list[jax.Array]:
         if criterion == "magnitude":
@@ -206,7 +207,11 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
         elif not any(chosen):
             out = old
         else:
-            xs = [x for x, c in zip(leaves, chosen) if c]
+            # a stacked tensor's layers are tensors of their own (its leading dims index them)
+            lead = [layers(p, x) for (p, _), c, x in zip(flat, chosen, leaves) if c]
+            stacks = [x for x, c in zip(leaves, chosen) if c]
+            xs = [part for x, n in zip(stacks, lead)
+                  for part in (list(x.reshape((-1,) + x.shape[n:])) if n else [x])]
             s = sparsity(step)
             if scope == "layer":  # one threshold per tensor; ERK scales each target by a static factor
                 scale = [t / erk for t in erk_sparsities([x.shape for x in xs], erk)] if erk else [1.0] * len(xs)
@@ -215,7 +220,9 @@ def prune(inner: optax.GradientTransformation, sparsity: Callable[[jax.Array], j
             else:  # one threshold across all chosen tensors
                 k, group = jnp.round(s * sum(x.size for x in xs))[None], [0] * len(xs)
             kept = iter(_select([_bits(x) for x in xs], group, k))
-            out = [next(kept) if c else o for c, o in zip(chosen, old)]
+            whole = iter([jnp.stack([next(kept) for _ in range(math.prod(x.shape[:n]))]).reshape(x.shape) if n
+                          else next(kept) for x, n in zip(stacks, lead)])
+            out = [next(whole) if c else o for c, o in zip(chosen, old)]
         pruned = jnp.asarray([jnp.sum(~m, dtype=jnp.int32) for m in out if m.ndim], jnp.int32)
         return jax.tree_util.tree_unflatten(treedef, out), jnp.reshape(pruned, (-1,))
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
+from jaxinfra.pipeline import layer_names
 
 if TYPE_CHECKING:
     from jaxinfra.config import QuantConfig
@@ -105,7 +106,7 @@ def for_config(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compu
     # the output layer too (unlike pruning's default): int8 costs it little, and it is a tenth of a
     # small model's bytes (quant.exclude=[head] keeps it float)
     selection = roles.select(model.params, model.logical, found, q.params, q.exclude, key="quant",
-                             output_layer_too=True)
+                             output_layer_too=True, stacked=model.stacked)
     for name in selection.chosen:
         if found[name].kind != "kernel":
             raise UserError(f"quant.params selects {name}, which no matmul uses as a weight: int8 weights are "
@@ -146,7 +147,14 @@ def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str]:
         raise UserError(f"{step_dir}: its record does not say which tensors are matmul weights (saved by an older "
                         f"jaxinfra, or not by train_model): --quant int8 needs it; resume the run once to re-save")
     chosen = kernels.get("quantized") or kernels["in_dims"]
-    return {n: tuple(int(x) for x in d) for n, d in chosen.items()}, str(kernels.get("compute_dtype", "float32"))
+    stacked = ckpt_lib.saved_stacked(step_dir)
+    plan = {}
+    for name, dims in chosen.items():  # a stacked tensor's dims, shifted to those of its whole layers
+        prefix = next((p for p in stacked if name.startswith(p.replace("/", ".") + ".")), None)
+        lead = len(stacked[prefix]) if prefix else 0
+        for layer in layer_names(name, stacked[prefix], {prefix: stacked[prefix]}, ".") if prefix else [name]:
+            plan[layer] = tuple(int(d) - lead if int(d) >= 0 else int(d) for d in dims)
+    return plan, str(kernels.get("compute_dtype", "float32"))
 
 
 def quantized_entries(entries: Sequence[Entry], plan: Mapping[str, tuple[int, ...]], compute_dtype: str

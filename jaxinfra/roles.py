@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
+from jaxinfra.pipeline import layer_names, lead_of
 from jaxinfra.pruning import erk_sparsities
 from jaxinfra.step import split_loss
 
@@ -193,6 +194,7 @@ class Selection:
 
     chosen: dict[str, int]
     skipped: dict[str, str]
+    lead: dict[str, int] = field(default_factory=dict)  # a stacked tensor's leading layer dims (pruned per layer)
 
     def include(self, path: tuple[Any, ...], leaf: Any) -> bool:
         """prune()'s `include`: whether this parameter is pruned."""
@@ -202,12 +204,29 @@ class Selection:
         """prune()'s `nm_axis`: the dimension N:M groups run along."""
         return self.chosen.get(path_str(path), 0)
 
+    def layers(self, path: tuple[Any, ...], leaf: Any) -> int:
+        """prune()'s `layers`: how many leading dims index stacked layers (each layer pruned as a tensor)."""
+        return self.lead.get(path_str(path), 0)
+
+
+def _glob(pattern: str, path: str, layers: list[str] | None, key: str) -> bool:
+    """Whether a path glob takes a tensor; a stacked one's layers ('blocks/0/attn/wq', ...) must all
+    match or none (a glob written for a list of blocks keeps working)."""
+    if layers is None:
+        return fnmatch.fnmatchcase(path, pattern)
+    hits = [fnmatch.fnmatchcase(name, pattern) for name in layers]
+    if any(hits) and not all(hits):
+        raise UserError(f"{key} {pattern!r} takes some layers of the stacked {path} ({sum(hits)} of {len(hits)}): "
+                        f"stacked layers are selected alike, name them all (e.g. {path.split('/')[0]}/*/...)")
+    return all(hits) or fnmatch.fnmatchcase(path, pattern)
+
 
 def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Sequence[str] = (),
-           exclude: Sequence[str] = (), key: str = "prune", output_layer_too: bool = False) -> Selection:
+           exclude: Sequence[str] = (), key: str = "prune", output_layer_too: bool = False,
+           stacked: Mapping[str, Any] | None = None) -> Selection:
     """By default every 2-D+ kernel but the output layer (or with it); `params` (globs or logical axis
     names) selects instead, `exclude` (globs) removes. A pattern that matches nothing is a UserError
-    naming `key`.params or `key`.exclude."""
+    naming `key`.params or `key`.exclude. A Stacked module's tensor (`stacked`) counts as its layers."""
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
     specs = {path_str(p): _axis_names(s) for p, s in
              jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]}
@@ -215,10 +234,16 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
     chosen: dict[str, int] = {}
     skipped: dict[str, str] = {}
     used: set[str] = set()
+    lead: dict[str, int] = {}
     for p, x in flat:
         path, role = path_str(p), roles.get(path_str(p), Role("other", None, -1))
-        hit = [pat for pat in params if _matches(pat, path, specs.get(path, set()), len(x.shape))]
-        gone = [pat for pat in exclude if fnmatch.fnmatchcase(path, pat)]
+        layers = layer_names(path, tuple(x.shape), stacked or {})
+        if layers is not None:
+            lead[path] = lead_of(path, tuple(x.shape), stacked or {})
+        ndim = len(x.shape) - lead.get(path, 0)  # a layer's
+        hit = [pat for pat in params if _matches(pat, path, specs.get(path, set()), ndim)
+               or (layers is not None and ndim >= 2 and _glob(pat, path, layers, f"{key}.params"))]
+        gone = [pat for pat in exclude if _glob(pat, path, layers, f"{key}.exclude")]
         used.update(hit + gone)
         if gone:
             skipped[path] = f"{key}.exclude {gone[0]!r}"
@@ -226,7 +251,7 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
             skipped[path] = f"not in {key}.params"
         elif params:
             chosen[path] = role.in_dim if role.in_dim is not None else 0
-        elif len(x.shape) < 2:
+        elif ndim < 2:
             skipped[path] = "1-D (bias, norm scale)"
         elif role.kind == "embedding":
             skipped[path] = "embedding (looked up)"
@@ -245,7 +270,7 @@ def select(abstract: Any, logical: Any, roles: Mapping[str, Role], params: Seque
     if not chosen:
         raise UserError(f"{key}: no parameter is selected (the model has no 2-D+ matmul or conv weight besides its "
                         f"output layer): name tensors with {key}.params")
-    return Selection(chosen, skipped)
+    return Selection(chosen, skipped, {k: v for k, v in lead.items() if k in chosen})
 
 
 def describe(selection: Selection, abstract: Any, targets: Mapping[str, str]) -> list[str]:
@@ -283,7 +308,7 @@ def for_config(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, s
     """The tensors prune.* takes, read from the traced forward pass (or `found`, its roles), and the
     start-up table of them."""
     found = found if found is not None else model_roles(model, loss_fn, micro)
-    selection = select(model.params, model.logical, found, p.params, p.exclude)
+    selection = select(model.params, model.logical, found, p.params, p.exclude, stacked=model.stacked)
     shapes = {path_str(q): x.shape for q, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
     if p.nm is not None:
         targets = {k: f"{p.pattern} along dim {d}" for k, d in selection.chosen.items()}

@@ -37,7 +37,8 @@ class Saver:
         self.resumed_record: dict[str, Any] = {}  # the metadata record of the step restore() resumed from
         self.on_save: Callable[[], None] = lambda: None  # after each save: the trainer uploads its logs
 
-    def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str]) -> TrainState | None:
+    def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str],
+                stacked: Mapping[str, Any] | None = None) -> TrainState | None:
         """The newest (or checkpoint.restore_step's) state onto target's shardings, None for a fresh run.
 
         `data` is this run's data position record and `names` the config name of each of its keys: a
@@ -63,7 +64,7 @@ class Saver:
                                     f"the data position would not carry over (start fresh in another run.dir)")
 
         state = ckpt_lib.resume(ckpt, target, restore_step=c.restore_step, fallback=c.fallback,
-                                say=self.say, meta=same_data) if c.resume else None
+                                say=self.say, meta=same_data, stacked=dict(stacked or {})) if c.resume else None
         if state is None:
             return None
         step = int(state.step)

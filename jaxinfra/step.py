@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxinfra import sharding as shd
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
+from jaxinfra.pipeline import stacked_modules
 from jaxinfra.pruning import find_prune_state, sparsity_metrics
 
 ModelFn = Callable[[], nnx.Module]
@@ -84,6 +85,7 @@ class ModelDef:
     logical: Any
     state_logical: Any
     forward: Callable[[Any], Any] | None = None  # params -> what the forward pass computes with (QAT rounding)
+    stacked: Any = None  # Stacked module path -> leading layer dims ({} when the model stacks no layers)
 
     def rng_values(self, key: jax.Array) -> Any:
         """Every RNG stream of the model seeded from `key` (one fold per stream) with its count at 0."""
@@ -125,13 +127,14 @@ def abstract_model(model_fn: ModelFn) -> ModelDef:
             model.eval()
             static["eval_def"] = nnx.split(model, nnx.Param, nnx.RngState, OTHER)[0]
         static["train_def"] = graphdef
+        static["stacked"] = stacked_modules(model)
         static["logical"] = nnx.to_pure_dict(nnx.get_partition_spec(params))
         static["state_logical"] = nnx.to_pure_dict(nnx.get_partition_spec(state))
         return nnx.to_pure_dict(params), nnx.to_pure_dict(rngs), nnx.to_pure_dict(state)
 
     params, rngs, state = jax.eval_shape(build)
     return ModelDef(static["train_def"], static["eval_def"], params, state, rngs, static["logical"],
-                    static["state_logical"])
+                    static["state_logical"], stacked=static["stacked"])
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,

@@ -40,7 +40,8 @@ from jaxinfra.mesh import describe, make_mesh
 from jaxinfra.metrics import METRICS, MetricsWriter, Reporter
 from jaxinfra.names import path_str
 from jaxinfra.optim import make_optimizer, schedule_change, with_pruning
-from jaxinfra.pruning import find_prune_state, layer_sparsity
+from jaxinfra.pipeline import layer_names, lead_of
+from jaxinfra.pruning import find_prune_state
 from jaxinfra.saver import Saver
 from jaxinfra.step import (RESERVED, Field, LossFn, ModelDef, ModelFn, StepPlan, TrainState, abstract_model,
                            example_batch, make_eval_step, plan_step, split_loss)
@@ -204,13 +205,17 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         scope.enter_context(jax.set_mesh(mesh))
         say(describe(mesh))
         model = abstract_model(model_fn)
+        if mesh.shape.get("stage", 1) > 1 and not model.stacked:
+            raise UserError(f"mesh.stage={mesh.shape['stage']}: the model has no jaxinfra.Stacked block to split into "
+                            f"stages; build its repeated block with Stacked(make_block, n_layers) (docs/strategies.md) "
+                            f"or set mesh.stage=1")
         check_logical(model.logical, rules)  # checked here to name the parameter
         check_logical(model.state_logical, rules, "variable")
         micro = example_batch(fields, B // cfg.optim.grad_accum)
         check_outputs(loss_fn, model, micro, "loss_fn", train=True)
         if cfg.checkpoint.export_format == "hf":
             from jaxinfra.hf import check_model
-            check_model(model.params)
+            check_model(model.params, model.stacked)
         eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)
@@ -234,12 +239,13 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
                  **{k: name for k, (name, _) in (resume_keys or {}).items()}}
         recorded = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, peak_flops=peak))  # the caller's stays
         saver = Saver(cfg.run.path, cfg.checkpoint, stop_after=cfg.run.stop_after,
-                      record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta, kernels), say=say, lead=lead)
+                      record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta, kernels, model.stacked),
+                      say=say, lead=lead)
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
         saver.on_save = mirror.push
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
-        state = _start(cfg, plan, saver, saver.restore(plan.abstract, data_meta, names), known=optimizer is None,
-                       say=say)
+        restored = saver.restore(plan.abstract, data_meta, names, plan.model.stacked)
+        state = _start(cfg, plan, saver, restored, known=optimizer is None, say=say)
         run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
                    tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
                    compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish,
@@ -404,16 +410,30 @@ def _report_sparsity(run: _Run, state: TrainState) -> None:
     pruned = find_prune_state(state.opt_state)
     if pruned is None:
         return
-    fractions = jax.device_get(jax.jit(layer_sparsity)(pruned.masks))
-    zeros = jax.device_get(jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x == 0), p))(state.params))
-    flat = {f"sparsity/{path_str(path)}": (int(z), x.size)
-            for (path, z), x in zip(jax.tree_util.tree_flatten_with_path(zeros)[0], jax.tree.leaves(state.params))}
+    stacked = run.plan.model.stacked
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    leads = [lead_of(path_str(p), x.shape, stacked) for p, x in flat]
+
+    def per_layer(params: Any, masks: Any) -> list[tuple[jax.Array, jax.Array]]:
+        """(zeros, pruned) of each pruned tensor, per layer of a stacked one."""
+        out = []
+        for x, m, n in zip(jax.tree.leaves(params), jax.tree.leaves(masks), leads):
+            if m.ndim:
+                axes = tuple(range(n, x.ndim))
+                out.append((jnp.sum(x == 0, axis=axes).reshape(-1), jnp.sum(~m, axis=axes).reshape(-1)))
+        return out
+    counts = iter(jax.device_get(jax.jit(per_layer)(state.params, pruned.masks)))
     rows = [f"{'tensor':32s} {'zeros':>10s} {'of':>10s} {'sparsity':>8s}"]
     total = [0, 0]
-    for key, frac in fractions.items():
-        z, n = flat[key]
-        total[0], total[1] = total[0] + z, total[1] + n
-        rows.append(f"{key[len('sparsity/'):]:32s} {z:10,d} {n:10,d} {float(frac):8.2%}")
+    for (path, x), m in zip(flat, jax.tree.leaves(pruned.masks)):
+        if not m.ndim:
+            continue
+        zeros, masked = next(counts)
+        names = layer_names(path_str(path), x.shape, stacked) or [path_str(path)]
+        size = x.size // len(names)
+        for name, z, k in zip(names, zeros, masked):
+            total[0], total[1] = total[0] + int(z), total[1] + size
+            rows.append(f"{name:32s} {int(z):10,d} {size:10,d} {int(k) / size:8.2%}")
     rows.append(f"{'all pruned tensors':32s} {total[0]:10,d} {total[1]:10,d} {total[0] / max(total[1], 1):8.2%}")
     run.say("sparsity per pruned tensor:\n  " + "\n  ".join(rows))
     _write(run, "sparsity.txt", "\n".join(rows) + "\n")

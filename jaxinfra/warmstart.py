@@ -15,6 +15,7 @@ from jaxinfra import export as export_lib
 from jaxinfra import hf
 from jaxinfra.errors import UserError
 from jaxinfra.names import tensor_name
+from jaxinfra.pipeline import whole_layers
 from jaxinfra.step import ModelDef, TrainState
 
 
@@ -53,15 +54,16 @@ def load(path: str, model: ModelDef, shardings: TrainState) -> tuple[Any, Any, s
     """(params, other model variables) from `path` on this run's shardings, and the source's name.
     Every tensor the model has must be there in the same shape, and nothing else."""
     key = f"checkpoint.init_from={path}"
-    shapes = {tensor_name(p): tuple(a.shape) for tree in (model.params, model.state)
-              for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    shapes = {name: layer.shape for name, layer in whole_layers(
+        {tensor_name(p): tuple(a.shape) for tree in (model.params, model.state)
+         for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]}, model.stacked, sep=".").items()}
     try:
         read, names, source = _reader(path, shapes)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
     tensors = _Tensors(read, names)
-    params = export_lib.to_params(tensors, model.params, shardings.params, key)
-    state = export_lib.to_params(tensors, model.state, shardings.model_state, key)
+    params = export_lib.to_params(tensors, model.params, shardings.params, key, model.stacked)
+    state = export_lib.to_params(tensors, model.state, shardings.model_state, key, model.stacked)
     extra = sorted(names - set(shapes))
     if extra:
         raise UserError(f"{key}: holds tensor {extra[0]} that the model does not have"

@@ -10,7 +10,8 @@ from jaxinfra.job import model_fn
 from jaxinfra.mesh import make_mesh
 from jaxinfra.model import lm_loss
 from jaxinfra.optim import make_optimizer
-from jaxinfra.step import Field, StepPlan, TrainState, plan_step
+from jaxinfra import roles
+from jaxinfra.step import Field, StepPlan, TrainState, abstract_model, example_batch, plan_step
 
 
 class Setup(NamedTuple):
@@ -35,10 +36,15 @@ class Setup(NamedTuple):
 
 def model_plan(cfg, mesh) -> StepPlan:
     """The default model's StepPlan for cfg on mesh (call inside jax.set_mesh)."""
-    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
     fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
+    model = abstract_model(model_fn(cfg, mesh))
+    selection = None
+    if cfg.prune.enabled:  # what the trainer prunes: the kernels the traced forward pass multiplies by
+        micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
+        selection = roles.for_config(cfg.prune, model, lm_loss, micro, lambda *a: None)
+    tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
     return plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
-                     accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule)
+                     accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule, model=model)
 
 
 def make_setup(cfg, mesh):

@@ -32,7 +32,7 @@ def _train_and_save(cfg, directory, steps=3):
         for i in range(steps):
             state, _ = compiled(state, {"tokens": jax.device_put(make_batch(cfg, i), batch_sh["tokens"])})
         ck = ckpt_lib.Checkpointer(directory)
-        ck.save(steps, state, {"step": steps})
+        ck.save(steps, state, {"step": steps, ckpt_lib.STACKED: setup.plan.model.stacked})  # as train_model records
         ck.close()
         saved = shd.gather(state)
         _, metrics = compiled(state, {"tokens": jax.device_put(make_batch(cfg, steps), batch_sh["tokens"])})
@@ -58,8 +58,8 @@ def test_restore_onto_another_mesh_and_continue(saved, shape):
         assert int(restored.step) == 3
         for a, b in zip(jax.tree.leaves(shd.gather(restored)), jax.tree.leaves(state)):
             np.testing.assert_array_equal(a, b)
-        leaf = restored.params["blocks"][0]["mlp"]["w_up"]
-        assert leaf.sharding == plan.shardings.params["blocks"][0]["mlp"]["w_up"]
+        leaf = restored.params["blocks"]["mlp"]["w_up"]
+        assert leaf.sharding == plan.shardings.params["blocks"]["mlp"]["w_up"]
         assert len(leaf.sharding.device_set) == int(np.prod(shape))
         compiled, _, batch_sh = compile_step(cfg, mesh)
         new, metrics = compiled(restored, {"tokens": jax.device_put(make_batch(cfg, 3), batch_sh["tokens"])})
@@ -72,10 +72,10 @@ def test_other_model_shapes_name_the_first_mismatch(saved):
     mesh = mesh_of((2, 2, 2))
     with jax.set_mesh(mesh):
         plan = _plan(tiny_config("model.d_ff=128"), mesh)
-        with pytest.raises(UserError, match=r"w_down has shape \(64, 32\), the model expects \(128, 32\)"):
+        with pytest.raises(UserError, match=r"w_down has shape \(2, 64, 32\), the model expects \(2, 128, 32\)"):
             ckpt_lib.resume(ckpt_lib.Checkpointer(directory, read_only=True), plan.abstract)
         plan = _plan(tiny_config("model.n_layers=3"), mesh)
-        with pytest.raises(UserError, match="has no tensor opt_state/1/0/mu/blocks/2"):
+        with pytest.raises(UserError, match=r"blocks/attn/wk has shape \(2, 32, 4, 8\), the model expects \(3, 32"):
             ckpt_lib.resume(ckpt_lib.Checkpointer(directory, read_only=True), plan.abstract)
 
 

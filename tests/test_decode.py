@@ -93,12 +93,14 @@ def test_int8_kernels_equal_their_dequantized_floats(trained):
 
     def quantize(path, w):
         name = path[-1].key
-        return quant.quantize(w, in_dims[name]) if name in in_dims else jnp.asarray(w)
+        stacked = path[0].key == "blocks"  # (n_layers, ...): the layer dim is not contracted
+        dims = tuple(d + stacked for d in in_dims.get(name, ()))
+        return quant.quantize(w, dims) if name in in_dims else jnp.asarray(w)
 
     q = jax.tree_util.tree_map_with_path(quantize, host)
     floats = jax.tree.map(lambda x: quant.dequantize(x) if isinstance(x, quant.QTensor) else x, q,
                           is_leaf=lambda x: isinstance(x, quant.QTensor))
-    assert q["blocks"][0]["attn"]["wo"].scale.shape == (1, 1, 32) and q["embed"].scale.shape == (256, 1)
+    assert q["blocks"]["attn"]["wo"].scale.shape == (2, 1, 1, 32) and q["embed"].scale.shape == (256, 1)
     mesh = mesh_of((2, 2, 2))
     # the integers replicated, the floats on the training shardings: both reach the decoder's own layout
     tok_q, info_q = _decode(trained, PROMPTS, (2, 2, 2), params=jax.device_put(q, shd.replicated(mesh)),

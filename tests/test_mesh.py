@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ])
 def test_make_mesh_fills_minus_one(sizes, expect):
     mesh = make_mesh(*sizes)
-    assert mesh.axis_names == AXES
-    assert tuple(mesh.shape[a] for a in AXES) == expect
+    assert mesh.axis_names == AXES and mesh.shape["stage"] == 1
+    assert tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor")) == expect
     assert all(t == AxisType.Auto for t in mesh.axis_types)
 
 

@@ -33,10 +33,11 @@ def test_every_parameter_names_logical_axes(tiny):
     abstract, logical = model.params, model.logical
     shapes = jax.tree.leaves(abstract)
     specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    assert len(shapes) == len(specs) == 2 + 2 * 9 + 1
+    assert len(shapes) == len(specs) == 2 + 9 + 1  # the blocks stacked: 9 tensors of (n_layers, ...)
     for shape, spec in zip(shapes, specs):
         assert len(spec) == len(shape.shape) and all(isinstance(n, str) for n in spec)
-    assert logical["blocks"][0]["attn"]["wq"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
+    assert logical["blocks"]["attn"]["wq"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+    assert abstract["blocks"]["attn"]["wq"].shape == (2, 32, 4, 8)
 
 
 def test_rotary_preserves_norm_and_encodes_relative_position():
@@ -68,7 +69,7 @@ def test_flops_per_token_formula(tiny):
 
 def test_bf16_compute_with_f32_params(tiny):
     model = _model(tiny("model.dtype=bfloat16"))
-    assert model.blocks[0].mlp.w_up[...].dtype == jnp.float32
+    assert model.blocks.mlp.w_up[...].dtype == jnp.float32
     batch = {"tokens": jax.random.randint(jax.random.key(3), (2, 17), 0, 256)}
     loss32 = nnx.jit(lm_loss)(_model(tiny()), batch)
     loss16 = nnx.jit(lm_loss)(model, batch)

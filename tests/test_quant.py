@@ -20,6 +20,7 @@ from jaxinfra.errors import UserError
 from jaxinfra.job import model_fn, run
 from jaxinfra.model import lm_loss
 from jaxinfra.names import tensor_name
+from jaxinfra.pipeline import take, whole_layers
 from jaxinfra.step import abstract_model
 from steps import make_batch, mesh_of, model_plan
 
@@ -79,9 +80,13 @@ def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
         module = model.module(params)  # what the QAT forward pass computes with, on the mesh
         used = {tensor_name(p): np.asarray(jax.device_get(v)) for p, v in
                 jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))[0]}
-    assert len(kernels) == 15 and "head" in kernels and "embed" not in kernels  # looked up, not multiplied
+    # the blocks' 7 kernels stacked (2 layers each), and the head: 15 whole-layer tensors in the file
+    layers = whole_layers({k: v.shape for k, v in used.items()}, model.stacked, ".")
+    used = {n: take(used[layer.stored], layer) for n, layer in layers.items()}
+    names = [n for n, layer in layers.items() if layer.stored in kernels]
+    assert len(kernels) == 8 and len(names) == 15 and "head" in names and "embed" not in names  # looked up
     with safe_open(out, framework="numpy") as f:
-        for name in kernels:
+        for name in names:
             values, scale = f.get_tensor(name), f.get_tensor(name + quant.SCALE)
             assert values.dtype == np.int8 and not np.array_equal(used[name], floats[name])
             np.testing.assert_array_equal(values.astype(np.float32) * scale, used[name], err_msg=name)
@@ -251,8 +256,8 @@ def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
         flat, _ = read_params(f"{base}/qat")
         params = export_lib.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh,
                                                                              cfg.mesh.logical_rules))
-        int8 = _as_trained(params, locate(f"{base}/qat", None)[0])
-        assert isinstance(int8["blocks"][0]["attn"]["wq"], quant.QTensor)
+        int8 = _as_trained(params, locate(f"{base}/qat", None)[0], model.stacked)
+        assert isinstance(int8["blocks"]["attn"]["wq"], quant.QTensor)
         new, _ = decode.generate(int8, cfg.model, prompts, n_tokens=10, temperature=0.0, seed=0, mesh=mesh,
                                  rules=cfg.mesh.logical_rules, quant_inputs=True)
         for prompt, more in zip(prompts, new):

@@ -187,7 +187,7 @@ def test_export_during_the_run_equals_the_script(tmp_path, capsys):
     assert capsys.readouterr().err.count("no complete checkpoint") == 2
     assert inspect_main([str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "steps 3, 6" in out and "params.blocks.0.mlp.w_up" in out and "('fsdp', 'tensor')" in out
+    assert "steps 3, 6" in out and "params.blocks.mlp.w_up" in out and "('stage', 'fsdp', 'tensor')" in out
 
     # starting fresh over existing checkpoints is refused; going back to an older step drops the newer
     assert cli.main([*TINY, "run.steps=6", f"run.dir={run_dir}", "checkpoint.resume=false"]) == 2

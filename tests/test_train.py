@@ -21,10 +21,10 @@ def test_params_and_opt_state_are_born_sharded(tiny):
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     per_device = setup.init_compiled.memory_analysis().output_size_in_bytes
     assert per_device < total / 2  # the compiled init writes shards, never the whole model
-    wq = params["blocks"][0]["attn"]["wq"]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert wq.addressable_shards[0].data.shape == (wq.shape[0] // 2, wq.shape[1] // 2, wq.shape[2])
-    mu = setup.state.opt_state[1][0].mu["blocks"][0]["attn"]["wq"]  # clip, then adamw's ScaleByAdamState
+    wq = params["blocks"]["attn"]["wq"]  # (layers, d_model, heads, head_dim); no stage axis to split layers
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (wq.shape[0], wq.shape[1] // 2, wq.shape[2] // 2, wq.shape[3])
+    mu = setup.state.opt_state[1][0].mu["blocks"]["attn"]["wq"]  # clip, then adamw's ScaleByAdamState
     assert mu.sharding == wq.sharding
     count = setup.state.opt_state[1][0].count
     assert count.sharding.is_fully_replicated and len(count.sharding.device_set) == 8
