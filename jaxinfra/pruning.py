@@ -118,15 +118,17 @@ def exact_mask(w: jax.Array, k: jax.Array) -> jax.Array:
 
 def n_of_m_mask(w: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
     """True where kept: the n largest |w| of each group of m consecutive entries along `axis`."""
-    if axis != 0:
-        return jnp.moveaxis(n_of_m_mask(jnp.moveaxis(w, axis, 0), n, m), 0, axis)
-    if w.shape[0] % m:
-        raise ValueError(f"dim 0 of size {w.shape[0]} is not divisible by M={m}")
-    g = jnp.abs(w.astype(jnp.float32)).reshape(w.shape[0] // m, m, *w.shape[1:])
-    pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, 1)
+    axis %= w.ndim
+    if w.shape[axis] % m:
+        raise ValueError(f"dim {axis} of size {w.shape[axis]} is not divisible by M={m}")
+    # groups split `axis` in place (no transpose): a stacked tensor's groups run along dim 1, and moving a
+    # sharded dim to the front made GSPMD all-gather it inside the mask's cond, which deadlocked XLA's
+    # CPU collectives on a (1, 4, 2) mesh
+    g = jnp.abs(w.astype(jnp.float32)).reshape(w.shape[:axis] + (w.shape[axis] // m, m) + w.shape[axis + 1:])
+    pos = jax.lax.broadcasted_iota(jnp.int32, g.shape, axis + 1)
     ahead = jnp.zeros(g.shape, jnp.int32)  # entries of the group ranked before this one
     for j in range(m):
-        other = jnp.take(g, j, axis=1)[:, None]
+        other = jnp.take(g, j, axis=axis + 1)[(slice(None),) * (axis + 1) + (None,)]
         ahead += ((other > g) | ((other == g) & (j < pos))).astype(jnp.int32)
     return (ahead < n).reshape(w.shape)
 

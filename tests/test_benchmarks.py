@@ -28,3 +28,13 @@ def test_run_harness_reports_consistent_figures(tmp_path):
     norms = L * 2 * d + d
     assert math.isclose(rows[0]["param_mb_per_device"], 4 * ((n_params - norms) / 4 + norms) / 1e6)
     assert math.isclose(rows[0]["opt_mb_per_device"], 2 * rows[0]["param_mb_per_device"], rel_tol=1e-3)
+
+
+def test_pipeline_benchmark_compiles_both_layouts_and_counts_the_bubble(tmp_path):
+    from benchmarks import pipeline
+    out = tmp_path / "p.json"
+    result = pipeline.main(["--depths", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    (row,) = result["compile"]
+    assert row["n_layers"] == 2 and row["list_compile_s"] > 0 and row["stacked_compile_s"] > 0
+    assert all(math.isclose(b["idle_fraction"], b["formula"]) for b in result["bubble"])

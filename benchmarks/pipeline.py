@@ -1,0 +1,104 @@
+"""Stacked layers at depth: compile time of the default model's train step with its blocks stacked and
+scanned (today's model.Transformer) against the same blocks as a Python list (the model before stacking,
+rebuilt here as the baseline), on one device, at several depths; and the pipeline's bubble per schedule.
+
+python benchmarks/pipeline.py [--depths 4,16,32]
+Both compile in one process, alternating. Writes benchmarks/results/pipeline-<host>.json. Step time of
+pipelined meshes is not measured here: simulated CPU devices share the machine's cores, so a stage
+waiting on another is not idle time (a GPU session with several devices would measure it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.run import host_kind  # noqa: E402
+from jaxinfra import sharding as shd  # noqa: E402
+from jaxinfra.config import ModelConfig, load_config  # noqa: E402
+from jaxinfra.mesh import make_mesh  # noqa: E402
+from jaxinfra.model import Block, Constrain, RMSNorm, Transformer, _param, lm_loss  # noqa: E402
+from jaxinfra.optim import make_optimizer  # noqa: E402
+from jaxinfra.pipeline import idle_fraction, schedule  # noqa: E402
+from jaxinfra.step import Field, plan_step  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ListOfBlocks(nnx.Module):
+    """The baseline: model.Transformer as it was before stacking, its blocks a list run by a Python loop
+    (the compiler sees every layer's ops once per layer)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, constrain: Constrain):
+        pdt = np.dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, constrain=constrain) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
+        self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
+        self.constrain = constrain
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        x = jax.numpy.take(self.constrain(self.embed[...], (None, None)), tokens_BxT, axis=0)
+        for block in self.blocks:
+            x = block(x)
+        logits = jax.numpy.einsum("btd,dv->btv", self.final_norm(x), self.head[...])
+        return self.constrain(logits, ("batch", "seq", "vocab"))
+
+
+def compile_s(cfg: Any, mesh: Any, stacked: bool) -> float:
+    """Seconds to trace, lower and compile the train step (the trainer's plan), once."""
+    constrain = shd.LogicalConstraint(mesh, cfg.mesh.logical_rules)
+    build = (lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)) if stacked \
+        else (lambda: ListOfBlocks(cfg.model, rngs=nnx.Rngs(0), constrain=constrain))
+    tx, schedule_fn = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+    fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        plan_step(build, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, batch_size=cfg.data.batch_size,
+                  schedule=schedule_fn).compile()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Compile both at each depth, print a table, write the JSON; returns the results."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", default="4,16,32", help="comma-separated n_layers")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/pipeline-<host-kind>.json)")
+    args = p.parse_args(argv)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rows = []
+    print(f"{'layers':>6s} {'list s':>8s} {'stacked s':>9s} {'ratio':>6s}", flush=True)
+    for depth in (int(d) for d in args.depths.split(",")):
+        cfg = load_config(None, [f"model.n_layers={depth}"])
+        jax.clear_caches()
+        listed = compile_s(cfg, mesh, stacked=False)
+        jax.clear_caches()
+        scanned = compile_s(cfg, mesh, stacked=True)
+        rows.append({"n_layers": depth, "list_compile_s": listed, "stacked_compile_s": scanned,
+                     "ratio": listed / scanned})
+        print(f"{depth:6d} {listed:8.2f} {scanned:9.2f} {listed / scanned:5.1f}x", flush=True)
+    bubbles = [{"stages": S, "microbatches": M, "repeats": R, "idle_fraction": idle_fraction(schedule(S, M, R)),
+                "formula": (S - 1) / (R * M + S - 1)}
+               for S, M, R in [(2, 2, 1), (2, 8, 1), (4, 4, 1), (4, 16, 1), (4, 8, 2), (8, 32, 1), (8, 16, 4)]]
+    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "load_avg_1m": os.getloadavg()[0], "devices": str(jax.devices()[0]),
+            "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    result = {"compile": rows, "bubble": bubbles, "meta": meta}
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"pipeline-{host_kind()}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
