@@ -15,7 +15,9 @@ import time
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)
+from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import run  # noqa: E402

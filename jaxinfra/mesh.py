@@ -19,8 +19,18 @@ from jaxinfra.errors import UserError
 from jaxinfra.quiet import quiet_collectives
 
 
+# XLA's CPU scheduler that orders for concurrency lets simulated devices enter collectives in different
+# orders when a step runs several at once (the layer scan's, the update's): N:M pruning on (2,2,2)
+# deadlocked in a rendezvous from its third step (jax 0.10.2). The flag is read when the CPU client
+# starts, so it goes into XLA_FLAGS with the device count; as a compile option it did not help.
+CPU_COLLECTIVE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
 def use_cpu_devices(n: int) -> None:
-    """Ask for n simulated CPU devices; only effective before JAX's backend starts."""
+    """Ask for n simulated CPU devices (collectives scheduled in program order when n > 1); only
+    effective before JAX's backend starts."""
+    if n > 1 and CPU_COLLECTIVE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_FLAGS}".strip()
     if n > 0:
         try:
             jax.config.update("jax_num_cpu_devices", n)

@@ -6,7 +6,9 @@ import time
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 8)
+from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+
+use_cpu_devices(8)  # as the launch script does it (with its collective scheduling flag)
 # Many tests compile the same tiny step; JAX's persistent cache compiles each distinct program once
 # per suite run, here and in subprocesses (they inherit the variable). Tests that read the compiler's log
 # take the `no_jit_cache` fixture: a cache hit prints nothing.

@@ -13,9 +13,9 @@ BLOCK = re.compile(r"(<!-- no-test -->\s*\n)?```python\n(.*?)```", re.S)
 
 RUNNER = """
 import json, sys, traceback
-import jax
-jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, sys.argv[2])
+from jaxinfra.mesh import use_cpu_devices
+use_cpu_devices(8)
 failures = []
 for doc, blocks in json.loads(open(sys.argv[1]).read()).items():
     namespace = {"__name__": "__doc_" + doc.replace(".", "_")}
