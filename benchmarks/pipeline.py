@@ -1,6 +1,7 @@
 """Stacked layers at depth: compile time of the default model's train step with its blocks stacked and
-scanned (today's model.Transformer) against the same blocks as a Python list (the model before stacking,
-rebuilt here as the baseline), on one device, at several depths; and the pipeline's bubble per schedule.
+scanned (model.scan_layers=true) or stacked and unrolled (the default), against the same blocks as a
+Python list (the model before stacking, rebuilt here as the baseline), on one device, at several
+depths; and the pipeline's bubble per schedule.
 
 python benchmarks/pipeline.py [--depths 4,16,32]
 Both compile in one process, alternating. Writes benchmarks/results/pipeline-<host>.json. Step time of
@@ -10,6 +11,7 @@ waiting on another is not idle time (a GPU session with several devices would me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -54,11 +56,13 @@ class ListOfBlocks(nnx.Module):
         return self.constrain(logits, ("batch", "seq", "vocab"))
 
 
-def compile_s(cfg: Any, mesh: Any, stacked: bool) -> float:
-    """Seconds to trace, lower and compile the train step (the trainer's plan), once."""
+def compile_s(cfg: Any, mesh: Any, variant: str) -> float:
+    """Seconds to trace, lower and compile the train step (the trainer's plan) of a variant (list, scan,
+    unrolled), once."""
     constrain = shd.LogicalConstraint(mesh, cfg.mesh.logical_rules)
-    build = (lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)) if stacked \
-        else (lambda: ListOfBlocks(cfg.model, rngs=nnx.Rngs(0), constrain=constrain))
+    model_cfg = dataclasses.replace(cfg.model, scan_layers=variant == "scan")
+    build = (lambda: ListOfBlocks(cfg.model, rngs=nnx.Rngs(0), constrain=constrain)) if variant == "list" \
+        else (lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), constrain=constrain))
     tx, schedule_fn = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
     fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
     t0 = time.perf_counter()
@@ -76,16 +80,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
-    print(f"{'layers':>6s} {'list s':>8s} {'stacked s':>9s} {'ratio':>6s}", flush=True)
+    print(f"{'layers':>6s} {'list s':>8s} {'scan s':>8s} {'unrolled s':>10s} {'list/scan':>9s}", flush=True)
     for depth in (int(d) for d in args.depths.split(",")):
         cfg = load_config(None, [f"model.n_layers={depth}"])
-        jax.clear_caches()
-        listed = compile_s(cfg, mesh, stacked=False)
-        jax.clear_caches()
-        scanned = compile_s(cfg, mesh, stacked=True)
-        rows.append({"n_layers": depth, "list_compile_s": listed, "stacked_compile_s": scanned,
-                     "ratio": listed / scanned})
-        print(f"{depth:6d} {listed:8.2f} {scanned:9.2f} {listed / scanned:5.1f}x", flush=True)
+        row: dict[str, Any] = {"n_layers": depth}
+        for variant in ("list", "scan", "unrolled"):
+            jax.clear_caches()
+            row[f"{variant}_compile_s"] = compile_s(cfg, mesh, variant)
+        row["ratio"] = row["list_compile_s"] / row["scan_compile_s"]
+        rows.append(row)
+        print(f"{depth:6d} {row['list_compile_s']:8.2f} {row['scan_compile_s']:8.2f} {row['unrolled_compile_s']:10.2f} "
+              f"{row['ratio']:8.1f}x", flush=True)
     bubbles = [{"stages": S, "microbatches": M, "repeats": R, "idle_fraction": idle_fraction(schedule(S, M, R)),
                 "formula": (S - 1) / (R * M + S - 1)}
                for S, M, R in [(2, 2, 1), (2, 8, 1), (4, 4, 1), (4, 16, 1), (4, 8, 2), (8, 32, 1), (8, 16, 4)]]

@@ -145,7 +145,8 @@ class Transformer(nnx.Module):
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
         # built one after another from the same rngs, as a list of blocks would be: the same initial values
         self.blocks = Stacked(lambda: Block(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs),
-                              cfg.n_layers, repeats=repeats, microbatches=microbatches, remat=cfg.remat)
+                              cfg.n_layers, repeats=repeats, microbatches=microbatches, remat=cfg.remat,
+                              unroll=not cfg.scan_layers)
         self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
         self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
         self.dtype, self.constrain = jnp.dtype(cfg.dtype), constrain

@@ -36,5 +36,5 @@ def test_pipeline_benchmark_compiles_both_layouts_and_counts_the_bubble(tmp_path
     result = pipeline.main(["--depths", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     (row,) = result["compile"]
-    assert row["n_layers"] == 2 and row["list_compile_s"] > 0 and row["stacked_compile_s"] > 0
+    assert row["n_layers"] == 2 and min(row[f"{v}_compile_s"] for v in ("list", "scan", "unrolled")) > 0
     assert all(math.isclose(b["idle_fraction"], b["formula"]) for b in result["bubble"])

@@ -82,6 +82,14 @@ def test_circular_schedule_equals_one_device(one_device):
         _agree((losses, flat), one_device, f"circular M={M}")
 
 
+def test_scanned_layers_equal_the_unrolled_ones(one_device):
+    """model.scan_layers=true: one compiled block looped over the layers, on one device and in each stage."""
+    for axes in (dict(), dict(stage=2)):
+        cfg = tiny_config(*PP, "model.scan_layers=true", "pipeline.microbatches=2")
+        losses, params, _, _ = _steps(cfg, _mesh(**axes))
+        _agree((losses, params), one_device, f"scan {axes}")
+
+
 def _groups(hlo: str, op: str) -> list[list[int]]:
     """The device groups of every `op` in the HLO (explicit {{0,1},{2,3}} or iota [G,N]<=[...] form)."""
     out = []
