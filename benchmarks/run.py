@@ -73,7 +73,7 @@ def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
         model, _ = quant.for_config(cfg.quant, model, found, cfg.model.dtype, say=lambda *_: None)
     if cfg.prune.enabled and optimizer is None:
         selection = roles.for_config(cfg.prune, model, lm_loss, micro, say=lambda *_: None, found=found)
-    tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
+    tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     return plan_step(model_fn, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, accum=cfg.optim.grad_accum,
                      batch_size=cfg.data.batch_size, schedule=schedule, model=model)
 

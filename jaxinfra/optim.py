@@ -1,11 +1,14 @@
 """The Optax transformation and learning-rate schedule described by the config."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxinfra.names import path_str
+from jaxinfra.pipeline import lead_of
 
 if TYPE_CHECKING:
     from jaxinfra.config import OptimConfig, PruneConfig
@@ -40,29 +43,35 @@ def schedule_change(cfg: OptimConfig, old_steps: int | None, steps: int, step: i
     return line + "; for a bit-exact continuation keep run.steps and stop early with run.stop_after"
 
 
-def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (not norms' scales or biases)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(stacked: Mapping[str, Any] | None = None) -> Callable[[Any], Any]:
+    """Weight decay on matrices only (not norms' scales or biases), counting a stacked tensor's dims
+    per layer (`stacked`: ModelDef.stacked), so stacked norm scales (layers, d_model) stay undecayed."""
+    def mask(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim - lead_of(path_str(path), p.shape, stacked or {}) >= 2, params)
+    return mask
 
 
-OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]] = {
-    "adamw": lambda c, lr: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                                       mask=_decay_mask),
-    "sgd": lambda c, lr: optax.chain(optax.add_decayed_weights(c.weight_decay, _decay_mask),
-                                     optax.sgd(lr, momentum=c.momentum or None)),
-    "lion": lambda c, lr: optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=_decay_mask),
+Mask = Callable[[Any], Any]
+OPTIMIZERS: dict[str, Callable[[OptimConfig, optax.Schedule, Mask], optax.GradientTransformation]] = {
+    "adamw": lambda c, lr, m: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=m),
+    "sgd": lambda c, lr, m: optax.chain(optax.add_decayed_weights(c.weight_decay, m),
+                                        optax.sgd(lr, momentum=c.momentum or None)),
+    "lion": lambda c, lr, m: optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=m),
     # adafactor adds its decay after the learning-rate scaling: scale it by the peak lr here
-    "adafactor": lambda c, lr: optax.adafactor(lr, weight_decay_rate=(c.weight_decay * c.lr) or None,
-                                               weight_decay_mask=_decay_mask),
+    "adafactor": lambda c, lr, m: optax.adafactor(lr, weight_decay_rate=(c.weight_decay * c.lr) or None,
+                                                  weight_decay_mask=m),
 }
 
 
 def make_optimizer(cfg: OptimConfig, steps: int, prune_cfg: PruneConfig | None = None,
-                   selection: Selection | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule."""
+                   selection: Selection | None = None, stacked: Mapping[str, Any] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip -> optimizer), wrapped in magnitude pruning when prune_cfg asks, and its lr schedule;
+    `stacked` (ModelDef.stacked) keeps weight decay off stacked norm scales."""
     schedule = make_schedule(cfg, steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule))
+    tx = optax.chain(*parts, OPTIMIZERS[cfg.name](cfg, schedule, decay_mask(stacked)))
     if prune_cfg is None or not prune_cfg.enabled:
         return tx, schedule
     return with_pruning(tx, prune_cfg, selection), schedule

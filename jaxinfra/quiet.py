@@ -21,9 +21,33 @@ import threading
 PIECES = re.compile(rb"\[Gloo\] Rank | is connected to | peer ranks\. |Expected number of connected peer ranks is : ")
 
 
+# Another write can also land inside a message (both streams share one pipe when they go to one file, as
+# under srun): "[Gloo] Rank 1 is conne" + "resumed from step 25\n" + "cted to 1 peer ranks. ... : 1\n".
+# The message's start leading a line, and a line that is only its end, are cut out (measured: one such
+# split leaked "cted to 1 peer ranks. ..." into a SLURM job's log).
+MESSAGE = b"[Gloo] Rank # is connected to # peer ranks. Expected number of connected peer ranks is : #"
+
+
+def _any_of(parts: list[bytes]) -> bytes:
+    """Alternatives, longest first (a regex takes the first that matches); # stands for a number."""
+    return b"|".join(re.escape(p).replace(b"\\#", rb"\d+").replace(b"#", rb"\d+")
+                     for p in sorted(set(parts), key=len, reverse=True))
+
+
+HEAD = re.compile(b"^(?:" + _any_of([MESSAGE[:i] for i in range(len(b"[Gloo] "), len(MESSAGE))]) + b")(?=.)")
+TAIL = re.compile(b"^(?:" + _any_of([MESSAGE[i:] for i in range(1, len(MESSAGE) - 12)]) + rb")\s*$")
+
+
 def chatter(line: bytes) -> bool:
-    """Whether a line holds nothing but pieces of Gloo's connection message."""
+    """Whether a line holds nothing but pieces of Gloo's connection message (or its cut-off end)."""
+    if TAIL.match(line):
+        return True
     return PIECES.search(line) is not None and not PIECES.sub(b"", line).translate(None, b"0123456789 \r\n")
+
+
+def clean(line: bytes) -> bytes | None:
+    """The line to pass on: None for Gloo's chatter, else the line without a message's start leading it."""
+    return None if chatter(line) else HEAD.sub(b"", line, count=1)
 
 
 def quiet_collectives() -> bool:
@@ -71,7 +95,8 @@ def _restore(child: subprocess.Popen, saved: dict[int, int]) -> None:
 def _copy(src: int, dst: int) -> None:
     with os.fdopen(src, "rb") as lines:  # buffered: a line is passed on as soon as it is complete
         for line in lines:
-            if chatter(line):
+            line = clean(line)
+            if line is None:
                 continue
             while line:  # a pipe may take part of a long line
                 line = line[os.write(dst, line):]

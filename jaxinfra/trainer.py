@@ -277,7 +277,7 @@ def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Sch
                ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
     """cfg's optimizer, or the caller's, wrapped in prune.* unless it prunes already (never silently dense)."""
     if given is None:
-        return make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection)
+        return make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     tx, schedule = given
     if cfg.prune.enabled and find_prune_state(jax.eval_shape(tx.init, model.params)) is None:
         say("prune.* is set: the optimizer passed to train_model is wrapped in pruning (jaxinfra.with_pruning; "

@@ -84,6 +84,9 @@ os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of con
 os.write(1, b"[Gloo] Rank [Gloo] Rank 01 is connected to  is connected to 3\\n")  # two communicators interleaved
 os.write(1, b"3 peer ranks. Expected number of connected peer ranks is : 3\\n")
 os.write(2, b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n")
+os.write(1, b"[Gloo] Rank 1 is conne")  # another line written into the middle of a message
+print("middle", flush=True)
+os.write(1, b"cted to 1 peer ranks. Expected number of connected peer ranks is : 1\\n")
 for i in range(200):
     print(f"out {i}: the host is connected to 3 peers", flush=True)
     print(f"err {i}", file=sys.stderr, flush=True)
@@ -100,13 +103,13 @@ def test_quiet_collectives_drops_gloo_lines_and_keeps_the_rest(tmp_path, kill):
     done = subprocess.run([sys.executable, "-c", script, str(kill)], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path, env=env)
     assert done.returncode == (-9 if kill else 0)
-    assert done.stdout == "first\n" + "".join(f"out {i}: the host is connected to 3 peers\n" for i in range(200))
+    assert done.stdout == "first\nmiddle\n" + "".join(f"out {i}: the host is connected to 3 peers\n" for i in range(200))
     assert done.stderr == "".join(f"err {i}\n" for i in range(200))
     with open(tmp_path / "both", "w") as both:  # one file for both (SLURM's --output): one pipe keeps the order
         done = subprocess.run([sys.executable, "-c", script, str(kill)], stdout=both, stderr=both, timeout=60,
                               cwd=tmp_path, env=env)
-    want = 1 + 2 * 200  # after a SIGKILL the orphaned filter may still be passing lines on: wait for them
+    want = 2 + 2 * 200  # after a SIGKILL the orphaned filter may still be passing lines on: wait for them
     deadline = time.monotonic() + 30
     while len(lines := (tmp_path / "both").read_text().splitlines()) < want and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert lines == ["first", *[x for i in range(200) for x in (f"out {i}: the host is connected to 3 peers", f"err {i}")]]
+    assert lines == ["first", "middle", *[x for i in range(200) for x in (f"out {i}: the host is connected to 3 peers", f"err {i}")]]

@@ -204,11 +204,9 @@ def test_a_checkpoint_saved_before_layers_were_stacked_resumes(tmp_path):
     new, out = _train(*TINY, "run.steps=6", "run.log_every=1", "run.eval_batches=0", "checkpoint.export_final=false",
                       "checkpoint.every=3", *MESHES["one"], f"run.dir={d}")
     assert "resumed from step 3" in out
-    # step 4 is the restored parameters' forward pass: equal to float32 rounding. Later steps differ more
-    # (measured 2.8e-5): the stacked blocks run as a scan, the old list as an unrolled loop, and their
-    # gradients' last bits, divided by Adam's still tiny second moments, move the next updates apart.
-    np.testing.assert_allclose(new[4], old[4], rtol=2e-6)
-    np.testing.assert_allclose([new[5], new[6]], [old[5], old[6]], rtol=1e-4)
+    # bit for bit: the stacked layers (unrolled, the default) compute what the list did, and weight decay
+    # still skips the norm scales, stacked (layers, d_model) or not
+    assert [new[s] for s in (4, 5, 6)] == [old[s] for s in (4, 5, 6)]
     # restored into the stacked layout: every tensor (parameters and Adam's moments) bit for bit, by layer
     mesh = _mesh()
     with jax.set_mesh(mesh):

@@ -106,7 +106,7 @@ def test_qat_step_on_the_mesh_adds_no_all_gather():
     with jax.set_mesh(mesh):
         dense = model_plan(tiny_config(), mesh)
         model, _ = _qat_model(cfg, mesh)
-        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune)
+        tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, stacked=model.stacked)
         fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
         qat = plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
                         batch_size=cfg.data.batch_size, schedule=schedule, model=model)
@@ -264,5 +264,8 @@ def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
             tokens = np.array(prompt + more, np.int32)
             logits = np.asarray(model.module(params)(tokens[None, :-1]))[0][len(prompt) - 1:]
             top2 = np.sort(logits, axis=-1)[:, -2:]
-            clear = top2[:, 1] - top2[:, 0] > 1e-3
+            # the cache's attention differs from the full pass in the last float bits, which can move an
+            # activation across an int8 rounding step: a logit then moves by up to about 1e-2 (a 0.0067
+            # margin was measured to flip), so only clearer choices must agree
+            clear = top2[:, 1] - top2[:, 0] > 2e-2
             assert clear.sum() >= 5 and np.array_equal(logits.argmax(-1)[clear], np.array(more)[clear])
