@@ -3,8 +3,8 @@
 `Stacked(make, n)` builds n copies of a block (make() each, drawing random numbers in order, as a
 Python list of blocks would) and stores them as one block whose parameters carry a leading
 (n_layers,) dimension named by the logical axis `layers` ((repeats, layers) for a circular
-schedule). Calling it runs the layers in order: a `lax.scan` over one traced block when the mesh
-has no stage axis, else the pipeline below. Parameter paths stay the block's own (`blocks/attn/wq`,
+schedule). Calling it runs the layers in order (a `lax.scan` over one traced block, unrolled unless
+model.scan_layers) when the mesh has no stage axis, else the pipeline below. Parameter paths stay the block's own (`blocks/attn/wq`,
 shape (L, D, H, K)); checkpoints name whole layers `blocks.N.attn.wq` wherever a user reads
 tensors (exports, init_from, the HF folder), through `layer_names`.
 
