@@ -295,11 +295,11 @@ def _relayout(saved: Any, item: dict[str, Any], saved_stacked: dict[str, Any], s
     or one tensor per layer as saved before stacking): (restore target in the saved layout, jitted
     conversion to the target's); None when the layouts agree or the tensors differ (check_shapes says how).
     A saved tensor is restored with its layer dims whole and its other dims split as the target's are."""
-    have, want = _flat_shapes(saved), _flat_shapes(item)
-    if {p: shape for p, (shape, _) in have.items()} == {p: shape for p, (shape, _) in want.items()}:
+    have = {p: shape for p, (shape, _) in _flat_shapes(saved).items()}
+    want = {p: shape for p, (shape, _) in _flat_shapes(item).items()}
+    if have == want:
         return None
-    saved_layers = whole_layers({p: shape for p, (shape, _) in have.items()}, saved_stacked)
-    target_layers = whole_layers({p: shape for p, (shape, _) in want.items()}, stacked)
+    saved_layers, target_layers = whole_layers(have, saved_stacked), whole_layers(want, stacked)
     if set(saved_layers) != set(target_layers) or any(saved_layers[n].shape != target_layers[n].shape
                                                       for n in target_layers):
         return None

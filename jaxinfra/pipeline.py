@@ -169,16 +169,26 @@ def stacked_modules(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def layer_names(path: str, shape: tuple[int, ...], stacked: Mapping[str, Any], sep: str = "/"
+def _match(path: str, shape: tuple[int, ...] | None, stacked: Mapping[str, Any], sep: str
+           ) -> tuple[int, tuple[int, ...]] | None:
+    """(where the Stacked module's path ends in `path`, its leading layer dims) for a tensor of a
+    Stacked module whose leading dims are those (any shape when None), else None."""
+    for prefix, lead in stacked.items():
+        at = _find(path, prefix.replace("/", sep), sep)
+        if at >= 0 and (shape is None or tuple(shape[:len(lead)]) == tuple(lead)):
+            return at, tuple(lead)
+    return None
+
+
+def layer_names(path: str, shape: tuple[int, ...] | None, stacked: Mapping[str, Any], sep: str = "/"
                 ) -> list[str] | None:
     """A stacked tensor's per-layer names ('blocks/attn/wq' -> ['blocks/0/attn/wq', ...], in layer
     order), or None for a tensor of no Stacked module; `stacked` as `stacked_modules` gives it."""
-    for prefix, lead in stacked.items():
-        at = _find(path, prefix.replace("/", sep), sep)
-        if at >= 0 and tuple(shape[:len(lead)]) == tuple(lead):
-            head, rest = path[:at], path[at:]
-            return [f"{head}{i}{sep}{rest}" for i in range(int(np.prod(lead)))]
-    return None
+    found = _match(path, shape, stacked, sep)
+    if found is None:
+        return None
+    at, lead = found
+    return [f"{path[:at]}{i}{sep}{path[at:]}" for i in range(int(np.prod(lead)))]
 
 
 def find_stacked(name: str, shape: tuple[int, ...], names: Any, sep: str = ".") -> dict[str, tuple[int, ...]]:
@@ -196,12 +206,10 @@ def find_stacked(name: str, shape: tuple[int, ...], names: Any, sep: str = ".") 
     return {}
 
 
-def lead_of(path: str, shape: tuple[int, ...], stacked: Mapping[str, Any], sep: str = "/") -> int:
+def lead_of(path: str, shape: tuple[int, ...] | None, stacked: Mapping[str, Any], sep: str = "/") -> int:
     """How many leading dims of a tensor index stacked layers (0 for a tensor of no Stacked module)."""
-    for prefix, lead in stacked.items():
-        if _find(path, prefix.replace("/", sep), sep) >= 0 and tuple(shape[:len(lead)]) == tuple(lead):
-            return len(lead)
-    return 0
+    found = _match(path, shape, stacked, sep)
+    return len(found[1]) if found else 0
 
 
 def _find(path: str, prefix: str, sep: str) -> int:
@@ -228,11 +236,10 @@ def whole_layers(shapes: Mapping[str, tuple[int, ...]], stacked: Mapping[str, An
     entry per layer of each stacked tensor, named as a list of blocks would name it."""
     out = {}
     for name, shape in shapes.items():
-        names = layer_names(name, shape, stacked, sep)
+        names, lead = layer_names(name, shape, stacked, sep), lead_of(name, shape, stacked, sep)
         if names is None:
             out[name] = Layer(name, None, 0, tuple(shape))
             continue
-        lead = lead_of(name, shape, stacked, sep)
         out.update({n: Layer(name, i, lead, tuple(shape[lead:])) for i, n in enumerate(names)})
     return out
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxinfra.errors import UserError
 from jaxinfra.names import path_str
-from jaxinfra.pipeline import layer_names
+from jaxinfra.pipeline import layer_names, lead_of
 
 if TYPE_CHECKING:
     from jaxinfra.config import QuantConfig
@@ -150,9 +150,8 @@ def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str]:
     stacked = ckpt_lib.saved_stacked(step_dir)
     plan = {}
     for name, dims in chosen.items():  # a stacked tensor's dims, shifted to those of its whole layers
-        prefix = next((p for p in stacked if name.startswith(p.replace("/", ".") + ".")), None)
-        lead = len(stacked[prefix]) if prefix else 0
-        for layer in layer_names(name, stacked[prefix], {prefix: stacked[prefix]}, ".") if prefix else [name]:
+        lead = lead_of(name, None, stacked, ".")
+        for layer in layer_names(name, None, stacked, ".") or [name]:
             plan[layer] = tuple(int(d) - lead if int(d) >= 0 else int(d) for d in dims)
     return plan, str(kernels.get("compute_dtype", "float32"))
 
