@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from conftest import tiny_config
+from conftest import need, tiny_config
 from jaxinfra import cli
 from jaxinfra import export as export_lib
 from jaxinfra import quant, roles
@@ -192,8 +192,8 @@ def test_hf_int8_export_is_compressed_tensors_layout(qat_run, tmp_path):
 def test_compressed_tensors_own_decompressor_agrees(qat_run, tmp_path):
     """transformers loads the folder through compressed-tensors' own decompressor: its float weights
     equal our dequantized ones bit for bit."""
-    pytest.importorskip("compressed_tensors", reason="compressed-tensors (and torch) are not installed")
-    transformers = pytest.importorskip("transformers")
+    need("compressed_tensors", "compressed-tensors (and torch) are not installed")
+    transformers = need("transformers", "transformers (and torch) are not installed: the [hf] extra")
     base, _, _ = qat_run
     out = str(tmp_path / "hf")
     assert cli.export_main([f"{base}/qat", "--out", out, "--format", "hf", "--quant", "int8"]) == 0
