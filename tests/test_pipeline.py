@@ -170,6 +170,29 @@ MESHES = {"pp": ["mesh.data=2", "mesh.stage=2", "mesh.fsdp=1", "mesh.tensor=2", 
           "one": ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.cpu_devices=1"]}
 
 
+IN_PROCESS = {"pp": dict(data=2, stage=2, tensor=2), "dft": dict(data=2, fsdp=2, tensor=2), "one": {}}  # MESHES' meshes
+
+
+def _restored(run_dir: Path, step: int, onto: str) -> dict[str, np.ndarray]:
+    """Step `step` of run_dir restored in this process onto MESHES[onto]'s mesh (as a resume restores it),
+    gathered, one array per layer under the names read_params gives."""
+    mesh = _mesh(**IN_PROCESS[onto])
+    with jax.set_mesh(mesh):
+        plan = model_plan(tiny_config(*PP, *MESHES[onto]), mesh)
+        state = ckpt_lib.resume(ckpt_lib.Checkpointer(str(run_dir / "checkpoints"), read_only=True), plan.abstract,
+                                restore_step=step, stacked=plan.model.stacked)
+        params = shd.gather(state.params)
+    flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    layers = whole_layers({k: v.shape for k, v in flat.items()}, plan.model.stacked)
+    return {name.replace("/", "."): take(flat[layer.stored], layer) for name, layer in layers.items()}
+
+
+def _assert_same_arrays(found: dict[str, np.ndarray], expected: dict[str, np.ndarray], what: str) -> None:
+    assert sorted(found) == sorted(expected), what
+    for k in expected:
+        np.testing.assert_array_equal(found[k], expected[k], err_msg=f"{what}: {k}")
+
+
 def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
     """A stage=2 run's step 3 onto (2,2,2) and one device: the same arrays, and step 4's loss equal to
     the stage=2 run's own; then those runs' step 4 back onto stage=2: the same arrays again."""
@@ -178,14 +201,14 @@ def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
     saved, _ = ckpt_lib.read_params(str(tmp_path / "pp"), 3)
     assert {f"blocks.{i}.attn.wq" for i in range(4)} <= set(saved)  # whole layers, as before stacking
     for name in ("dft", "one"):
+        _assert_same_arrays(_restored(tmp_path / "pp", 3, name), saved, f"stage=2 step 3 onto {name}")
         d = tmp_path / f"onto-{name}"
         shutil.copytree(tmp_path / "pp" / "checkpoints" / "3", d / "checkpoints" / "3")
         losses, out = _train(*args, *MESHES[name], f"run.dir={d}")
         assert "resumed from step 3" in out and sorted(losses) == [4]
         np.testing.assert_allclose(losses[4], first[4], rtol=2e-6, err_msg=name)
-        np.testing.assert_array_equal(ckpt_lib.read_params(str(d), 3)[0]["blocks.2.mlp.w_up"],
-                                      saved["blocks.2.mlp.w_up"])
         back, _ = ckpt_lib.read_params(str(d), 4)
+        _assert_same_arrays(_restored(d, 4, "pp"), back, f"{name} step 4 back onto stage=2")
         d2 = tmp_path / f"back-{name}"
         shutil.copytree(d / "checkpoints" / "4", d2 / "checkpoints" / "4")
         _, out = _train(*args, *MESHES["pp"], "run.steps=5", f"run.dir={d2}")

@@ -112,7 +112,7 @@ def test_qat_step_on_the_mesh_adds_no_all_gather():
                         batch_size=cfg.data.batch_size, schedule=schedule, model=model)
         texts = [p.compile().as_text() for p in (dense, qat)]
     gathers = [_collectives(t, "all-gather") for t in texts]
-    assert gathers[1] <= gathers[0], gathers
+    assert gathers[1] == gathers[0], gathers  # docs/compression.md: the QAT step gathers each weight once, as the dense step
     assert "round-nearest-even" in texts[1] and "round-nearest-even" not in texts[0]  # only the QAT step rounds
 
 
