@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import re
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -87,6 +89,21 @@ def as_dict(state: TrainState) -> dict[str, Any]:
     return state._asdict()
 
 
+def _say_at_once(line: str) -> None:
+    """A line on stdout from a signal handler. Python runs the handler between two instructions of the
+    main thread, possibly inside a write to sys.stdout that the signal interrupted: the line goes out
+    with os.write, never through sys.stdout (a reentrant write there raises), after what sys.stdout
+    holds when it can be flushed (when it cannot, the line may come before that). Never raises."""
+    try:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        fd, data = sys.stdout.fileno(), (line + "\n").encode()
+        while data:
+            data = data[os.write(fd, data):]
+    except Exception:  # a stdout with no file descriptor (captured) or closed: the flag alone, unsaid
+        pass
+
+
 class Checkpointer:
     """An async CheckpointManager over `directory`, plus a SIGTERM flag for single-process runs."""
 
@@ -94,6 +111,7 @@ class Checkpointer:
                  digests: bool = True):
         self.directory, self.digests = storage.absolute(directory), digests  # digests=False: benchmarks only
         self._sigterm = self._failed = False
+        self._asked: int | None = None  # the last step preempted() was asked about (None: no step finished yet)
         self._in_flight: int | None = None  # the step whose async save was started last, until waited on
         if storage.is_remote(self.directory):
             storage.orbax_bridge()
@@ -104,18 +122,28 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def watch_sigterm(self) -> Callable[[], None]:
-        """Single process (no jax.distributed preemption sync): SIGTERM sets a flag checked each step.
+        """Single process (no jax.distributed preemption sync): SIGTERM sets a flag checked each step
+        and says at once, in a line before any later one, the last step finished when it came ("before
+        the first step of this run" while the step compiles).
 
         Returns the function that puts the previous handler back.
         """
         if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_sigterm", True))
+
+        def caught(*_: Any) -> None:
+            if not self._sigterm:
+                when = f"after step {self._asked}" if self._asked else "before the first step of this run"
+                _say_at_once(f"SIGTERM received {when}: the run saves at the end of its current step and stops")
+            self._sigterm = True
+
+        signal.signal(signal.SIGTERM, caught)
         return lambda: signal.signal(signal.SIGTERM, previous)
 
     def preempted(self, step: int) -> bool:
         """True on every process at one agreed step after a SIGTERM (or on this one, if alone)."""
+        self._asked = step
         return self._sigterm or self.manager.reached_preemption(step)
 
     def committed(self, step: int) -> bool:

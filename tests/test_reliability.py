@@ -1,5 +1,6 @@
 """A hostile user's files and an unlucky operator's day: each defect of the reliability issue
 reproduced, each a clear line and nothing lost."""
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tensorstore as ts
 from safetensors.numpy import save_file
 
 import jaxinfra
@@ -22,6 +24,18 @@ from test_resume import _start, _wait_for_line
 from steps import mesh_of, model_plan
 from test_user_model import BASE as NET, Net, dataset, xent
 
+
+@contextlib.contextmanager
+def _reaped(*procs):
+    """The runs a test started, killed with their process groups on the way out, whatever happens
+    (a failed assertion, a timeout): none outlives its test."""
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()  # reaped, pipes closed
 
 
 # 5. YAML that expands without bound, or nests without bound, is one line, not a hang
@@ -98,7 +112,7 @@ def test_restart_at_the_last_step_completes_what_the_run_owes(tmp_path, capsys):
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = _start([*TINY, f"run.dir={run_dir}", "run.steps=100000", "checkpoint.every=0", "run.log_every=1"])
-    try:
+    with _reaped(first):  # killed on the way out: dies holding the lock
         _wait_for_line(first, "train step compiled")
         lock = json.loads((run_dir / ".jaxinfra.lock").read_text())
         assert lock["pid"] == first.pid
@@ -107,9 +121,6 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
         assert rc == 2 and len(err) == 1, err
         assert f"run.dir={run_dir} is in use by process {first.pid} on host {lock['host']}" in err[0]
         assert lock["since"] in err[0]
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock
-        first.communicate()
     rc = cli.main([*TINY, f"run.dir={run_dir}", "run.steps=2", "checkpoint.every=0"])
     out = capsys.readouterr().out
     assert rc == 0 and f"process {first.pid} on {lock['host']}" in out and "is gone" in out
@@ -119,11 +130,11 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
 def test_two_writers_started_together_one_runs_one_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, f"run.dir={run_dir}", "run.steps=3", "run.log_every=1", "checkpoint.every=1", "checkpoint.keep=2"]
-    procs = [_start(args), _start(args)]
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=240)
-        results.append((proc.returncode, err.strip().splitlines()))
+    with _reaped(_start(args), _start(args)) as procs:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            results.append((proc.returncode, err.strip().splitlines()))
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
     refused = next(err for rc, err in results if rc == 2)
@@ -220,18 +231,44 @@ def lm_run(tmp_path_factory):
     return run
 
 
-def _flip(run, rng):
-    """One byte of step 10's state inverted, chosen uniformly over its data files' bytes (so mostly
-    in array data); returns (file, offset)."""
-    files = sorted(p for p in (run / "checkpoints" / "10" / "state").rglob("*") if p.is_file() and p.parent.name == "d")
-    sizes = np.array([p.stat().st_size for p in files])
-    at = int(rng.integers(sizes.sum()))
-    i = int(np.searchsorted(np.cumsum(sizes), at, side="right"))
-    offset = at - int(sizes[:i].sum())
-    data = bytearray(files[i].read_bytes())
-    data[offset] ^= 0xFF
-    files[i].write_bytes(bytes(data))
-    return files[i].relative_to(run), offset
+ROOT = "the root node"  # the index's name for the b-tree node step 10's manifest points to
+
+
+def _located(state, location):
+    """(file, offset, length) of an OCDBT location, "<kind>:<base path>:<data file>:<offset>:<length>"."""
+    rest, offset, length = location.split(":", 1)[1].rsplit(":", 2)
+    base, name = rest.split(":", 1)
+    return state / (base + name), int(offset), int(length)
+
+
+def _index(state):
+    """Where the bytes a restore of `state` reads lie, from tensorstore's dump of its OCDBT database: the
+    manifest's newest version names the root b-tree node (ROOT), whose entries give each value stored out
+    of line (key -> data file, offset, length); smaller values sit inline in the node. For step 10 of LM:
+    a root node of about 4.3 kB in state/d/ holding all 330 keys, and 208 chunks (72 of parameters, 136
+    of optimizer state) out of line in three or four files of state/ocdbt.process_0/d/, the split among
+    them varying run to run, the chunks' bytes not. The three or four other files there (the process's
+    own tree before the merge) and ocdbt.process_0/manifest.ocdbt are opened by no read."""
+    base = ts.KvStore.open(f"file://{state}/").result()
+    root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
+    index = {ROOT: _located(state, root)}
+
+    def walk(location, prefix):
+        for entry in ts.ocdbt.dump(base, location).result()["entries"]:
+            if "location" in entry:  # a child of an interior node: its keys continue the common prefix
+                walk(entry["location"], prefix + entry.get("subtree_common_prefix", b""))
+            elif "indirect_value" in entry:
+                index[(prefix + entry["key"]).decode()] = _located(state, entry["indirect_value"])
+
+    walk(root, b"")
+    return index
+
+
+def _chunk(index, tensor, pick=0):
+    """The `pick`-th chunk (in key order, modulo their number) that `tensor` stores out of line."""
+    chunks = sorted(k for k in index if k.startswith(tensor + "/"))
+    assert chunks, f"{tensor} has no chunk out of line: {sorted(index)}"
+    return chunks[pick % len(chunks)]
 
 
 def _restored(run, cfg, **kw):
@@ -245,41 +282,78 @@ def _restored(run, cfg, **kw):
             ck.close()
 
 
-def _flips(lm_run, tmp_path, n, seed):
-    """n flips; each copy is read by read_params (the export path) and by a whole-state resume:
-    every read is refused or returns exactly the saved values. Returns the reads refused."""
+def _check_flips(lm_run, tmp_path, index, flips):
+    """Each flip, (key of `index` or ROOT, byte of its stored bytes, words of read_params' refusal, words of
+    the resume's), inverts that byte of step 10 in a copy of lm_run, which two reads then take: read_params
+    (the export path: parameters only) and a whole-state resume. A read given words must refuse with one
+    line holding them; a read given None must return exactly the saved values. A resume with
+    checkpoint.fallback=true must then take step 5."""
     cfg = tiny_config(*LM)
     original = jaxinfra.read_params(str(lm_run))[0]
     whole = jax.tree.leaves(_restored(lm_run, cfg))
-    rng, refused = np.random.default_rng(seed), 0
-    for i in range(n):
+    reads = {"read_params": (lambda copy: [jaxinfra.read_params(str(copy))[0][k] for k in original],
+                             list(original.values())),
+             "resume": (lambda copy: jax.tree.leaves(_restored(copy, cfg)), whole)}
+    for i, (key, byte, *refusals) in enumerate(flips):
+        file, offset, length = index[key]
+        assert 0 <= byte < length, (key, byte, length)
+        where = f"{key} byte {byte} of {length} ({file.relative_to(lm_run)} at {offset + byte})"
         copy = tmp_path / f"copy{i}"
         shutil.copytree(lm_run, copy)
-        where = _flip(copy, rng)
-        reads = ((lambda: jaxinfra.read_params(str(copy))[0], lambda got: [got[k] for k in original],
-                  list(original.values())),
-                 (lambda: _restored(copy, cfg), jax.tree.leaves, whole))
-        for read, leaves, want in reads:
-            try:
-                got = leaves(read())
-            except UserError as e:
-                assert "unreadable" in str(e) and "checkpoints/10" in str(e) and "\n" not in str(e), (where, str(e))
-                refused += 1
-                continue
-            for a, b in zip(got, want):  # read without complaint: then the bytes it used were intact
-                np.testing.assert_array_equal(a, b, err_msg=str(where))
-        assert int(_restored(copy, cfg, fallback=True).step) in (5, 10)
-        shutil.rmtree(copy)
-    return refused
+        try:
+            with open(copy / file.relative_to(lm_run), "r+b") as f:
+                f.seek(offset + byte)
+                value = f.read(1)[0]
+                f.seek(offset + byte)
+                f.write(bytes([value ^ 0xFF]))
+            for (name, (read, want)), words in zip(reads.items(), refusals, strict=True):
+                if words is None:  # this read does not use the flipped bytes: it returns the saved values
+                    for a, b in zip(read(copy), want, strict=True):
+                        np.testing.assert_array_equal(a, b, err_msg=f"{name} after flipping {where}")
+                    continue
+                with pytest.raises(UserError) as e:
+                    read(copy)
+                msg = str(e.value)
+                assert "unreadable" in msg and "checkpoints/10" in msg and "\n" not in msg, (name, where, msg)
+                assert words in msg, (name, where, msg)
+            assert int(_restored(copy, cfg, fallback=True).step) == 5, where
+        finally:
+            shutil.rmtree(copy)
+
+
+DIGEST = "differs from the bytes saved"  # the digests' refusal: the chunk decoded, to wrong values
+CRC = "DATA_LOSS"  # tensorstore's refusal of a b-tree node whose CRC-32C fails
 
 
 def test_flipped_bytes_in_array_data_are_refused(lm_run, tmp_path):
-    assert _flips(lm_run, tmp_path, 3, seed=0) >= 3  # of 6 reads; none returns a wrong value
+    """The middle byte of a parameters chunk, of an optimizer-state chunk and of the root node. The chunks
+    still decode (their zstd frames carry no checksum), to other values: the digests refuse them."""
+    index = _index(lm_run / "checkpoints" / "10" / "state")
+    middle = lambda key: (key, index[key][2] // 2)
+    _check_flips(lm_run, tmp_path, index, [
+        (*middle(_chunk(index, "params.head")), f"tensor params/head {DIGEST}", f"tensor params/head {DIGEST}"),
+        (*middle(_chunk(index, "opt_state.1.0.mu.head")), None, f"tensor opt_state/1/0/mu/head {DIGEST}"),
+        (*middle(ROOT), CRC, CRC),
+    ])
 
 
 @pytest.mark.slow
 def test_many_flipped_bytes_are_refused(lm_run, tmp_path):
-    assert _flips(lm_run, tmp_path, 24, seed=1) >= 24  # of 48 reads; none returns a wrong value
+    """One byte of one chunk of every tensor stored out of line (chunk and byte drawn with a fixed seed from
+    the index), the first and last byte of a chunk of each kind (zstd's frame header and end: tensorstore
+    refuses those itself) and five bytes of the root node (first, quarters, last): a parameters chunk is
+    refused by both reads, an optimizer-state chunk by the resume alone, the root node by both."""
+    index, rng = _index(lm_run / "checkpoints" / "10" / "state"), np.random.default_rng(1)
+    refused_by = lambda key: (None, "unreadable") if key.startswith("opt_state.") else ("unreadable", "unreadable")
+    tensors = sorted({k.split("/")[0] for k in index if k != ROOT})
+    keys = [_chunk(index, t, int(rng.integers(64))) for t in tensors]
+    flips = [(k, int(rng.integers(index[k][2])), *refused_by(k)) for k in keys]
+    for key in (_chunk(index, "params.embed"), _chunk(index, "opt_state.1.0.nu.embed")):
+        flips += [(key, 0, *refused_by(key)), (key, index[key][2] - 1, *refused_by(key))]
+    length = index[ROOT][2]
+    flips += [(ROOT, b, CRC, CRC) for b in (0, length // 4, length // 2, 3 * length // 4, length - 1)]
+    assert len(tensors) == 27 and len(flips) == 36  # 9 tensors of parameters, their Adam mu and nu
+    _check_flips(lm_run, tmp_path, index, flips)
 
 
 def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_path, capsys):
@@ -312,11 +386,8 @@ def test_restore_step_then_a_kill_loses_nothing(tmp_path, capsys):
                      "run.eval_batches=0", "checkpoint.export_final=false"]) == 0
     going_back = _start([*TINY, f"run.dir={run_dir}", "checkpoint.restore_step=3", "run.steps=100000",
                          "checkpoint.every=1000", "run.eval_batches=0"])
-    try:
+    with _reaped(going_back):  # killed before it commits a step of its own
         _wait_for_line(going_back, "set aside newer checkpoint steps 6")
-    finally:
-        os.killpg(going_back.pid, signal.SIGKILL)  # killed before it commits a step of its own
-        going_back.communicate()
     assert (run_dir / "checkpoints" / ".aside" / "6").is_dir()
     capsys.readouterr()
     assert cli.main([*TINY, "run.steps=7", f"run.dir={run_dir}", "run.eval_batches=0",
@@ -330,17 +401,19 @@ def test_restore_step_then_a_kill_loses_nothing(tmp_path, capsys):
 def test_sigterm_during_compilation_saves_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start([*TINY, f"run.dir={run_dir}", "run.steps=100000", "checkpoint.every=0", "run.eval_batches=0"])
-    try:
-        _wait_for_line(proc, "parameters; sharding:")  # printed just before the step compiles
+    with _reaped(proc):
+        before = _wait_for_line(proc, "parameters; sharding:")  # printed just before the step compiles (1 s here)
         os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=240)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, err[-2000:]
-    assert "(SIGTERM); checkpoint saved" in out and [d for d in os.listdir(run_dir / "checkpoints") if d.isdigit()]
+    lines = (before + out).splitlines()
+    at = lambda words: next(i for i, line in enumerate(lines) if words in line)
+    # Python runs the handler at the main thread's next instruction once XLA's compile returns, so its line
+    # before "train step compiled" shows the signal came while the step compiled; after the line we waited for
+    received = at("SIGTERM received before the first step of this run: the run saves at the end of its current step")
+    assert at("parameters; sharding:") < received < at("train step compiled in"), out
+    assert "stopping at step 1 (SIGTERM); checkpoint saved" in out, out
+    assert [d for d in os.listdir(run_dir / "checkpoints") if d.isdigit()] == ["1"]
 
 
 # 6. Failures one line, nothing lost: an export that fails, an export racing rotation, a full disk
@@ -411,7 +484,8 @@ def test_disk_full_during_saves_is_one_line_and_keeps_the_last_good_step(small_d
     run_dir = small_disk / "run"
     proc = _start([*TINY, f"run.dir={run_dir}", "run.steps=1000", "checkpoint.every=1", "checkpoint.keep=1000",
                    "run.eval_batches=0"])
-    out, err = proc.communicate(timeout=300)
+    with _reaped(proc):
+        out, err = proc.communicate(timeout=300)
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: ") and "No space left on device" in lines[0] and str(run_dir) in lines[0]
