@@ -1,15 +1,15 @@
 """What the checkpoint digests cost: save and restore time with and without them.
 
-python benchmarks/checkpoint.py [--rounds R]: the default model and the larger CPU config of
-benchmarks/run.py on (2,2,2), 8 simulated CPU devices. Each round saves the same state twice
-(with and without digests, the order alternating) and restores it twice (verified, then not); the medians and their ratios are printed and written to
+python benchmarks/checkpoint.py [--rounds R] [--configs default,large] [--smoke]: the default model
+and the larger CPU config of benchmarks/run.py on (2,2,2), 8 simulated CPU devices. Each round saves
+the same state twice (with and without digests, the order alternating) and restores it twice
+(verified, then not); the medians and their ratios are printed and written to
 benchmarks/results/checkpoint-<host-kind>.json. Save time is the call plus the wait until the step
 is committed (what a run's final save costs); the digests add one device pass over the state.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +23,8 @@ from jaxinfra.mesh import use_cpu_devices  # noqa: E402
 use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.run import LARGE, host_kind, lm_plan  # noqa: E402
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
+from benchmarks.run import CPU_CONFIGS, lm_plan  # noqa: E402
 from jaxinfra import checkpoint as ckpt_lib  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
@@ -73,20 +74,16 @@ def measure(overrides: list[str], rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", f"checkpoint-{host_kind()}.json"))
-    args = p.parse_args()
+    p.add_argument("--configs", default="default,large", help="which of default, large")
+    args = parse(p, None, rounds=1, configs="default")  # --smoke: and the tiny model
     rows = {}
-    for name, overrides in (("default", ["model.n_heads=8"]), ("large", LARGE)):
-        row = rows[name] = measure(overrides, args.rounds)
+    for name in args.configs.split(","):
+        row = rows[name] = measure(CPU_CONFIGS[name] + (TINY if args.smoke else []), args.rounds)
         m = row["median_s"]
         print(f"{name:8s} state {row['state_mb']:7.1f} MB: save {m['save']:.3f}s vs {m['save_plain']:.3f}s without "
               f"digests ({row['save_ratio']:.3f}x; the digest pass alone {m['digest']:.3f}s), restore "
               f"{m['restore']:.3f}s vs {m['restore_plain']:.3f}s ({row['restore_ratio']:.3f}x)", flush=True)
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/checkpoint.py " + " ".join(sys.argv[1:])}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    write(results_path(args, f"checkpoint-{host_kind()}.json"), {"meta": meta(__file__, None, args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Compression report: size, quality and speed of each way of shrinking a trained model.
 
-python benchmarks/compress.py [--model default wide] [--workdir DIR] [--phase train quality speed]
+python benchmarks/compress.py [--model default wide] [--workdir DIR] [--phase train quality speed] [--smoke]
 
 For each model (the default job's, and the 4.3M-parameter wide model of the pruning benchmark) it
 trains four runs with the same data, steps and seed (dense, int8 QAT of weights and matmul inputs,
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.run import host_kind  # noqa: E402
+from benchmarks import RESULTS, TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,11 +79,11 @@ def run_config(model: str, run: str, workdir: str, extra: list[str] = ()) -> Any
     return load_config(DEFAULT, common + RUNS[run] + list(extra))
 
 
-def train(model: str, workdir: str) -> None:
-    """Train (or finish) the four runs of `model`; a finished run is left as it is."""
+def train(model: str, workdir: str, variants: list[str]) -> None:
+    """Train (or finish) the runs of `model` that `variants` come from; a finished run is left as it is."""
     from jaxinfra import checkpoint as ckpt_lib
     from jaxinfra.job import run
-    for name in RUNS:
+    for name in (name for name in RUNS if any(VARIANTS[v][0] == name for v in variants)):
         cfg = run_config(model, name, workdir)
         try:
             if ckpt_lib.locate(cfg.run.path, None)[1] == cfg.run.steps:
@@ -115,14 +115,21 @@ def export_variant(model: str, variant: str, workdir: str) -> str:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """'blocks.0.attn.wq' -> {'blocks': {0: {'attn': {'wq': ...}}}} (the model's parameter tree)."""
+    """'blocks.0.attn.wq' -> {'blocks': [{'attn': {'wq': ...}}, ...]} (the model's parameter tree, the
+    layers of an export a list in order, as the decoder takes unstacked blocks)."""
     out: dict[Any, Any] = {}
     for name, x in flat.items():
         node, parts = out, [int(k) if k.isdigit() else k for k in name.split(".")]
         for k in parts[:-1]:
             node = node.setdefault(k, {})
         node[parts[-1]] = x
-    return out
+
+    def lists(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        node = {k: lists(v) for k, v in node.items()}
+        return [node[i] for i in range(len(node))] if node and all(isinstance(k, int) for k in node) else node
+    return lists(out)
 
 
 def decoder_params(path: str) -> dict[str, Any]:
@@ -231,7 +238,8 @@ def measure_quality(model: str, workdir: str, variants: list[str], result: dict[
     return {"params": params, "config": MODELS[model]["overrides"], "rows": rows}
 
 
-def measure_speed(model: str, workdir: str, n_tokens: int, result: dict[str, Any], variants: list[str]) -> None:
+def measure_speed(model: str, workdir: str, n_tokens: int, result: dict[str, Any], variants: list[str],
+                  rounds: int = 5) -> None:
     """Add the variants' decoder speed and memory, and the QAT step's time, to `result` (a quiet machine)."""
     _, prompts = prompts_of(model, workdir)
     for variant in variants:
@@ -242,7 +250,7 @@ def measure_speed(model: str, workdir: str, n_tokens: int, result: dict[str, Any
         result["rows"][variant].update(speed(cfg, path, dtype, prompts, n_tokens))
         print(f"## {model} {variant}: decode {result['rows'][variant]['decode_tokens_per_s']:,.0f} tokens/s",
               flush=True)
-    result["step_ms"] = step_times(model, workdir)
+    result["step_ms"] = step_times(model, workdir, rounds)
     result["qat_step_ratio"] = result["step_ms"]["qat"] / result["step_ms"]["dense"]
     result.update(decode_tokens=n_tokens, prompts=len(prompts))
 
@@ -278,46 +286,47 @@ def plot(results: dict[str, Any], out: str) -> None:
     fig.savefig(out, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "compress"))
+    p.add_argument("--workdir", help="the runs and files (default runs/compress; --smoke: beside the results)")
     p.add_argument("--phase", nargs="*", default=["train", "quality", "speed"], choices=["train", "quality", "speed"],
                    help="speed wants a quiet machine; quality and speed add to the results file")
     p.add_argument("--tokens", type=int, default=200, help="new tokens per prompt when timing the decoder")
     p.add_argument("--mesh", nargs=3, type=int, default=MESH, metavar=("DATA", "FSDP", "TENSOR"),
                    help="the runs' mesh (4 2 1; one GPU: 1 1 1)")
     p.add_argument("--steps", type=int, help="train every run this many steps (a shortened check)")
-    p.add_argument("--out", help="the results file (default benchmarks/results/compress-<host>.json)")
+    p.add_argument("--rounds", type=int, default=5, help="timed blocks of 10 steps of the QAT and the dense step")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="measure these (the rest keep their figures in the results file)")
-    args = p.parse_args()
+                   help="measure these (and train the runs they come from; the rest keep their figures)")
+    # --smoke: the default job's model at the tiny widths, 20 steps (a mask update every 2); two variants (the
+    # dense and the 2:4 run; the plain export and the sparse int8 one), 64 new tokens, 1 timed round
+    args = parse(p, argv, model=["default"], steps=20, variants=["f32", "2:4 + int8"], tokens=64, rounds=1)
     MESH[:] = args.mesh
     EXTRA.extend([f"run.steps={args.steps}", "optim.warmup_steps=" + str(max(1, args.steps // 20))] if args.steps else [])
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"compress-{host_kind()}.json")
+    EXTRA.extend(TINY + ["prune.every=2"] if args.smoke else [])
+    out = results_path(args, f"compress-{host_kind()}.json")
+    workdir = args.workdir or (os.path.join(os.path.dirname(out), "compress-runs") if args.smoke
+                               else os.path.join(ROOT, "runs", "compress"))
     results = json.load(open(out))["models"] if os.path.exists(out) else {}
     for model in args.model:
         if "train" in args.phase:
-            train(model, args.workdir)
+            train(model, workdir, args.variants)
         if "quality" in args.phase:
-            results[model] = measure_quality(model, args.workdir, args.variants, results.get(model, {}))
+            results[model] = measure_quality(model, workdir, args.variants, results.get(model, {}))
         if "speed" in args.phase:
-            measure_speed(model, args.workdir, args.tokens, results[model], args.variants)
+            measure_speed(model, workdir, args.tokens, results[model], args.variants, args.rounds)
             print(f"\n{model} model ({results[model]['params']:,} parameters); QAT step "
                   f"{results[model]['step_ms']['qat']:.1f} ms against dense {results[model]['step_ms']['dense']:.1f} "
                   f"ms ({results[model]['qat_step_ratio']:.3f}x)\n" + table(results[model]), flush=True)
         if not {"quality", "speed"} & set(args.phase):
             continue  # training alone writes no figures
-        meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-                "command": "python benchmarks/compress.py " + " ".join(sys.argv[1:])}
         if os.path.exists(out):  # another model's figures may have been written meanwhile
             results = {**json.load(open(out))["models"], model: results[model]}
-        with open(out, "w") as f:
-            json.dump({"models": results, "meta": meta}, f, indent=1)
-    if all("decode_tokens" in r for r in results.values()) and results:
-        plot(results, os.path.join(os.path.dirname(out), "compression.png") if args.out
-             else os.path.join(ROOT, "docs", "compression.png"))
-    print(f"wrote {out}")
+        write(out, {"models": results, "meta": meta(__file__, argv, args)})
+    if all("decode_tokens" in r for r in results.values()) and results:  # the recorded figures' plot goes to docs/
+        plot(results, os.path.join(ROOT, "docs", "compression.png") if os.path.dirname(out) == RESULTS
+             else os.path.join(os.path.dirname(out), "compression.png"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Decoding speed: the KV-cache decoder (jaxinfra/decode.py) against the sliding-window sampler
 (generate.sample, a full forward pass over seq_len and a host round trip per token).
 
-python benchmarks/decode.py [--tokens 200] [--rounds 3]
+python benchmarks/decode.py [--tokens 200] [--rounds 3] [--smoke]
 The default model (configs/default.yaml, random weights: speed only), 200 new tokens after a short
 prompt, greedy, batch 1 and 8, on the default (2,2,2) mesh of 8 simulated CPU devices and on one
 device. Both warm and in one process, alternating. The sampler compiles its step inside every call, so
@@ -11,7 +11,6 @@ benchmarks/results/decode-<host>.json. The ratio is the claim (the goal: at leas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,18 +24,19 @@ from jaxinfra.mesh import use_cpu_devices  # noqa: E402
 use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.run import host_kind, lm_plan  # noqa: E402
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
+from benchmarks.run import lm_plan  # noqa: E402
 from jaxinfra import decode, generate  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["def ", "import os\n", "class A:", "    return ", "# ", "for i in ", "x = [", "if __name__"]
 
 
-def measure(shape: tuple[int, int, int], batch: int, tokens: int, rounds: int) -> dict[str, Any]:
+def measure(shape: tuple[int, int, int], batch: int, tokens: int, rounds: int,
+            overrides: list[str] = ()) -> dict[str, Any]:
     """Tokens/s of the sampler and of the decoder for `batch` prompts on a mesh of `shape`."""
-    cfg = load_config(None, ["run.steps=1000"])
+    cfg = load_config(None, ["run.steps=1000", *overrides])
     n = shape[0] * shape[1] * shape[2]
     mesh = make_mesh(*shape, devices=jax.devices()[:n])
     rules = cfg.mesh.logical_rules
@@ -78,26 +78,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=3, help="timed calls of each, alternating (medians)")
     p.add_argument("--layouts", default="2x2x2,1x1x1", help="comma-separated data x fsdp x tensor shapes")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (at most 8)")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/decode-<host-kind>.json)")
-    args = p.parse_args(argv)
+    args = parse(p, argv, tokens=4, rounds=1, batches="2")  # --smoke: and the tiny model
     print(f"{'layout':7s} {'batch':>5s} {'sampler tok/s':>13s} {'decoder tok/s':>13s} {'ratio':>7s} "
           f"{'compile s':>9s} {'cache bytes':>11s}", flush=True)
     rows, load_before = [], os.getloadavg()[0]  # this CPU may be shared: say how busy it was
     for layout in args.layouts.split(","):
         shape = tuple(int(n) for n in layout.split("x"))
         for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(shape, batch, args.tokens, args.rounds)  # type: ignore[arg-type]
+            r = measure(shape, batch, args.tokens, args.rounds, TINY if args.smoke else [])  # type: ignore[arg-type]
             rows.append(r)
             print(f"{r['layout']:7s} {batch:5d} {r['sample_tokens_per_s']:13.1f} {r['decode_tokens_per_s']:13.1f} "
                   f"{r['ratio']:6.1f}x {r['decode_compile_s']:9.2f} {r['cache_bytes']:11,d}", flush=True)
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "load_avg_1m": [load_before, os.getloadavg()[0]],
-            "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    result = {"rows": rows, "meta": meta}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"decode-{host_kind()}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    result = {"rows": rows, "meta": meta(__file__, argv, args, load_avg_1m=[load_before, os.getloadavg()[0]])}
+    write(results_path(args, f"decode-{host_kind()}.json"), result)
     return result
 
 

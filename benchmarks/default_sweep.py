@@ -5,8 +5,9 @@ python benchmarks/default_sweep.py [--budget SECONDS] [--only NAME ...]: for eac
 the default config), a 20-step probe measures its tokens/s, then a run of as many steps as fill the
 budget trains it on the default corpus; the final line's figure, wall times and throughput are printed
 and written to benchmarks/results/default-sweep-<host-kind>.json (appended by candidate, so a sweep can
-be run in parts). Each run is `scripts/train.py` in a fresh process, as a user starts it.
+be run in parts; --out: elsewhere). Each run is `scripts/train.py` in a fresh process, as a user starts it.
 python benchmarks/default_sweep.py --curve "old=RUN_A" "new=RUN_B" [--out PNG]: the curve of two runs.
+python benchmarks/default_sweep.py --smoke: the first candidate on the tiny model, a few steps (a check).
 """
 from __future__ import annotations
 
@@ -55,17 +56,20 @@ def _train(args: list[str], run_dir: str, timeout: float) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - t0
 
 
-def measure(name: str, overrides: list[str], budget: float, scratch: str) -> dict:
-    """Probe the candidate's speed, then train it for about `budget` seconds; its figures."""
+def measure(name: str, overrides: list[str], budget: float, scratch: str, probe: int = 20,
+            min_steps: int = 50) -> dict:
+    """Probe the candidate's speed (`probe` steps), then train it for about `budget` seconds (at least
+    `min_steps`); its figures."""
     from jaxinfra.config import load_config
     from jaxinfra.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
-    _train([*overrides, *QUIET, "run.steps=20", "run.log_every=2", "run.eval_batches=0"], probe_dir, 600)
+    _train([*overrides, *QUIET, f"run.steps={probe}", f"run.log_every={max(probe // 10, 1)}", "run.eval_batches=0"],
+           probe_dir, 600)
     tok_s = statistics.median(r["tokens_per_sec"] for r in read_metrics(probe_dir)[3:] if "tokens_per_sec" in r)
     cfg = load_config(None, overrides)
     tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-    steps = max(50, int(budget * tok_s / tokens_per_step) // 10 * 10)
+    steps = max(min_steps, int(budget * tok_s / tokens_per_step) // 10 * 10)
     run_dir = os.path.join(scratch, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
     out, wall = _train([*overrides, *QUIET, f"run.steps={steps}", f"run.eval_every={max(steps // 5, 1)}",
@@ -110,27 +114,29 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="candidate names (default: all)")
     p.add_argument("--curve", nargs="+", metavar="LABEL=RUN_DIR",
                    help="instead of a sweep: plot these runs' held-out bpb against training seconds")
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "default-curve.png"))
-    args = p.parse_args()
     sys.path.insert(0, ROOT)
-    if args.curve:
-        print(curve([tuple(c.split("=", 1)) for c in args.curve], args.out))
+    from benchmarks import TINY, parse, results_path, write
+    # --smoke: the first candidate on the tiny model, a probe of 8 steps, then 10 steps (--out: the results)
+    args = parse(p, None, only=[next(iter(CANDIDATES))], budget=0.0)
+    if args.curve:  # --out: the PNG
+        png = args.out or os.path.join(ROOT, "docs", "default-curve.png")
+        print(curve([tuple(c.split("=", 1)) for c in args.curve], png))
         return
-    out_path = os.path.join(ROOT, "benchmarks", "results", f"default-sweep-cpu-{os.cpu_count()}core-{platform.machine()}.json")
+    out_path = results_path(args, f"default-sweep-cpu-{os.cpu_count()}core-{platform.machine()}.json")
     results = json.load(open(out_path)) if os.path.exists(out_path) else {"runs": []}
     scratch = tempfile.mkdtemp(prefix="jaxinfra-sweep-")
     try:
         for name, overrides in CANDIDATES.items():
             if args.only and name not in args.only:
                 continue
-            row = {**measure(name, overrides, args.budget, scratch), "budget_s": args.budget,
-                   "date": time.strftime("%Y-%m-%d")}
+            sizes = dict(probe=8, min_steps=10) if args.smoke else {}
+            row = {**measure(name, overrides + (TINY if args.smoke else []), args.budget, scratch, **sizes),
+                   "budget_s": args.budget, "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
             print(f"{name:32s} steps {row['steps']:5d}  {row['tokens_per_sec']:8,.0f} tok/s  mfu {row['mfu']:.3f}  "
                   f"wall {row['wall_s']:6.1f} s  held-out {row['heldout_bpb']:.3f} bpb "
                   f"(zlib {row['zlib_bpb']:.3f}, xz {row['xz_bpb']:.3f})", flush=True)
             results["runs"] = [r for r in results["runs"] if (r["name"], r["budget_s"]) != (name, args.budget)] + [row]
-            with open(out_path, "w") as f:
-                json.dump(results, f, indent=1)
+            write(out_path, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Host memory of exporting a checkpoint to safetensors: the peak above the interpreter's baseline.
 
-python benchmarks/export_memory.py [--big N] [--big-mib M] [--no-s3] [--keep DIR]: builds a synthetic
-checkpoint (by default 15 float32 tensors of 16 MiB, half their entries zero, plus small ones: about
+python benchmarks/export_memory.py [--big N] [--big-mib M] [--no-s3] [--keep DIR] [--smoke]: builds a
+synthetic checkpoint (by default 15 float32 tensors of 16 MiB, half their entries zero, plus small ones: about
 258 MB) with a Checkpointer on one CPU device, then exports it dense (export.export) and sparse
 (export.export_sparse) to a local file and to s3:// on a moto server started here (its own process,
 so its memory is not counted). Each measurement runs in a fresh interpreter: it imports jaxinfra.export
@@ -30,6 +30,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import parse  # noqa: E402 (imports no JAX: a child's baseline is taken after its own imports)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "export-memory"
@@ -142,16 +144,14 @@ def main() -> None:
     p.add_argument("--big-mib", type=int, default=16, help="MiB of each large tensor")
     p.add_argument("--no-s3", action="store_true", help="local file only (no moto server)")
     p.add_argument("--keep", default=None, help="build the checkpoint in this folder and keep it")
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/export-memory-<host>.json)")
     p.add_argument("--child", nargs=4, metavar=("KIND", "RUN_DIR", "DEST", "WARM"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse(p, None, big=2, big_mib=1)  # --smoke: 2 tensors of 1 MiB
     if args.child:
         child(*args.child)
         return
-    import jax
-    from benchmarks.run import host_kind
+    from benchmarks import host_kind, meta, results_path, write
     from benchmarks.storage import moto_server
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"export-memory-{host_kind()}.json")
+    out = results_path(args, f"export-memory-{host_kind()}.json")
     tmp = tempfile.mkdtemp(prefix="jaxinfra-export-memory-")
     run_dir = args.keep or os.path.join(tmp, "run")
     server = None
@@ -184,11 +184,7 @@ def main() -> None:
             server.kill()
             server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/export_memory.py " + " ".join(sys.argv[1:])}
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "model": model, "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    write(out, {"meta": meta(__file__, None, args), "model": model, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ scanned (model.scan_layers=true) or stacked and unrolled (the default), against 
 Python list (the model before stacking, rebuilt here as the baseline), on one device, at several
 depths; and the pipeline's bubble per schedule.
 
-python benchmarks/pipeline.py [--depths 4,16,32]
+python benchmarks/pipeline.py [--depths 4,16,32] [--smoke]
 Both compile in one process, alternating. Writes benchmarks/results/pipeline-<host>.json. Step time of
 pipelined meshes is not measured here: simulated CPU devices share the machine's cores, so a stage
 waiting on another is not idle time (a GPU session with several devices would measure it).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.run import host_kind  # noqa: E402
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from jaxinfra import sharding as shd  # noqa: E402
 from jaxinfra.config import ModelConfig, load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
@@ -32,8 +31,6 @@ from jaxinfra.model import Block, Constrain, RMSNorm, Transformer, _param, lm_lo
 from jaxinfra.optim import make_optimizer  # noqa: E402
 from jaxinfra.pipeline import idle_fraction, schedule  # noqa: E402
 from jaxinfra.step import Field, plan_step  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ListOfBlocks(nnx.Module):
@@ -76,13 +73,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Compile both at each depth, print a table, write the JSON; returns the results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depths", default="4,16,32", help="comma-separated n_layers")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/pipeline-<host-kind>.json)")
-    args = p.parse_args(argv)
+    args = parse(p, argv, depths="2")  # --smoke: and the tiny model
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rows = []
     print(f"{'layers':>6s} {'list s':>8s} {'scan s':>8s} {'unrolled s':>10s} {'list/scan':>9s}", flush=True)
     for depth in (int(d) for d in args.depths.split(",")):
-        cfg = load_config(None, [f"model.n_layers={depth}"])
+        cfg = load_config(None, (TINY if args.smoke else []) + [f"model.n_layers={depth}"])
         row: dict[str, Any] = {"n_layers": depth}
         for variant in ("list", "scan", "unrolled"):
             jax.clear_caches()
@@ -94,14 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bubbles = [{"stages": S, "microbatches": M, "repeats": R, "idle_fraction": idle_fraction(schedule(S, M, R)),
                 "formula": (S - 1) / (R * M + S - 1)}
                for S, M, R in [(2, 2, 1), (2, 8, 1), (4, 4, 1), (4, 16, 1), (4, 8, 2), (8, 32, 1), (8, 16, 4)]]
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "load_avg_1m": os.getloadavg()[0], "devices": str(jax.devices()[0]),
-            "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    result = {"compile": rows, "bubble": bubbles, "meta": meta}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"pipeline-{host_kind()}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    result = {"compile": rows, "bubble": bubbles,
+              "meta": meta(__file__, argv, args, load_avg_1m=os.getloadavg()[0], devices=str(jax.devices()[0]))}
+    write(results_path(args, f"pipeline-{host_kind()}.json"), result)
     return result
 
 

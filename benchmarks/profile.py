@@ -1,9 +1,10 @@
 """Where a train step's time goes: a jax.profiler trace of a few steps, summed by XLA op.
 
-python benchmarks/profile.py [--set key=value ...] [--steps N]
+python benchmarks/profile.py [--set key=value ...] [--steps N] [--smoke]
 Default: the larger CPU config of benchmarks/run.py on one device. Prints each op family's share
 (matmuls: dot and YNNPACK/oneDNN fusions; copies and transposes; elementwise fusions) and the
-costliest single ops with the JAX operation they came from.
+costliest single ops with the JAX operation they came from; writes them to
+benchmarks/results/profile-<host-kind>.json (--smoke: the tiny model, one step, a temporary folder).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import LARGE, lm_plan  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
@@ -47,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", nargs="*", default=LARGE, metavar="key=value")
     p.add_argument("--steps", type=int, default=2)
-    args = p.parse_args()
+    args = parse(p, None, set=TINY, steps=1)
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), list(args.set) + ["run.steps=1000"])
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     B, L = cfg.data.batch_size, cfg.model.seq_len
@@ -80,9 +82,15 @@ def main() -> None:
         print(f"  {name:32s} {ms:8.1f} ms  {ms / total:6.1%}")
     hlo = step.as_text()
     print("costliest ops:")
+    costliest = []
     for op, ms in per_op.most_common(8):
         m = re.search(rf"%{re.escape(op)} = .*?op_name=\"([^\"]+)\"", hlo)
+        costliest.append({"op": op, "ms": ms, "source": m.group(1) if m else ""})
         print(f"  {op:28s} {ms:8.1f} ms  {m.group(1)[:70] if m else ''}")
+    write(results_path(args, f"profile-{host_kind()}.json"), {
+        "meta": meta(__file__, None, args, device_kind=jax.devices()[0].device_kind, steps=args.steps,
+                     model={k: getattr(cfg.model, k) for k in ("d_model", "n_layers", "seq_len")}, batch_size=B),
+        "step_ms": total, "families": dict(by_family.most_common()), "costliest": costliest})
 
 
 if __name__ == "__main__":

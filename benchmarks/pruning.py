@@ -4,12 +4,12 @@ python benchmarks/pruning.py cost      step time on (2,2,2): dense, a mask updat
                                        masks held (the 99 steps of 100 that update nothing)
 python benchmarks/pruning.py quality   the default LM on the stdlib corpus, several seeds: dense,
                                        80% unstructured, 2:4, 90% magnitude and 90% random
-Both write benchmarks/results/pruning-<mode>-<host>.json. Ratios are the claims.
+Both write benchmarks/results/pruning-<mode>-<host>.json. Ratios are the claims. --smoke: either mode
+on the tiny model, briefly (a check; the results go to a temporary folder).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.run import host_kind, lm_plan  # noqa: E402
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
+from benchmarks.run import lm_plan  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
 from jaxinfra.mesh import make_mesh  # noqa: E402
 
@@ -36,9 +37,10 @@ BIG = 10 ** 6
 BATCH = "data.batch_size=32"  # the documented figures' batch (the default job's was 32 until 2026-12-05)
 
 
-def cost(steps: int, rounds: int) -> dict[str, Any]:
-    """Median step time of dense / update-every-step / masks-held steps, alternating in one process."""
-    cfg = load_config(DEFAULT, [BATCH, f"run.steps={BIG}"])
+def cost(steps: int, rounds: int, extra: list[str] = ()) -> dict[str, Any]:
+    """Median step time of dense / update-every-step / masks-held steps, alternating in one process (`extra`
+    overrides on top)."""
+    cfg = load_config(DEFAULT, [BATCH, f"run.steps={BIG}", *extra])
     mesh = make_mesh(2, 2, 2)
     B, L = cfg.data.batch_size, cfg.model.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, (B, L + 1), dtype=np.int32)
@@ -50,7 +52,7 @@ def cost(steps: int, rounds: int) -> dict[str, Any]:
     loops, times = {}, {name: [] for name in variants}
     with jax.set_mesh(mesh):
         for name, overrides in variants.items():
-            plan = lm_plan(load_config(DEFAULT, [BATCH, f"run.steps={BIG}"] + overrides), mesh)
+            plan = lm_plan(load_config(DEFAULT, [BATCH, f"run.steps={BIG}", *extra] + overrides), mesh)
             loops[name] = (plan.compile(), plan.init()[0])
         batch = {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}
         for r in range(rounds + 1):  # round 0 warms up
@@ -121,27 +123,26 @@ def main() -> None:
     p.add_argument("--window", nargs=2, type=float, default=(0.1, 0.6), metavar=("START", "END"),
                    help="quality: prune from START to END, as fractions of the run (0.1 0.6)")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
-                   help="quality: config overrides for every run, e.g. model.d_model=256 model.d_ff=1024")
-    p.add_argument("--out")
-    args = p.parse_args()
+                   help="config overrides for every run, e.g. model.d_model=256 model.d_ff=1024")
+    # --smoke: the tiny model; cost: 2 steps, 1 round; quality: 2 variants, 1 seed, 20 steps, a mask update
+    # every 2 steps, no scoring of every held-out byte
+    args = parse(p, None, rounds=1, seeds=1, only=["dense", "80% unstructured"],
+                 set=TINY + ["prune.every=2", "run.score_heldout=false", "run.plot=false"])
+    steps = args.steps or {"cost": (10, 2), "quality": (300, 20)}[args.mode][args.smoke]  # (full, smoke)
     if args.mode == "cost":
-        result = cost(args.steps or 10, args.rounds)
+        result = cost(steps, args.rounds, args.set)
         s = result["step_ms"]
         print(f"dense {s['dense']:.1f} ms, mask update every step {s['update']:.1f} ms "
               f"({result['update_ratio']:.3f}x), masks held {s['held']:.1f} ms ({result['held_ratio']:.3f}x); "
               f"updates every 100 steps: mean step {result['every_100_ratio']:.3f}x dense")
     else:
-        result = quality(args.seeds, args.steps or 300, args.only, tuple(args.window), args.set)
+        result = quality(args.seeds, steps, args.only, tuple(args.window), args.set)
         for name, row in result["runs"].items():
             ratio = f"{row['ratio_to_dense']:.3f}x dense" if row["ratio_to_dense"] else ""
             print(f"{name:18s} mean eval loss {row['mean']:.4f} {ratio}  "
                   f"({', '.join(f'{x:.4f}' for x in row['eval_loss'])})")
-    result["meta"] = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-                      "command": "python benchmarks/pruning.py " + " ".join(sys.argv[1:])}
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"pruning-{args.mode}-{host_kind()}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    result["meta"] = meta(__file__, None, args)
+    write(results_path(args, f"pruning-{args.mode}-{host_kind()}.json"), result)
 
 
 if __name__ == "__main__":

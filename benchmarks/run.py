@@ -3,6 +3,7 @@ compile time, time to first step, host memory and per-device bytes, on the machi
 
 python benchmarks/run.py [--quick]            CPU: default and larger config, 1 device and meshes
 python benchmarks/run.py --config configs/gpu_1b.yaml --layouts 1x1x1 --set model.remat=dots
+python benchmarks/run.py --smoke              the tiny model on 1x1x1, 2 steps, 1 round (a check)
 Writes benchmarks/results/<host-kind>.json (--quick: <host-kind>-quick.json, which git ignores; or
 --out). The step is built by step.plan_step and timed through trainer.fit, exactly as a run does.
 Ratios are measured in one process, alternating the two loops; on shared CPUs the ratios are the
@@ -11,9 +12,7 @@ claims, not absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.baseline import make_baseline  # noqa: E402
 from jaxinfra import job, perf, quant, roles  # noqa: E402
 from jaxinfra import sharding as shd  # noqa: E402
@@ -46,14 +46,8 @@ CPU_LAYOUTS = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
 # The larger CPU config: wide enough that matmuls dominate, the goal's case for MFU on one device.
 LARGE = ["model.d_model=512", "model.n_heads=8", "model.d_ff=1536", "model.n_layers=4", "model.seq_len=256",
          "data.batch_size=16"]
-
-
-def host_kind() -> str:
-    """'cpu-2core-x86_64' or 'gpu-nvidia-h100-80gb-hbm3': the results file's name."""
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu-{os.cpu_count()}core-{platform.machine()}"
-    return f"{d.platform}-{d.device_kind}".lower().replace(" ", "-")
+# The two configs the checkpoint and storage benchmarks save on (2,2,2): overrides of configs/default.yaml
+CPU_CONFIGS = {"default": ["model.n_heads=8"], "large": LARGE}
 
 
 def peak_host_mb() -> float:
@@ -175,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, help="timed blocks (after one warm-up block)")
     p.add_argument("--no-baseline", action="store_true", help="skip the hand-written step (saves memory)")
     p.add_argument("--name", help="name of this config in the table")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/<host-kind>.json)")
-    args = p.parse_args(argv)
+    args = parse(p, argv, quick=True, layouts="1x1x1", steps=2, rounds=1)  # --smoke: and the tiny model
     steps = args.steps or (3 if args.quick else 10)
     rounds = args.rounds or (2 if args.quick else 5)
     device = jax.devices()[0]
@@ -188,11 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jobs = [("default", default, ["model.n_heads=8", "data.batch_size=32"])]  # 8 heads: tensor=8 divides; batch 32 as measured before the default job went to 16
         if not args.quick:
             jobs.append(("large", default, LARGE))
+    if args.smoke:
+        jobs = [(name, path, [*overrides, *TINY]) for name, path, overrides in jobs]
     layouts = args.layouts or ("1x1x1,2x2x2" if args.quick else ",".join("x".join(map(str, s)) for s in CPU_LAYOUTS))
     shapes = [tuple(int(n) for n in text.split("x")) for text in layouts.split(",")]
     first = load_config(jobs[0][1], jobs[0][2])
     t0 = time.perf_counter()
-    peak = perf.matmul_peak(device, first.model.dtype)
+    peak = perf.matmul_peak(device, first.model.dtype, n=512 if args.smoke else None)
     vendor = perf.vendor_peak(device, first.model.dtype)
     print(f"{device.device_kind} ({device.platform}, {jax.device_count()} devices): measured {first.model.dtype} "
           f"matmul peak {peak / 1e12:.3f} TFLOP/s per device ({time.perf_counter() - t0:.1f}s)"
@@ -212,18 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["batch_size"] = cfg.data.batch_size
             rows.append(row)
             _print_row(name, row)
-    result = {"meta": {"host_kind": host_kind(), "device_kind": device.device_kind, "devices": jax.device_count(),
-                       "cpus": os.cpu_count(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-                       "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "peak_flops": peak, "vendor_peak_flops": vendor, "dtype": first.model.dtype,
-                       "simulated_devices": on_cpu, "steps": steps, "rounds": rounds},
+    result = {"meta": meta(__file__, argv, args, device_kind=device.device_kind, devices=jax.device_count(),
+                           cpus=os.cpu_count(), peak_flops=peak, vendor_peak_flops=vendor, dtype=first.model.dtype,
+                           simulated_devices=on_cpu, steps=steps, rounds=rounds),
               "rows": rows}
-    # --quick is a smoke run: it never replaces the recorded full figures
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"{host_kind()}{'-quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    # --quick is a short run: it never replaces the recorded full figures
+    write(results_path(args, f"{host_kind()}{'-quick' if args.quick else ''}.json"), result)
     return result
 
 

@@ -1,9 +1,9 @@
 """What a checkpoint on object storage costs: save throughput and the time the loop is blocked, loopback
 S3 against the local disk.
 
-python benchmarks/storage.py [--rounds R]: the default model and the larger CPU config of
-benchmarks/run.py on (2,2,2), 8 simulated CPU devices, saved R times to a local folder and to
-s3:// on moto's S3 server, which this script starts on 127.0.0.1 in its own process (so the
+python benchmarks/storage.py [--rounds R] [--configs default,large] [--smoke]: the default model and
+the larger CPU config of benchmarks/run.py on (2,2,2), 8 simulated CPU devices, saved R times to a
+local folder and to s3:// on moto's S3 server, which this script starts on 127.0.0.1 in its own process (so the
 server's Python does not share this process's interpreter). Per save: `blocked` is the time the
 call takes (what the train loop waits for: the device-to-host copy and the digests; the upload is
 asynchronous), `committed` the call plus the wait until the step is committed, throughput the state's
@@ -14,7 +14,6 @@ cores: these are the costs of the protocol (requests, commit files, no rename), 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -31,7 +30,8 @@ from jaxinfra.mesh import use_cpu_devices  # noqa: E402
 use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.run import LARGE, host_kind, lm_plan  # noqa: E402
+from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
+from benchmarks.run import CPU_CONFIGS, lm_plan  # noqa: E402
 from jaxinfra import checkpoint as ckpt_lib  # noqa: E402
 from jaxinfra import storage  # noqa: E402
 from jaxinfra.config import load_config  # noqa: E402
@@ -106,16 +106,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--configs", default="default,large", help="which of default, large")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", f"storage-{host_kind()}.json"))
-    args = p.parse_args()
+    args = parse(p, None, rounds=1, configs="default")  # --smoke: and the tiny model
+    out = results_path(args, f"storage-{host_kind()}.json")
     server, bucket = start_s3()
     rows = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, overrides in (("default", ["model.n_heads=8"]), ("large", LARGE)):
-                if name not in args.configs.split(","):
-                    continue
-                row = rows[name] = measure(overrides, args.rounds, {"disk": tmp, "s3": f"{bucket}/{name}"})
+            for name in args.configs.split(","):
+                row = rows[name] = measure(CPU_CONFIGS[name] + (TINY if args.smoke else []), args.rounds,
+                                           {"disk": tmp, "s3": f"{bucket}/{name}"})
                 d, s, q = row["disk"], row["s3"], row["ratio"]
                 print(f"{name:8s} state {row['state_mb']:6.1f} MB | disk: blocked {d['blocked']:.3f}s, committed "
                       f"{d['committed']:.3f}s ({d['save_mb_s']:.0f} MB/s), restore {d['restore']:.3f}s | s3: blocked "
@@ -125,12 +124,8 @@ def main() -> None:
     finally:
         server.kill()
         server.wait()
-    meta = {"host_kind": host_kind(), "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-            "server": "moto (python -m moto.server) on 127.0.0.1, its own process",
-            "command": "python benchmarks/storage.py " + " ".join(sys.argv[1:])}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    write(out, {"meta": meta(__file__, None, args, server="moto (python -m moto.server) on 127.0.0.1, its own process"),
+                "rows": rows})
 
 
 if __name__ == "__main__":

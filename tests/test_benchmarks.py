@@ -1,10 +1,28 @@
-"""The benchmark harness runs and its figures are consistent (speed goals live in benchmarks/)."""
+"""The benchmark harness runs and its figures are consistent (speed goals live in benchmarks/); every benchmark
+script's --smoke mode (its real code path on the tiny model, a few steps, small sizes) runs in its own process
+in the slow lane and writes a results file whose fields are checked here, into a temporary folder, never into
+benchmarks/results/."""
+import argparse
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
-from tests.conftest import TINY
+import pytest
+
+from tests.conftest import TINY, need
 
 TINY_SET = [o for o in TINY if o.startswith(("model.", "data."))] + ["model.n_heads=4"]
+ROOT = Path(__file__).resolve().parent.parent
+# tiny model (benchmarks.TINY, as conftest's): d_model, n_layers, d_ff, vocab, seq_len, batch
+D, L, F, V, T, B = 32, 2, 64, 256, 16, 16
+N_PARAMS = L * (4 * D * D + 3 * D * F + 2 * D) + 2 * V * D + D
+# the scripts with a main (baseline.py is the hand-written step that run.py and parallel.py time against)
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "baseline"))
 
 
 def test_run_harness_reports_consistent_figures(tmp_path):
@@ -38,3 +56,224 @@ def test_pipeline_benchmark_compiles_both_layouts_and_counts_the_bubble(tmp_path
     (row,) = result["compile"]
     assert row["n_layers"] == 2 and min(row[f"{v}_compile_s"] for v in ("list", "scan", "unrolled")) > 0
     assert all(math.isclose(b["idle_fraction"], b["formula"]) for b in result["bubble"])
+
+
+def test_a_smoke_run_never_writes_into_benchmarks_results(tmp_path):
+    from benchmarks import RESULTS, results_path
+    smoke = lambda out: argparse.Namespace(smoke=True, out=out)
+    for out in (RESULTS, os.path.join(RESULTS, "x.json"), os.path.join(RESULTS, "sub", "")):
+        with pytest.raises(SystemExit, match="--smoke writes no figures into"):
+            results_path(smoke(out), "x.json")
+    temporary = results_path(smoke(None), "x.json")  # a new temporary folder
+    shutil.rmtree(os.path.dirname(temporary))
+    assert not temporary.startswith(RESULTS + os.sep) and os.path.basename(temporary) == "x.json"
+    assert results_path(smoke(str(tmp_path)), "x.json") == str(tmp_path / "x.json")  # a folder holds it
+    assert results_path(smoke(str(tmp_path / "y.json")), "x.json") == str(tmp_path / "y.json")  # a file is it
+    assert results_path(argparse.Namespace(smoke=False, out=None), "x.json") == os.path.join(RESULTS, "x.json")
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    tests = [name + "_" for name in globals() if name.startswith("test_smoke_")]  # test_smoke_SCRIPT[_MODE]
+    untested = [s for s in SCRIPTS if not any(t.startswith(f"test_smoke_{s}_") for t in tests)]
+    assert len(SCRIPTS) == 11 and not untested, untested
+
+
+# --- the smoke runs (slow lane) ---
+
+def _recorded() -> dict[str, int]:
+    """Modification times of the recorded figures (benchmarks/results/), the benchmarks' plots in docs/ and
+    the compression report's default runs."""
+    files = [*(ROOT / "benchmarks" / "results").rglob("*"), ROOT / "docs" / "compression.png",
+             ROOT / "docs" / "default-curve.png", ROOT / "runs" / "compress", *(ROOT / "runs" / "compress").rglob("*")]
+    return {str(p): p.stat().st_mtime_ns for p in files if p.exists()}
+
+
+def smoke(tmp_path: Path, script: str, *args: str, timeout: float = 480) -> dict:
+    """Run `python benchmarks/SCRIPT.py ARGS --smoke --out DIR` in its own process group (killed with all it
+    started should it overrun), check it wrote one results file into DIR and nothing into the recorded
+    figures; the file's contents."""
+    out = tmp_path / "out"
+    out.mkdir()
+    before = _recorded()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args, "--smoke", "--out",
+                             str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, log[-6000:]
+    (path,) = out.glob("*.json")
+    assert f"wrote {path}" in log
+    assert _recorded() == before, "a smoke run touched benchmarks/results/, docs/ or runs/compress/"
+    result = json.loads(path.read_text())
+    if "meta" in result:
+        assert result["meta"]["smoke"] is True and result["meta"]["host_kind"].startswith("cpu-")
+        assert result["meta"]["command"].startswith(f"python benchmarks/{script}.py ")
+    return result
+
+
+def positive(row: dict, *keys: str) -> None:
+    """Each of `keys` in `row` is a finite number above zero."""
+    for k in keys:
+        assert isinstance(row[k], (int, float)) and math.isfinite(row[k]) and row[k] > 0, (k, row[k])
+
+
+def finite(row: dict, *keys: str) -> None:
+    """Each of `keys` in `row` is a finite number (differences of two timings may come out at or below zero
+    on a busy machine at smoke sizes)."""
+    for k in keys:
+        assert isinstance(row[k], (int, float)) and math.isfinite(row[k]), (k, row[k])
+
+
+def timed_row(row: dict, layout: str, devices: int) -> None:
+    """A row of benchmarks/run.py's measure: jaxinfra's loop against the hand-written step (baseline.py)."""
+    assert row["layout"] == layout and row["devices"] == devices
+    positive(row, "step_ms", "baseline_step_ms", "ratio", "compile_s", "tokens_per_sec")
+    assert math.isclose(row["ratio"], row["step_ms"] / row["baseline_step_ms"])
+    assert math.isclose(row["tokens_per_sec"], B * T / (row["step_ms"] / 1e3), rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_smoke_run(tmp_path):
+    result = smoke(tmp_path, "run")
+    meta, (row,) = result["meta"], result["rows"]
+    positive(meta, "peak_flops")
+    assert meta["steps"] == 2 and meta["rounds"] == 1 and meta["simulated_devices"] is True
+    timed_row(row, "1x1x1", 1)
+    positive(row, "mfu", "flops_per_token", "first_step_s", "param_mb_per_device", "opt_mb_per_device", "peak_host_mb")
+    assert row["first_step_s"] >= row["compile_s"] and row["config"] == "default" and row["batch_size"] == B
+    assert (row["model"]["d_model"], row["model"]["n_layers"], row["model"]["seq_len"]) == (D, L, T)
+    assert math.isclose(row["param_mb_per_device"], N_PARAMS * 4 / 1e6)  # one device holds every parameter
+
+
+@pytest.mark.slow
+def test_smoke_parallel(tmp_path):
+    (row,) = smoke(tmp_path, "parallel")["rows"]
+    timed_row(row, "2x2x2", 8)
+
+
+@pytest.mark.slow
+def test_smoke_pipeline(tmp_path):
+    result = smoke(tmp_path, "pipeline")
+    (row,) = result["compile"]
+    assert row["n_layers"] == 2
+    positive(row, "list_compile_s", "scan_compile_s", "unrolled_compile_s", "ratio")
+    assert len(result["bubble"]) == 7 and all(0 < b["idle_fraction"] == b["formula"] < 1 for b in result["bubble"])
+
+
+@pytest.mark.slow
+def test_smoke_checkpoint(tmp_path):
+    (name, row), = smoke(tmp_path, "checkpoint")["rows"].items()
+    assert name == "default" and row["rounds"] == 1
+    positive(row, "state_mb", "save_ratio", "restore_ratio")
+    positive(row["median_s"], "save", "save_plain", "restore", "restore_plain", "digest")
+    # parameters and Adam's two moments, float32
+    assert 3 * N_PARAMS * 4 / 1e6 <= row["state_mb"] < 3 * N_PARAMS * 4 / 1e6 + 0.01
+
+
+@pytest.mark.slow
+def test_smoke_storage(tmp_path):
+    need("moto.server", "the storage benchmark starts moto's S3 server: pip install -e '.[test]'")
+    need("s3fs", "the storage benchmark saves to s3://: pip install -e '.[test]'")
+    result = smoke(tmp_path, "storage")
+    (name, row), = result["rows"].items()
+    assert name == "default" and row["rounds"] == 1 and "moto" in result["meta"]["server"]
+    positive(row, "state_mb")
+    for place in ("disk", "s3"):
+        positive(row[place], "blocked", "committed", "restore", "save_mb_s")
+        assert row[place]["committed"] >= row[place]["blocked"]
+        assert math.isclose(row[place]["save_mb_s"], row["state_mb"] / row[place]["committed"])
+    positive(row["ratio"], "blocked", "committed", "restore")
+
+
+@pytest.mark.slow
+def test_smoke_decode(tmp_path):
+    rows = smoke(tmp_path, "decode")["rows"]
+    assert [(r["layout"], r["batch"], r["tokens"]) for r in rows] == [("2x2x2", 2, 4), ("1x1x1", 2, 4)]
+    for r, padded in zip(rows, (4, 2)):  # the batch padded to split over data x fsdp
+        positive(r, "decode_tokens_per_s", "decode_compile_s", "cache_bytes")
+        finite(r, "sample_tokens_per_s", "ratio")  # the sampler's time is that of two calls subtracted
+        assert len(r["sample_s"]) == len(r["decode_s"]) == 1
+        assert math.isclose(r["decode_tokens_per_s"], 2 * 4 / r["decode_s"][0])
+        assert r["cache_bytes"] == 2 * L * padded * T * D * 4  # keys and values of each layer, float32
+
+
+@pytest.mark.slow
+def test_smoke_profile(tmp_path):
+    result = smoke(tmp_path, "profile")
+    positive(result, "step_ms")
+    assert result["meta"]["steps"] == 1 and result["meta"]["model"]["d_model"] == D
+    families = result["families"]
+    assert set(families) <= {"matmul", "copy/transpose", "elementwise and other fusions"} and "matmul" in families
+    assert all(ms >= 0 for ms in families.values()) and math.isclose(sum(families.values()), result["step_ms"])
+    assert 0 < len(result["costliest"]) <= 8 and all(op["ms"] >= 0 and op["op"] for op in result["costliest"])
+
+
+@pytest.mark.slow
+def test_smoke_pruning_cost(tmp_path):
+    result = smoke(tmp_path, "pruning", "cost")
+    assert (result["steps"], result["rounds"]) == (2, 1) and result["held_sparsity_check"] == 0
+    positive(result["step_ms"], "dense", "update", "held")
+    positive(result, "update_ratio", "held_ratio", "every_100_ratio")
+
+
+@pytest.mark.slow
+def test_smoke_pruning_quality(tmp_path):
+    result = smoke(tmp_path, "pruning", "quality")
+    assert result["steps"] == 20 and result["prune_window"] == [2, 12] and set(result["runs"]) == {
+        "dense", "80% unstructured"}
+    for run in result["runs"].values():
+        assert len(run["eval_loss"]) == 1 and run["mean"] == run["eval_loss"][0]
+        positive(run, "mean", "ratio_to_dense")
+        assert run["mean"] < 2 * math.log(V)  # a loss, in nats, of a model that has barely trained
+    assert result["runs"]["dense"]["ratio_to_dense"] == 1
+
+
+@pytest.mark.slow
+def test_smoke_export_memory(tmp_path):
+    need("moto.server", "the export-memory benchmark starts moto's S3 server: pip install -e '.[test]'")
+    need("s3fs", "the export-memory benchmark exports to s3://: pip install -e '.[test]'")
+    result = smoke(tmp_path, "export_memory")
+    model, rows = result["model"], result["rows"]
+    assert model["tensors"] == 2 * 2 + 6 + 1  # 2 large tensors and their biases, 6 of 1 MiB, a scalar
+    positive(model, "model_mb", "largest_tensor_mb")
+    assert set(rows) == {f"{kind}/{where}/{warm}" for kind in ("dense", "sparse") for where in ("disk", "s3")
+                         for warm in ("cold", "warm")}
+    for name, row in rows.items():
+        assert row["bitwise_equal"] is True, name
+        positive(row, "seconds", "file_mb", "baseline_mb")
+        finite(row, "x_largest_tensor", "client_setup_mb", "library_setup_mb")
+        assert row["peak_above_baseline_mb"] >= 0
+    for where in ("disk", "s3"):  # the large tensors are half zeros: their bitmask encoding is smaller
+        assert rows[f"sparse/{where}/cold"]["file_mb"] < rows[f"dense/{where}/cold"]["file_mb"]
+
+
+@pytest.mark.slow
+def test_smoke_default_sweep(tmp_path):
+    (row,) = smoke(tmp_path, "default_sweep")["runs"]
+    assert row["smoke"] is True and row["name"] == "d128-s128-b32 (old default)" and row["budget_s"] == 0
+    assert row["steps"] == 10 and row["tokens"] == 10 * B * T  # budget 0: the fewest steps
+    positive(row, "probe_tokens_per_sec", "tokens_per_sec", "mfu", "wall_s", "train_s", "heldout_bpb")
+    assert 0 < row["zlib_bpb"] < 8 and 0 < row["xz_bpb"] < row["zlib_bpb"]
+    assert row["sampled_eval_bpb"] and all(0 < bpb < 16 for _, bpb in row["sampled_eval_bpb"])
+
+
+@pytest.mark.slow
+def test_smoke_compress(tmp_path):
+    result = smoke(tmp_path, "compress")
+    (name, model), = result["models"].items()
+    assert name == "default" and model["params"] == N_PARAMS and (model["decode_tokens"], model["prompts"]) == (64, 8)
+    assert list(model["rows"]) == ["f32", "2:4 + int8"]
+    for row in model["rows"].values():
+        positive(row, "file_bytes", "size_vs_f32", "heldout_loss", "loss_vs_f32", "heldout_bpb",
+                 "prefill_tokens_per_s", "cache_bytes", "peak_bytes")
+        finite(row, "decode_tokens_per_s")  # a call of 64 tokens less one of 1
+    f32, small = model["rows"]["f32"], model["rows"]["2:4 + int8"]
+    assert f32["size_vs_f32"] == f32["loss_vs_f32"] == 1 and f32["file_bytes"] > N_PARAMS * 4
+    assert small["size_vs_f32"] < 0.6  # int8 values of half the kernels' weights, a 2:4 index, f32 the rest
+    positive(model["step_ms"], "dense", "qat")
+    positive(model, "qat_step_ratio")
+    assert (tmp_path / "out" / "compression.png").stat().st_size > 0  # the plot goes beside the results
