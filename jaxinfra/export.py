@@ -172,7 +172,8 @@ def prepare(directory: str, out: str, step: int | None, dtype: str | None, force
     saved = ckpt_lib.SavedParams(step_dir)
     entries = []
     for name, (_, _, m) in saved.entries.items():
-        dt = np.dtype(SAFETENSORS[dtype][1]) if dtype and np.issubdtype(np.dtype(m.dtype), np.floating) \
+        # jax.dtypes knows ml_dtypes' bfloat16 as a float (numpy's issubdtype does not: bf16 weights stayed bf16)
+        dt = np.dtype(SAFETENSORS[dtype][1]) if dtype and jax.dtypes.issubdtype(np.dtype(m.dtype), np.floating) \
             else np.dtype(m.dtype)
         entries.append((name, tuple(m.shape), dt))
     for name, _, dt in entries:

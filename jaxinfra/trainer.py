@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfra import checkpoint as ckpt_lib
 from jaxinfra import data as data_lib
@@ -324,6 +324,19 @@ def _write(run: _Run, name: str, text: str) -> None:
             f.write(text)
 
 
+def _row_block(mesh: Mesh, rules: Mapping[str, Any], rows: int) -> tuple[int, int]:
+    """(block, blocks): this process's devices hold block `block` of `blocks` equal, contiguous row blocks of
+    each (micro-)batch of `rows`, so it reads that block. Processes that differ only along an axis the batch
+    is replicated over (a hybrid mesh's mesh.dcn_stage or mesh.dcn_tensor) hold, and read, the same rows."""
+    held = NamedSharding(mesh, shd.batch_spec(rules, 1)).addressable_devices_indices_map((rows,)).values()
+    spans = sorted({(i[0].start or 0, rows if i[0].stop is None else i[0].stop) for i in held})
+    lo, hi = spans[0][0], spans[-1][1]
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or rows % (hi - lo) or lo % (hi - lo):
+        raise UserError(f"process {jax.process_index()} holds rows {spans} of each batch of {rows}: not one block "
+                        f"of equal blocks; lay the mesh out so each process holds contiguous batch rows")
+    return lo // (hi - lo), rows // (hi - lo)
+
+
 def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: dict, eval_host: list) -> dict:
     """Report the plan, compile, train, evaluate and finish (inside the mesh scope): the run top to bottom."""
     cfg, plan, saver, say = run.cfg, run.plan, run.saver, run.say
@@ -339,7 +352,9 @@ def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: di
     t0 = time.perf_counter()
     compiled = plan.compile()
     say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
-    loader = data_lib.train_batches(train_source, B, cfg.run.seed, start=start, spec=spec)
+    block, blocks = _row_block(plan.mesh, cfg.mesh.logical_rules, B // cfg.optim.grad_accum)
+    loader = data_lib.train_batches(train_source, B, cfg.run.seed, start=start, spec=spec,
+                                    process_index=block, process_count=blocks)
     batches = data_lib.global_batches(iter(loader), plan.batch_shardings, cfg.optim.grad_accum)
     writer = MetricsWriter(cfg.run.logs, cfg.run.steps, initial_step=start, enabled=run.lead,
                            progress=cfg.run.progress)
