@@ -166,6 +166,7 @@ def _start_pair(args, cwd, timeout=300):
     return [p.returncode for p in procs], list(zip(outs[::2], outs[1::2]))
 
 
+@pytest.mark.slow
 def test_five_steps_equal_on_one_device_the_mesh_and_two_processes(runs, tmp_path):
     d, *_ = runs
     for attempt in range(3):  # a new port when another process took the chosen one first

@@ -23,16 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)]
 
 
-def test_steps_agree_with_one_device_on_every_layout():
+@pytest.fixture(scope="module")
+def agree_cfg_and_ref():
     cfg = tiny_config("model.n_heads=8", "model.d_model=64", "model.d_ff=128")
     ref_params, ref, _, _ = run_steps(cfg, (1, 1, 1), n=5)
     assert ref[-1] < ref[0]
-    for shape in MESHES:
-        params, losses, _, _ = run_steps(cfg, shape, n=5)
-        # float32, same math in another reduction order: losses agree to 2e-6 relative
-        np.testing.assert_allclose(losses, ref, rtol=2e-6, err_msg=str(shape))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(shape))
+    return cfg, ref_params, ref
+
+
+# (2, 2, 2) splits batch, parameters and heads at once in the fast lane; the one-axis layouts are the slow lane's
+@pytest.mark.parametrize("shape", [s if s == (2, 2, 2) else pytest.param(s, marks=pytest.mark.slow) for s in MESHES],
+                         ids=str)
+def test_steps_agree_with_one_device_on_every_layout(agree_cfg_and_ref, shape):
+    cfg, ref_params, ref = agree_cfg_and_ref
+    params, losses, _, _ = run_steps(cfg, shape, n=5)
+    # float32, same math in another reduction order: losses agree to 2e-6 relative
+    np.testing.assert_allclose(losses, ref, rtol=2e-6, err_msg=str(shape))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(shape))
 
 
 def test_fsdp_bytes_per_device_are_an_eighth():
@@ -108,6 +116,7 @@ def _train(args, launcher=None, timeout=240):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     args = [*TINY, "run.steps=5", "run.log_every=1", "run.eval_batches=0"]
     rc1, _, err1 = _train([*args, f"run.dir={tmp_path / 'one'}"])
@@ -128,7 +137,7 @@ def test_hybrid_mesh_needs_matching_granules():
         make_mesh(2, 2, 2, dcn=(1, 4, 1))
 
 
-@pytest.mark.parametrize("config", ["default", "dp", "fsdp", "tp"])
+@pytest.mark.parametrize("config", ["default", *(pytest.param(c, marks=pytest.mark.slow) for c in ("dp", "fsdp", "tp"))])
 def test_shipped_configs_compile_without_replicating_activations(config, capfd, no_jit_cache):
     cfg = load_config(str(ROOT / "configs" / f"{config}.yaml"))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

@@ -62,8 +62,10 @@ def _agree(found, ref, what):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=what)
 
 
-@pytest.mark.parametrize("axes", [dict(stage=2), dict(stage=4), dict(data=2, stage=2, tensor=2),
-                                  dict(stage=2, fsdp=4)], ids=["s2", "s4", "d2s2t2", "s2f4"])
+@pytest.mark.parametrize("axes", [dict(stage=2), pytest.param(dict(stage=4), marks=pytest.mark.slow),
+                                  dict(data=2, stage=2, tensor=2),
+                                  pytest.param(dict(stage=2, fsdp=4), marks=pytest.mark.slow)],
+                         ids=["s2", "s4", "d2s2t2", "s2f4"])  # s4, s2f4: the slow lane (docs/testing.md)
 def test_gpipe_steps_equal_one_device(one_device, axes):
     S = axes["stage"]
     for M in (S, 2 * S, 4 * S):
@@ -72,6 +74,7 @@ def test_gpipe_steps_equal_one_device(one_device, axes):
         _agree((losses, params), one_device, f"{axes} M={M}")
 
 
+@pytest.mark.slow
 def test_circular_schedule_equals_one_device(one_device):
     for M in (2, 4):
         cfg = tiny_config(*PP, "pipeline.repeats=2", f"pipeline.microbatches={M}")
@@ -82,6 +85,7 @@ def test_circular_schedule_equals_one_device(one_device):
         _agree((losses, flat), one_device, f"circular M={M}")
 
 
+@pytest.mark.slow
 def test_scanned_layers_equal_the_unrolled_ones(one_device):
     """model.scan_layers=true: one compiled block looped over the layers, on one device and in each stage."""
     for axes in (dict(), dict(stage=2)):
@@ -193,6 +197,7 @@ def _assert_same_arrays(found: dict[str, np.ndarray], expected: dict[str, np.nda
         np.testing.assert_array_equal(found[k], expected[k], err_msg=f"{what}: {k}")
 
 
+@pytest.mark.slow
 def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
     """A stage=2 run's step 3 onto (2,2,2) and one device: the same arrays, and step 4's loss equal to
     the stage=2 run's own; then those runs' step 4 back onto stage=2: the same arrays again."""
@@ -248,6 +253,7 @@ def test_a_checkpoint_saved_before_layers_were_stacked_resumes(tmp_path):
     assert sorted(before) == sorted(after) and "blocks.1.mlp.w_up" in after
 
 
+@pytest.mark.slow
 def test_exports_and_init_from_keep_whole_layer_names(tmp_path):
     circular = ["mesh.data=2", "mesh.stage=2", "mesh.fsdp=1", "mesh.tensor=2", "pipeline.repeats=2",
                 "pipeline.microbatches=2"]

@@ -54,7 +54,7 @@ def _losses(run_dir):
 
 
 @pytest.mark.parametrize("devices, mesh, then", [(1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], None),
-                                                 (8, [], None), (8, [], 2)])
+                                                 (8, [], None), pytest.param(8, [], 2, marks=pytest.mark.slow)])
 def test_resume_is_bitwise_exact(tmp_path, devices, mesh, then):
     """20 steps straight == 10 steps, exit, restart, 10 more (the restart on `then` processes, if set)."""
     args = [*BASE, *mesh, f"mesh.cpu_devices={devices}", "run.steps=20", "checkpoint.every=5"]
@@ -91,7 +91,7 @@ def _children(pid):
     return [int(p) for p in out]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_saves_the_agreed_step_and_exits_zero(tmp_path, processes):
     run_dir = tmp_path / "run"
     args = [*BASE, "run.steps=100000", "checkpoint.every=0", f"run.dir={run_dir}"]

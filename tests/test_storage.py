@@ -302,6 +302,7 @@ def test_sigkill_during_async_saves_to_gs(gcs_bucket):
     _sigkill_trials(f"{gcs_bucket}/run", trials=3, seed=3)
 
 
+@pytest.mark.slow
 def test_two_processes_checkpoint_to_one_s3_prefix_and_resume_from_it(bucket):
     _two_processes(f"{bucket}/run")
 

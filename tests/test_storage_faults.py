@@ -125,6 +125,7 @@ def test_a_transient_store_error_during_a_save_is_retried(faulty):
     assert step == 10 and flat
 
 
+@pytest.mark.slow
 def test_a_save_that_keeps_failing_stops_the_run_with_one_line_and_keeps_the_last_step(faulty):
     from test_resume import _run
     proxy, bucket = faulty
