@@ -65,10 +65,18 @@ def missing() -> list[str]:
     return [d for d in DAEMONS if shutil.which(d) is None] + (["root"] if os.geteuid() != 0 else [])
 
 
+PORT_TRIES = 3  # slurmctld's and slurmd's ports are picked free, then bound by the daemons: another
+# process may take one in between (the daemon exits, "Address already in use"): new ports, up to this many times
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """A daemon found its port taken."""
 
 
 class Cluster:
@@ -80,6 +88,7 @@ class Cluster:
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.host = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, tuple[str, int]] = {}  # each daemon's output file, and where its latest start begins
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": self.conf, **extra}
@@ -90,13 +99,12 @@ class Cluster:
                               timeout=timeout)
 
     def start(self, timeout: float = 60) -> None:
+        """Start the daemons (stop() ends whatever started, also when this raises)."""
         for sub in ("state", "spool", "run", "log", "munge"):
             os.makedirs(os.path.join(self.dir, sub), mode=0o755)
         # JAX's coordinator port under SLURM is 61440 + job id % 4096: a random first id keeps two
         # clusters on one machine (two CI runs) off each other's ports
-        with open(self.conf, "w") as f:
-            f.write(CONF.format(host=self.host, d=self.dir, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                cpus=os.cpu_count(), first_job=random.randrange(1000, 4_000_000)))
+        first_job = random.randrange(1000, 4_000_000)
         munge = os.path.join(self.dir, "munge")
         subprocess.run(["mungekey", "--create", "--force", "--keyfile", f"{munge}/munge.key"], check=True,
                        capture_output=True)
@@ -105,20 +113,37 @@ class Cluster:
                     "--key-file", f"{munge}/munge.key", "--pid-file", f"{munge}/munged.pid",
                     "--log-file", f"{munge}/munged.log", "--seed-file", f"{munge}/munged.seed")
         self._until(lambda: os.path.exists(f"{munge}/munge.socket"), 10, "munged's socket")
-        self._spawn("slurmctld", "slurmctld", "-D", "-i", "-f", self.conf)
-        self._spawn("slurmd", "slurmd", "-D", "-N", self.host, "-f", self.conf)
-        self._until(self._idle, timeout, "the node to come up idle")
+        for attempt in range(1, PORT_TRIES + 1):
+            with open(self.conf, "w") as f:
+                f.write(CONF.format(host=self.host, d=self.dir, ctld_port=_free_port(), slurmd_port=_free_port(),
+                                    cpus=os.cpu_count(), first_job=first_job))
+            self._spawn("slurmctld", "slurmctld", "-D", "-i", "-f", self.conf)
+            self._spawn("slurmd", "slurmd", "-D", "-N", self.host, "-f", self.conf)
+            try:
+                self._until(self._idle, timeout, "the node to come up idle")
+                return
+            except PortTaken:
+                self._end("slurmd", "slurmctld")
+                if attempt == PORT_TRIES:
+                    raise
 
     def _spawn(self, name: str, *cmd: str) -> None:
-        log = open(os.path.join(self.dir, "log", f"{name}.out"), "ab")
-        self.procs[name] = subprocess.Popen(list(cmd), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        log.close()
+        path = os.path.join(self.dir, "log", f"{name}.out")
+        with open(path, "ab") as log:
+            self.logs[name] = (path, log.tell())  # this start's output begins here
+            self.procs[name] = subprocess.Popen(list(cmd), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
 
     def _idle(self) -> bool:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}; logs in {self.dir}/log")
+                path, since = self.logs[name]
+                with open(path, "rb") as f:
+                    f.seek(since)
+                    taken = b"Address already in use" in f.read()
+                raise (PortTaken if taken else RuntimeError)(
+                    f"{name} exited with status {proc.returncode}{' (its port was taken)' if taken else ''}; "
+                    f"logs in {self.dir}/log")
         found = self.run("sinfo", "-h", "-N", "-o", "%t", check=False)
         return found.returncode == 0 and found.stdout.strip() == "idle"
 
@@ -147,13 +172,27 @@ class Cluster:
 
     def stop(self) -> None:
         """Cancel every job, end the daemons by pid (TERM, then KILL), and any job step left behind."""
-        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--user", str(os.getuid()), check=False)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
-                time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.get(name)
+        try:
+            if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+                self.run("scancel", "--user", str(os.getuid()), check=False)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+                    time.sleep(0.3)
+        finally:  # the daemons and what is left of the jobs end even if slurmctld no longer answers
+            try:
+                self._end("slurmd", "slurmctld", "munged")
+            finally:
+                for pid in self._leftovers():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _end(self, *names: str) -> None:
+        """TERM to these daemons, KILL to any still there after 15 s; each reaped."""
+        for name in names:
+            proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
             proc.terminate()
@@ -162,12 +201,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for pid in self._leftovers():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _leftovers(self) -> list[int]:
         """Processes of this cluster still there (a job step, its tasks): their environment holds its

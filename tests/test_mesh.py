@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -12,6 +11,7 @@ from jax.sharding import AxisType
 from jaxinfra import cli
 from jaxinfra.errors import UserError
 from jaxinfra.mesh import AXES, describe, init_distributed, make_mesh, process_count, resolve_shape
+from jaxinfra.quiet import clean
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,11 +105,49 @@ def test_quiet_collectives_drops_gloo_lines_and_keeps_the_rest(tmp_path, kill):
     assert done.returncode == (-9 if kill else 0)
     assert done.stdout == "first\nmiddle\n" + "".join(f"out {i}: the host is connected to 3 peers\n" for i in range(200))
     assert done.stderr == "".join(f"err {i}\n" for i in range(200))
-    with open(tmp_path / "both", "w") as both:  # one file for both (SLURM's --output): one pipe keeps the order
-        done = subprocess.run([sys.executable, "-c", script, str(kill)], stdout=both, stderr=both, timeout=60,
-                              cwd=tmp_path, env=env)
-    want = 2 + 2 * 200  # after a SIGKILL the orphaned filter may still be passing lines on: wait for them
-    deadline = time.monotonic() + 30
-    while len(lines := (tmp_path / "both").read_text().splitlines()) < want and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lines == ["first", "middle", *[x for i in range(200) for x in (f"out {i}: the host is connected to 3 peers", f"err {i}")]]
+    # one file for both (SLURM's --output): one pipe keeps the order. Read to EOF, which comes once the
+    # filter (orphaned after a SIGKILL, still passing lines on) has closed its end too
+    done = subprocess.run([sys.executable, "-c", script, str(kill)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.stdout.splitlines() == ["first", "middle", *[x for i in range(200) for x in (
+        f"out {i}: the host is connected to 3 peers", f"err {i}")]]
+
+
+# Gloo's message as a 2-process run printed it (srun --label), and a line of the run's
+GLOO_MESSAGE = b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+RUN_LINE = b"resumed from step 25\n"
+
+
+def _cut_and_interleaved():
+    """Gloo's message cut at every byte with the run's line written into the cut (the message goes on in
+    the next line); the line's text followed by the message cut at every byte, the line's newline written
+    into the cut (print() writes text and newline apart); the whole message written at every byte of the
+    line. Each as (what it is, the writes)."""
+    m, line = GLOO_MESSAGE, RUN_LINE
+    for i in range(len(m) + 1):
+        yield f"the line inside the message, cut at byte {i}", [m[:i], line, m[i:]]
+        yield f"the message after the line's text, its newline at byte {i}", [line[:-1], m[:i], b"\n", m[i:]]
+    for j in range(len(line)):
+        yield f"the message inside the line at byte {j}", [line[:j], m, line[j:]]
+
+
+def test_gloo_filter_drops_a_message_cut_anywhere_and_keeps_the_runs_line():
+    """The filter's text, byte for byte: no Gloo text stays, wherever another write cut the message or
+    wherever it landed in a line, and the run's line comes out whole."""
+    cases = list(_cut_and_interleaved())
+    assert len(cases) == 2 * (len(GLOO_MESSAGE) + 1) + len(RUN_LINE)
+    for what, writes in cases:
+        assert clean(b"".join(writes)) == RUN_LINE, f"{what}: {b''.join(writes)!r}"
+
+
+def test_gloo_filter_process_passes_the_runs_lines_whole(tmp_path):
+    """The same cases through the filter process (quiet_collectives), one after another on stdout, and
+    the run's line on stderr at the same time: each stream comes out as just its lines."""
+    cases = [b"".join(writes) for _, writes in _cut_and_interleaved()]
+    script = (f"import os, sys\nfrom jaxinfra.quiet import quiet_collectives\nassert quiet_collectives()\n"
+              f"for case in {cases!r}:\n    os.write(1, case)\n    os.write(2, {RUN_LINE!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == RUN_LINE * len(cases)
+    assert done.stderr == RUN_LINE * len(cases)
