@@ -189,8 +189,10 @@ class Checkpointer:
             found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
             step = int(found.group(1)) if found else self._failed_step(starting)
             what = f"checkpoint step {step}" if step is not None else "a checkpoint"
-            # tensorstore's long message holds the OS error and the file: say those
-            os_error = re.search(r"Failed writing: \"([^\"]+)\".*?: ([^:\[]+?) \[os_error_code", text)
+            # tensorstore's long message holds the OS error and the file: say those. Its wording varies with
+            # what was being written ('Failed writing: "F": ...', or 'Error writing "K" in OCDBT database at local
+            # file "F": ...'), so take the last file named before the OS error
+            os_error = re.search(r'"([^"]+)"[^"]*?: ([^:\[\]"]+?) \[os_error_code', text)
             cause = f"{os_error.group(2)} ({os_error.group(1)})" if os_error else one_line(e)
             kept = complete_steps(self.directory)
             safe = ("no step was saved" if not kept else f"step {kept[0]} stays restorable" if len(kept) == 1

@@ -24,7 +24,12 @@ def one_line(cause: BaseException, limit: int = 300) -> str:
     text = " ".join(str(cause).split())
     text = re.sub(r"\s*\[tensorstore_spec=.*?\]'?\)?$", "", text)
     text = re.sub(r"<bound method [^>]*>", "", text).strip() or type(cause).__name__
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    if len(text) <= limit:
+        return text
+    # the head says what failed, the tail the innermost cause (tensorstore ends with e.g. "No space left on
+    # device"): a message cut at its end alone lost the cause whenever a long path came first
+    head, tail = text[:limit // 2].rsplit(" ", 1)[0], text[-(limit // 2):].split(" ", 1)[-1]
+    return f"{head} ... {tail}"
 
 
 @contextlib.contextmanager
