@@ -127,6 +127,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
     assert not (run_dir / ".jaxinfra.lock").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_two_writers_started_together_one_runs_one_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, f"run.dir={run_dir}", "run.steps=3", "run.log_every=1", "checkpoint.every=1", "checkpoint.keep=2"]
@@ -380,6 +381,7 @@ def test_a_step_holding_other_bytes_is_refused_by_its_digests(saved_run, tmp_pat
 
 
 # 8. restore_step sets the newer steps aside; they go only once the run has committed a step of its own
+@pytest.mark.slow
 def test_restore_step_then_a_kill_loses_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli.main([*TINY, "run.steps=6", "checkpoint.every=3", "checkpoint.keep=3", f"run.dir={run_dir}",

@@ -53,8 +53,8 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("devices, mesh, then", [(1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], None),
-                                                 (8, [], None), pytest.param(8, [], 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("devices, mesh, then", [pytest.param(1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], None,
+                                                              marks=pytest.mark.slow), (8, [], None), pytest.param(8, [], 2, marks=pytest.mark.slow)])
 def test_resume_is_bitwise_exact(tmp_path, devices, mesh, then):
     """20 steps straight == 10 steps, exit, restart, 10 more (the restart on `then` processes, if set)."""
     args = [*BASE, *mesh, f"mesh.cpu_devices={devices}", "run.steps=20", "checkpoint.every=5"]
@@ -159,6 +159,7 @@ def test_sigkill_during_async_saves_never_leaves_a_bad_step(tmp_path):
     assert rc == 0 and "resumed from step" in out, err[-2000:]
 
 
+@pytest.mark.slow
 def test_export_during_the_run_equals_the_script(tmp_path, capsys):
     run_dir = tmp_path / "run"
     rc, out, err = _run([*TINY, "run.steps=6", "checkpoint.every=3", "checkpoint.export_every=3",

@@ -288,6 +288,7 @@ def _kill_group(proc):
         pass
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_saves_to_s3_resumes_from_the_newest_committed_step(bucket):
     _sigkill_trials(f"{bucket}/run", trials=3, seed=1)
 

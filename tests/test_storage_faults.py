@@ -112,6 +112,7 @@ def _args(run_dir):
     return [*BASE, *QUICK, "run.steps=20", "checkpoint.every=5", "checkpoint.keep=10", f"run.dir={run_dir}"]
 
 
+@pytest.mark.slow
 def test_a_transient_store_error_during_a_save_is_retried(faulty):
     from test_resume import _run
     proxy, bucket = faulty
