@@ -18,10 +18,6 @@ use_cpu_devices(8)  # as the launch script does it (with its collective scheduli
 CACHE = os.path.join(tempfile.gettempdir(), f"jaxinfra-tests-{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", CACHE)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE  # and in the runs tests start as subprocesses (scripts/train.py)
-# every program, not only those that took a second to compile: the suite compiles the tiny model's small
-# programs (init, eval, sampling) again in test after test and subprocess after subprocess
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 assert len(jax.devices()) == 8  # start the backend now: no test may change the device count later
 # gcsfs 2026.10 first asks a bucket's layout over gRPC, which an emulator does not serve (a 60 s timeout
 # per bucket); read when gcsfs is imported, so set before any test imports it

@@ -25,6 +25,7 @@ N_PARAMS = L * (4 * D * D + 3 * D * F + 2 * D) + 2 * V * D + D
 SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "baseline"))
 
 
+@pytest.mark.slow
 def test_run_harness_reports_consistent_figures(tmp_path):
     from benchmarks import run
     out = tmp_path / "r.json"

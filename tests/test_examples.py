@@ -18,6 +18,7 @@ def test_every_example_is_tested():
     assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == ["cnn_classifier", "mesh_only", "mlp_classifier"]
 
 
+@pytest.mark.slow
 def test_cnn_classifier_with_batchnorm_and_dropout_trains_prunes_2_4_and_exports(tmp_path, capsys):
     assert _load("cnn_classifier").main(["--steps", "12", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

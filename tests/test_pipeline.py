@@ -131,6 +131,7 @@ def test_hlo_permutes_between_stages_and_never_gathers_across_them():
             assert len({stage_of[d] for d in group}) == 1, (axes, group)
 
 
+@pytest.mark.slow
 def test_each_device_holds_a_stage_share_of_the_layers():
     cfg = tiny_config(*PP, "pipeline.microbatches=4")
     for S in (2, 4):
@@ -222,6 +223,7 @@ def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
         assert sorted(restored) == sorted(back)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_before_layers_were_stacked_resumes(tmp_path):
     """tests/data/pre_stacking_run: 6 steps of jaxinfra d65e4c9 (blocks as a list) on one device,
     checkpointed at step 3. Resumed today, steps 4..6 repeat that run's losses."""

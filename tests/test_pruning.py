@@ -210,6 +210,7 @@ def test_pruning_config_errors_and_recovery_warning():
     assert ok.prune.warnings(ok.run.steps) == []
 
 
+@pytest.mark.slow
 def test_compiled_step_keeps_masks_sharded_like_parameters_and_equal_across_meshes(tiny):
     from steps import run_steps
     cfg = tiny("prune.sparsity=0.5", "prune.schedule=oneshot", "prune.start_step=0")  # masks from the init

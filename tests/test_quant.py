@@ -239,6 +239,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "quant.activations='fp8'" in r.stderr
 
 
+@pytest.mark.slow
 def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
     """A W8A8 QAT run decodes with int8 kernels and rounded matmul inputs (what generate_from_run does):
     each greedy token is the argmax of the QAT forward pass over the tokens before it."""

@@ -109,6 +109,7 @@ def test_restart_at_the_last_step_completes_what_the_run_owes(tmp_path, capsys):
 
 
 # 2. One writer per run folder: a second run exits 2 naming the holder; a dead holder's lock is taken over
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = _start([*TINY, f"run.dir={run_dir}", "run.steps=100000", "checkpoint.every=0", "run.log_every=1"])
