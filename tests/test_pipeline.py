@@ -115,6 +115,7 @@ def _groups(hlo: str, op: str) -> list[list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_hlo_permutes_between_stages_and_never_gathers_across_them():
     cfg = tiny_config(*PP, "pipeline.microbatches=4")
     for axes in (dict(stage=2), dict(stage=2, fsdp=4)):

@@ -420,6 +420,7 @@ def test_sigterm_during_compilation_saves_and_exits_zero(tmp_path):
 
 
 # 6. Failures one line, nothing lost: an export that fails, an export racing rotation, a full disk
+@pytest.mark.slow
 def test_a_failed_export_fails_the_run_unless_told_to_warn(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

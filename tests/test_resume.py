@@ -91,7 +91,7 @@ def _children(pid):
     return [int(p) for p in out]
 
 
-@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("processes", [pytest.param(p, marks=pytest.mark.slow) for p in (1, 2)])  # fast: test_reliability's SIGTERM
 def test_sigterm_saves_the_agreed_step_and_exits_zero(tmp_path, processes):
     run_dir = tmp_path / "run"
     args = [*BASE, "run.steps=100000", "checkpoint.every=0", f"run.dir={run_dir}"]
