@@ -24,15 +24,15 @@ from typing import Any
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
 from benchmarks import RESULTS, TINY, host_kind, meta, parse, results_path, write  # noqa: E402
-from jaxinfra.config import load_config  # noqa: E402
+from jaxinfra.settings.sections import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -81,8 +81,8 @@ def run_config(model: str, run: str, workdir: str, extra: list[str] = ()) -> Any
 
 def train(model: str, workdir: str, variants: list[str]) -> None:
     """Train (or finish) the runs of `model` that `variants` come from; a finished run is left as it is."""
-    from jaxinfra import checkpoint as ckpt_lib
-    from jaxinfra.job import run
+    from jaxinfra.ckpt import manager as ckpt_lib
+    from jaxinfra.lm.job import run
     for name in (name for name in RUNS if any(VARIANTS[v][0] == name for v in variants)):
         cfg = run_config(model, name, workdir)
         try:
@@ -103,7 +103,7 @@ def slug(name: str) -> str:
 
 def export_variant(model: str, variant: str, workdir: str) -> str:
     """Write the file a user would ship for this variant; returns its path."""
-    from jaxinfra.export import export, export_sparse
+    from jaxinfra.export.writer import export, export_sparse
     run, opts = VARIANTS[variant]
     out = f"{workdir}/{model}/files/{slug(variant)}.safetensors"
     src = run_config(model, run, workdir).run.path
@@ -134,8 +134,9 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 def decoder_params(path: str) -> dict[str, Any]:
     """An export as the decoder takes it: int8 tensors as QTensor(values, scales), the rest as stored."""
-    from jaxinfra.export import load
-    from jaxinfra.quant import SCALE, QTensor
+    from jaxinfra.export.writer import load
+    from jaxinfra.compress.quant import QTensor
+    from jaxinfra.export.int8 import SCALE
     raw = load(path, dequantize=False)
     flat = {n: QTensor(x, raw[n + SCALE]) if n + SCALE in raw else x for n, x in raw.items()
             if not (n.endswith(SCALE) and n[:-len(SCALE)] in raw)}
@@ -143,20 +144,21 @@ def decoder_params(path: str) -> dict[str, Any]:
 
 
 def one_device() -> Any:
-    from jaxinfra.mesh import make_mesh
+    from jaxinfra.parallel.mesh import make_mesh
     return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, float]:
     """(held-out loss in nats, bits per byte) over every held-out byte, the weights read back from `path`."""
-    from jaxinfra import export, heldout
-    from jaxinfra import sharding as shd
-    from jaxinfra.job import model_fn
-    from jaxinfra.step import abstract_model
+    from jaxinfra.export import writer as export
+    from jaxinfra.lm import heldout
+    from jaxinfra.parallel import sharding as shd
+    from jaxinfra.models.factory import model_fn
+    from jaxinfra.train.step import abstract_model
     mesh, rules = one_device(), cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
         model = abstract_model(model_fn(cfg, mesh))  # a QAT run's model rounds its matmul inputs, as trained
-        params = export.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules),
+        params = shd.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules),
                                    stacked=model.stacked)
         bpb = heldout.bits_per_byte(model.eval_def, params, heldout_tokens, cfg.model.seq_len, mesh, rules)
     return bpb * math.log(2), bpb
@@ -165,7 +167,7 @@ def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, flo
 def speed(cfg: Any, path: str, dtype: str, prompts: list[bytes], n_tokens: int) -> dict[str, float]:
     """Prefill and decode tokens/s of the KV-cache decoder on one device (warm), and its memory; a W8A8
     QAT run decodes as it trained (matmul inputs rounded)."""
-    from jaxinfra import decode
+    from jaxinfra.models import decode
     mesh, rules = one_device(), cfg.mesh.logical_rules
     params = decoder_params(path)
     kw = dict(temperature=0.0, seed=0, mesh=mesh, rules=rules, dtype=dtype,
@@ -185,7 +187,7 @@ def speed(cfg: Any, path: str, dtype: str, prompts: list[bytes], n_tokens: int) 
 def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> dict[str, float]:
     """Median ms per step of the dense and the QAT step on the runs' mesh, timed alternately in one process."""
     from benchmarks.run import lm_plan
-    from jaxinfra.mesh import make_mesh
+    from jaxinfra.parallel.mesh import make_mesh
     mesh = make_mesh(*MESH)
     loops, times = {}, {"dense": [], "qat": []}
     with jax.set_mesh(mesh):
@@ -210,7 +212,7 @@ def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> di
 
 def prompts_of(model: str, workdir: str) -> tuple[Any, list[bytes]]:
     """The held-out bytes, and 8 prompts of 32 held-out bytes for timing the decoder."""
-    from jaxinfra import data as data_lib
+    from jaxinfra.data import sources as data_lib
     base = run_config(model, "dense", workdir)
     corpus = data_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
     text = corpus.heldout.tobytes()

@@ -1,5 +1,5 @@
-"""Decoding speed: the KV-cache decoder (jaxinfra/decode.py) against the sliding-window sampler
-(generate.sample, a full forward pass over seq_len and a host round trip per token).
+"""Decoding speed: the KV-cache decoder (jaxinfra/models/decode.py) against the sliding-window sampler
+(sampling.sample, a full forward pass over seq_len and a host round trip per token).
 
 python benchmarks/decode.py [--tokens 200] [--rounds 3] [--smoke]
 The default model (configs/default.yaml, random weights: speed only), 200 new tokens after a short
@@ -19,16 +19,17 @@ from typing import Any
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import lm_plan  # noqa: E402
-from jaxinfra import decode, generate  # noqa: E402
-from jaxinfra.config import load_config  # noqa: E402
-from jaxinfra.mesh import make_mesh  # noqa: E402
+from jaxinfra.models import decode  # noqa: E402
+from jaxinfra.models import sampling
+from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
 
 PROMPTS = ["def ", "import os\n", "class A:", "    return ", "# ", "for i in ", "x = [", "if __name__"]
 
@@ -50,7 +51,7 @@ def measure(shape: tuple[int, int, int], batch: int, tokens: int, rounds: int,
     def sampler(k: int) -> float:
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
-            generate.sample(graphdef, params, prompts, n_tokens=k, **kw)
+            sampling.sample(graphdef, params, prompts, n_tokens=k, **kw)
         return time.perf_counter() - t0
 
     def decoder() -> tuple[float, dict[str, Any]]:

@@ -60,8 +60,8 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
             min_steps: int = 50) -> dict:
     """Probe the candidate's speed (`probe` steps), then train it for about `budget` seconds (at least
     `min_steps`); its figures."""
-    from jaxinfra.config import load_config
-    from jaxinfra.plots import read_metrics
+    from jaxinfra.settings.sections import load_config
+    from jaxinfra.train.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
     _train([*overrides, *QUIET, f"run.steps={probe}", f"run.log_every={max(probe // 10, 1)}", "run.eval_batches=0"],
@@ -89,7 +89,7 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
 def curve(runs: list[tuple[str, str]], out: str) -> str:
     """PNG of held-out bits per byte (the periodic sampled evaluations) against training seconds (the
     steps' logged times summed) for each (label, run folder): the old and the new default side by side."""
-    from jaxinfra import plots
+    from jaxinfra.train import plots
     fig, (ax,) = plots.new_figure(1)
     for label, run_dir in runs:
         rows = plots.read_metrics(run_dir)

@@ -4,7 +4,7 @@ python benchmarks/export_memory.py [--big N] [--big-mib M] [--no-s3] [--keep DIR
 synthetic checkpoint (by default 15 float32 tensors of 16 MiB, half their entries zero, plus small ones: about
 258 MB) with a Checkpointer on one CPU device, then exports it dense (export.export) and sparse
 (export.export_sparse) to a local file and to s3:// on a moto server started here (its own process,
-so its memory is not counted). Each measurement runs in a fresh interpreter: it imports jaxinfra.export
+so its memory is not counted). Each measurement runs in a fresh interpreter: it imports jaxinfra.export.writer
 (and, for s3://, opens the store client), reads its resident memory as the baseline, resets the peak
 (`echo 5 > /proc/self/clear_refs`, which sets VmHWM to the current VmRSS; where that is refused, the
 peak is ru_maxrss, which includes the imports), exports, and reports VmHWM - baseline in MB and as a
@@ -57,8 +57,8 @@ def build(run_dir: str, big: int, big_mib: int, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jaxinfra.checkpoint import Checkpointer
-    from jaxinfra.step import TrainState
+    from jaxinfra.ckpt.manager import Checkpointer
+    from jaxinfra.core.state import TrainState
     side = int((big_mib * 2**20 // 4) ** 0.5)
     rng = np.random.default_rng(seed)
     params: dict = {"bias": {}, "layers": {}}  # the large tensors one after another, as a model's are
@@ -87,8 +87,9 @@ def child(kind: str, run_dir: str, dest: str, warm: str) -> None:
     one-time set-up (JAX's CPU backend, TensorStore's runtime, Orbax's metadata read) is done before the
     baseline, by reading the smallest tensor once, as it is in a training process that exports."""
     import numpy as np
-    from jaxinfra import checkpoint as ckpt_lib
-    from jaxinfra import export, storage
+    from jaxinfra.ckpt import manager as ckpt_lib
+    from jaxinfra.export import writer as export
+    from jaxinfra.core import storage
     export.release_freed_tensors()  # as scripts/export.py does
     warm_mb = 0.0
     if warm == "warm":
@@ -124,7 +125,7 @@ def child(kind: str, run_dir: str, dest: str, warm: str) -> None:
 
 
 def _size(path: str) -> int:
-    from jaxinfra import storage
+    from jaxinfra.core import storage
     return storage.size(path)
 
 

@@ -11,14 +11,14 @@ import os
 import platform
 import sys
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, meta, parse, results_path, run, write  # noqa: E402
-from jaxinfra import perf  # noqa: E402
-from jaxinfra.config import load_config  # noqa: E402
+from jaxinfra.train import perf  # noqa: E402
+from jaxinfra.settings.sections import load_config  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)]
 

@@ -20,17 +20,17 @@ import tempfile
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import LARGE, lm_plan  # noqa: E402
-from jaxinfra.config import load_config  # noqa: E402
-from jaxinfra.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,17 +19,17 @@ from typing import Any
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import lm_plan  # noqa: E402
-from jaxinfra.config import load_config  # noqa: E402
-from jaxinfra.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -86,7 +86,7 @@ def quality(seeds: int, steps: int, only: list[str] | None, window: tuple[float,
             extra: list[str] | None = None) -> dict[str, Any]:
     """Final held-out loss of each variant and seed (default job, shortened, `extra` overrides on
     top); ratios to dense. Pruning runs over the fractions `window` of the run; the rest recovers."""
-    from jaxinfra.job import run
+    from jaxinfra.lm.job import run
     start, end = round(steps * window[0]), round(steps * window[1])
     # (4, 2, 1): with tensor=2 the 4 heads of wo split 2 per device, and 2:4 groups need 4 per device
     common = [BATCH, "mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", f"run.steps={steps}", "run.eval_every=0",

@@ -21,9 +21,9 @@ from typing import Any
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
-use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/mesh.py)
+use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag: jaxinfra/parallel/mesh.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -31,15 +31,17 @@ from jax.sharding import Mesh  # noqa: E402
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.baseline import make_baseline  # noqa: E402
-from jaxinfra import job, perf, quant, roles  # noqa: E402
-from jaxinfra import sharding as shd  # noqa: E402
-from jaxinfra.config import Config, load_config  # noqa: E402
-from jaxinfra.mesh import make_mesh  # noqa: E402
-from jaxinfra.metrics import Reporter  # noqa: E402
-from jaxinfra.model import lm_loss, train_flops_per_token  # noqa: E402
-from jaxinfra.optim import make_optimizer  # noqa: E402
-from jaxinfra.step import Field, StepPlan, abstract_model, example_batch, plan_step  # noqa: E402
-from jaxinfra.trainer import fit  # noqa: E402
+from jaxinfra.models import factory
+from jaxinfra.train import perf  # noqa: E402
+from jaxinfra.train import compression
+from jaxinfra.parallel import sharding as shd  # noqa: E402
+from jaxinfra.settings.sections import Config, load_config  # noqa: E402
+from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.train.metrics import Reporter  # noqa: E402
+from jaxinfra.models.transformer import lm_loss, train_flops_per_token  # noqa: E402
+from jaxinfra.train.optim import make_optimizer  # noqa: E402
+from jaxinfra.train.step import Field, StepPlan, abstract_model, example_batch, plan_step  # noqa: E402
+from jaxinfra.train.trainer import fit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_LAYOUTS = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)]
@@ -58,15 +60,15 @@ def peak_host_mb() -> float:
 def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
     """The default LM's step on `mesh`, planned as the trainer plans it (call inside jax.set_mesh)."""
     fields = {"tokens": Field((cfg.model.seq_len + 1,), np.int32, ("batch", "seq"))}
-    model_fn = job.model_fn(cfg, mesh)
+    model_fn = factory.model_fn(cfg, mesh)
     model = abstract_model(model_fn)
     selection = None  # what the trainer prunes: roles read from the traced loss, N:M along input features
     micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
-    found = roles.model_roles(model, lm_loss, micro)  # read from the float model, as the trainer reads them
+    found = compression.model_roles(model, lm_loss, micro)  # read from the float model, as the trainer reads them
     if cfg.quant.enabled:  # as the trainer does: the forward pass rounds the chosen weights
-        model, _ = quant.for_config(cfg.quant, model, found, cfg.model.dtype, say=lambda *_: None)
+        model, _ = compression.quantized_model(cfg.quant, model, found, cfg.model.dtype, say=lambda *_: None)
     if cfg.prune.enabled and optimizer is None:
-        selection = roles.for_config(cfg.prune, model, lm_loss, micro, say=lambda *_: None, found=found)
+        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro, say=lambda *_: None, found=found)
     tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     return plan_step(model_fn, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, accum=cfg.optim.grad_accum,
                      batch_size=cfg.data.batch_size, schedule=schedule, model=model)

@@ -4,7 +4,7 @@ The public surface is `__all__` below: mesh utilities, logical sharding rules, t
 generic trainer, checkpoint and export helpers, magnitude pruning and int8 quantization. Names are imported lazily
 on first use, so `import jaxinfra` (and loading a config) never starts JAX's backend: simulated
 CPU devices (`use_cpu_devices`) and `init_distributed` can still be set up afterwards.
-Everything else (submodules such as `jaxinfra.job`) is internal.
+Everything else (submodules such as `jaxinfra.lm.job`) is internal.
 """
 from __future__ import annotations
 
@@ -16,43 +16,43 @@ __version__ = "0.1.0"
 # public name -> (module, attribute in it)
 _EXPORTS = {
     # mesh
-    "make_mesh": ("mesh", "make_mesh"),
-    "describe": ("mesh", "describe"),
-    "use_cpu_devices": ("mesh", "use_cpu_devices"),
+    "make_mesh": ("parallel.mesh", "make_mesh"),
+    "describe": ("parallel.mesh", "describe"),
+    "use_cpu_devices": ("parallel.mesh", "use_cpu_devices"),
     "setup_devices": ("cli", "setup_devices"),
-    "init_distributed": ("mesh", "init_distributed"),
+    "init_distributed": ("parallel.mesh", "init_distributed"),
     # logical axis rules -> shardings
-    "logical_to_spec": ("sharding", "logical_to_spec"),
-    "tree_shardings": ("sharding", "tree_shardings"),
-    "LogicalConstraint": ("sharding", "LogicalConstraint"),
-    "shard": ("sharding", "shard"),
-    "gather": ("sharding", "gather"),
+    "logical_to_spec": ("parallel.sharding", "logical_to_spec"),
+    "tree_shardings": ("parallel.sharding", "tree_shardings"),
+    "LogicalConstraint": ("parallel.sharding", "LogicalConstraint"),
+    "shard": ("parallel.sharding", "shard"),
+    "gather": ("parallel.sharding", "gather"),
     # config
-    "Config": ("config", "Config"),
-    "load_config": ("config", "load_config"),
-    "UserError": ("errors", "UserError"),
+    "Config": ("settings.sections", "Config"),
+    "load_config": ("settings.sections", "load_config"),
+    "UserError": ("core.errors", "UserError"),
     # training
-    "train_model": ("trainer", "train_model"),
-    "Finished": ("trainer", "Finished"),
-    "TrainState": ("step", "TrainState"),
-    "build_model": ("step", "build_model"),
-    "Stacked": ("pipeline", "Stacked"),
+    "train_model": ("train.trainer", "train_model"),
+    "Finished": ("train.trainer", "Finished"),
+    "TrainState": ("core.state", "TrainState"),
+    "build_model": ("train.step", "build_model"),
+    "Stacked": ("parallel.pipeline", "Stacked"),
     # checkpoints and exports
-    "Checkpointer": ("checkpoint", "Checkpointer"),
-    "export_checkpoint": ("export", "export"),
-    "load_safetensors": ("export", "load"),
-    "to_params": ("export", "to_params"),
-    "read_params": ("checkpoint", "read_params"),
+    "Checkpointer": ("ckpt.manager", "Checkpointer"),
+    "export_checkpoint": ("export.writer", "export"),
+    "load_safetensors": ("export.writer", "load"),
+    "to_params": ("parallel.sharding", "to_params"),
+    "read_params": ("ckpt.manager", "read_params"),
     # pruning
-    "prune": ("pruning", "prune"),
-    "with_pruning": ("optim", "with_pruning"),
-    "cubic_sparsity": ("pruning", "cubic_sparsity"),
-    "sparsity_of": ("pruning", "sparsity_of"),
+    "prune": ("compress.pruning", "prune"),
+    "with_pruning": ("train.optim", "with_pruning"),
+    "cubic_sparsity": ("compress.pruning", "cubic_sparsity"),
+    "sparsity_of": ("compress.pruning", "sparsity_of"),
     # int8 quantization
-    "QTensor": ("quant", "QTensor"),
-    "quantize_int8": ("quant", "quantize"),
-    "dequantize_int8": ("quant", "dequantize"),
-    "fake_quant": ("quant", "fake_quant"),
+    "QTensor": ("compress.quant", "QTensor"),
+    "quantize_int8": ("compress.quant", "quantize"),
+    "dequantize_int8": ("compress.quant", "dequantize"),
+    "fake_quant": ("compress.quant", "fake_quant"),
 }
 
 __all__ = sorted(_EXPORTS)

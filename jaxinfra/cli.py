@@ -6,9 +6,9 @@ import logging
 import sys
 from typing import Callable
 
-from jaxinfra import storage
-from jaxinfra.config import Config, load_config, shipped_configs
-from jaxinfra.errors import Failed, UserError
+from jaxinfra.core import storage
+from jaxinfra.settings.sections import Config, load_config, shipped_configs
+from jaxinfra.core.errors import Failed, UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def setup_devices(cfg: Config) -> None:
     """Simulated CPU devices and jax.distributed, both before JAX's backend starts."""
-    from jaxinfra.mesh import init_distributed, process_count, use_cpu_devices
+    from jaxinfra.parallel.mesh import init_distributed, process_count, use_cpu_devices
     d = cfg.distributed
     n_proc, source = process_count(d.num_processes)  # mesh.cpu_devices counts all processes: explicit or srun's
     if cfg.mesh.cpu_devices % n_proc:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("absl", "asyncio"):  # "Task exception was never retrieved" repeats the failed save
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         sys.unraisablehook = _quiet_closed_loops
-        from jaxinfra.job import run  # imports JAX-heavy modules only after the config is valid
+        from jaxinfra.lm.job import run  # imports JAX-heavy modules only after the config is valid
         run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,12 +105,12 @@ def export_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.export import export, export_sparse, release_freed_tensors
+        from jaxinfra.export.writer import export, export_sparse, release_freed_tensors
         release_freed_tensors()  # this process only exports: host memory stays near two tensors
         if args.format == "hf":
             if args.sparse:
                 raise UserError("--sparse with --format hf: the Hugging Face layout is dense")
-            from jaxinfra.hf import export_hf
+            from jaxinfra.hub.hf import export_hf
             for f in export_hf(args.directory, args.out, step=args.step, dtype=args.dtype,
                                max_shard_bytes=parse_size(args.max_shard_size), force=args.force, quant=args.quant):
                 print(f"wrote {f} ({storage.size(f):,} bytes)")
@@ -143,7 +143,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.inspect import describe_checkpoint
+        from jaxinfra.ckpt.listing import describe_checkpoint
         print("\n".join(describe_checkpoint(args.directory, args.step, verify=args.verify)))
         return 0
     return _guard(body)
@@ -164,7 +164,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         if args.tokens < 1 or args.temperature < 0:
             raise UserError(f"--tokens={args.tokens} must be at least 1 and --temperature={args.temperature} "
                             f"not negative")
-        from jaxinfra.generate import generate_from_run
+        from jaxinfra.lm.from_run import generate_from_run
         texts, _, info = generate_from_run(args.run_dir, args.prompt or ["def "], n_tokens=args.tokens,
                                            temperature=args.temperature, seed=args.seed, step=args.step)
         print("\n".join(texts))
@@ -185,7 +185,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.compare import compare
+        from jaxinfra.train.compare import compare
         lines, png = compare(args.dense_run, args.pruned_run, args.out)
         print("\n".join(lines))
         print(f"wrote {png}")
@@ -201,7 +201,7 @@ def plot_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.plots import plot_run
+        from jaxinfra.train.plots import plot_run
         print(f"wrote {plot_run(args.run_dir, args.out)}")
         return 0
     return _guard(body)

@@ -9,7 +9,7 @@ import time
 
 import jax
 
-from jaxinfra.mesh import use_cpu_devices  # noqa: E402
+from jaxinfra.parallel.mesh import use_cpu_devices  # noqa: E402
 
 use_cpu_devices(8)  # as the launch script does it (with its collective scheduling flag)
 # Many tests compile the same tiny step; JAX's persistent cache compiles each distinct program once
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
-from jaxinfra.config import Config, load_config  # noqa: E402
+from jaxinfra.settings.sections import Config, load_config  # noqa: E402
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
         "data.batch_size=16", "run.steps=5", "optim.warmup_steps=1", "run.progress=false",
@@ -70,7 +70,7 @@ def no_jit_cache():
 def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
     """os.environ with `values` set and `unset` removed while the block runs, then exactly as it was. The
     store clients built from the environment keep the endpoint they were built with (fsspec's instance
-    caches, etils.epath's cache that Orbax reads through, jaxinfra.storage's own): they are dropped on the
+    caches, etils.epath's cache that Orbax reads through, jaxinfra.core.storage's own): they are dropped on the
     way in and out, so nothing made for a loopback server outlives the variables that point at it."""
     saved = {k: os.environ.get(k) for k in [*values, *unset]}
     try:
@@ -89,7 +89,7 @@ def environment(values: dict[str, str], unset: tuple[str, ...] = ()):
 
 
 def _forget_store_clients():
-    from jaxinfra import storage
+    from jaxinfra.core import storage
     storage._filesystem.cache_clear()
     storage._follow_endpoint(storage.s3_endpoint())  # etils.epath's s3fs (Orbax's) and the endpoint it follows
     if "gcsfs" in sys.modules:  # gcsfs reads STORAGE_EMULATOR_HOST once, when an instance is built
@@ -221,7 +221,7 @@ def bucket(s3_server, request):
     """A new empty bucket on the loopback S3 server: its s3:// URI."""
     import re
     import uuid
-    from jaxinfra import storage
+    from jaxinfra.core import storage
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     storage._fs(f"s3://{name}").call_s3("create_bucket", Bucket=name)
     return f"s3://{name}"

@@ -5,13 +5,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxinfra import sharding as shd
-from jaxinfra.job import model_fn
-from jaxinfra.mesh import make_mesh
-from jaxinfra.model import lm_loss
-from jaxinfra.optim import make_optimizer
-from jaxinfra import roles
-from jaxinfra.step import Field, StepPlan, TrainState, abstract_model, example_batch, plan_step
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.models.factory import model_fn
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.models.transformer import lm_loss
+from jaxinfra.train.optim import make_optimizer
+from jaxinfra.train import compression
+from jaxinfra.train.step import Field, StepPlan, abstract_model, example_batch, plan_step
+from jaxinfra.core.state import TrainState
 
 
 class Setup(NamedTuple):
@@ -41,7 +42,7 @@ def model_plan(cfg, mesh) -> StepPlan:
     selection = None
     if cfg.prune.enabled:  # what the trainer prunes: the kernels the traced forward pass multiplies by
         micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
-        selection = roles.for_config(cfg.prune, model, lm_loss, micro, lambda *a: None)
+        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro, lambda *a: None)
     tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     return plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
                      accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule, model=model)

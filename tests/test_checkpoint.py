@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import export as export_lib
-from jaxinfra import sharding as shd
-from jaxinfra.errors import UserError
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.export import writer as export_lib
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.core.errors import UserError
 from steps import compile_step, make_batch, mesh_of, model_plan
 
 # one xdist worker runs the whole module, so its module-scoped training runs happen once
@@ -128,7 +128,7 @@ def test_export_streams_whole_tensors_and_reloads_on_one_device(saved, tmp_path)
     one = mesh_of((1, 1, 1))
     with jax.set_mesh(one):
         plan = _plan(cfg, one)
-        params = export_lib.to_params(flat, plan.abstract.params, plan.shardings.params)
+        params = shd.to_params(flat, plan.abstract.params, plan.shardings.params)
         logits_one = np.asarray(nnx.merge(plan.graphdef, params)(tokens))
     eight = mesh_of((2, 2, 2))
     with jax.set_mesh(eight):

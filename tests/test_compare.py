@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
-from jaxinfra import export as export_lib
-from jaxinfra.metrics import MetricsWriter
-from jaxinfra.plots import plot_run, read_metrics
-from jaxinfra.step import TrainState
+from jaxinfra.export import writer as export_lib
+from jaxinfra.train.metrics import MetricsWriter
+from jaxinfra.train.plots import plot_run, read_metrics
+from jaxinfra.core.state import TrainState
 from test_sparse_export import _pruned
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
 """Config loading: YAML + dotted overrides into dataclasses; every bad input is one UserError line."""
 import pytest
 
-from jaxinfra.config import Config, load_config, to_yaml
-from jaxinfra.errors import UserError
+from jaxinfra.settings.sections import Config, load_config, to_yaml
+from jaxinfra.core.errors import UserError
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -67,7 +67,7 @@ def test_bad_yaml_file(tmp_path):
 def test_no_jax_import_needed():
     import subprocess
     import sys
-    code = "import sys, jaxinfra.config as c; c.load_config(None, []); print('jax' in sys.modules)"
+    code = "import sys, jaxinfra.settings.sections as c; c.load_config(None, []); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -3,11 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfra import data
-from jaxinfra import sharding as shd
-from jaxinfra.config import DEFAULT_RULES
-from jaxinfra.errors import UserError
-from jaxinfra.mesh import make_mesh
+from jaxinfra.data import sources as data
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.settings.sections import DEFAULT_RULES
+from jaxinfra.core.errors import UserError
+from jaxinfra.parallel.mesh import make_mesh
 
 
 def _folder(tmp_path, n=200):

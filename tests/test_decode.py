@@ -1,4 +1,4 @@
-"""KV-cache decoding (jaxinfra/decode.py) against the sliding-window sampler, on a tiny model trained 120 steps
+"""KV-cache decoding (jaxinfra/models/decode.py) against the sliding-window sampler, on a tiny model trained 120 steps
 on Python source (so greedy picks are not near-ties): batches, meshes, int8 kernels, rotary, the ring."""
 import os
 
@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxinfra import decode, quant
-from jaxinfra import sharding as shd
-from jaxinfra.errors import UserError
-from jaxinfra.generate import sample
-from jaxinfra.job import model_fn
-from jaxinfra.model import rotary
-from jaxinfra.step import abstract_model
+from jaxinfra.models import decode
+from jaxinfra.compress import quant
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.core.errors import UserError
+from jaxinfra.models.sampling import sample
+from jaxinfra.models.factory import model_fn
+from jaxinfra.models.transformer import rotary
+from jaxinfra.train.step import abstract_model
 from steps import make_setup, mesh_of
 
 pytestmark = pytest.mark.xdist_group("decode")
@@ -24,7 +25,7 @@ PROMPTS = ["def ", "import os\n", "x"]  # different lengths
 
 @pytest.fixture(scope="module")
 def trained():
-    """(cfg, logical names, host params) of a tiny LM (seq_len 128) trained 120 steps on jaxinfra/model.py: one
+    """(cfg, logical names, host params) of a tiny LM (seq_len 128) trained 120 steps on jaxinfra/models/transformer.py: one
     file, so it learns enough in 6 s that greedy text varies (top two logits at least 1e-3 apart here)."""
     cfg = tiny_config("model.seq_len=128", "run.steps=120", "optim.lr=1e-2")
     text = open(os.path.join(ROOT, "jaxinfra", "model.py"), "rb").read()

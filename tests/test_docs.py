@@ -14,7 +14,7 @@ BLOCK = re.compile(r"(<!-- no-test -->\s*\n)?```python\n(.*?)```", re.S)
 RUNNER = """
 import json, sys, traceback
 sys.path.insert(0, sys.argv[2])
-from jaxinfra.mesh import use_cpu_devices
+from jaxinfra.parallel.mesh import use_cpu_devices
 use_cpu_devices(8)
 failures = []
 for doc, blocks in json.loads(open(sys.argv[1]).read()).items():

@@ -4,9 +4,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from jaxinfra import sharding as shd
-from jaxinfra.errors import UserError
-from jaxinfra.generate import encode, sample
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.core.errors import UserError
+from jaxinfra.models.sampling import prompt_bytes as encode, sample
 from steps import make_setup, mesh_of
 
 

@@ -8,10 +8,11 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from jaxinfra import heldout, job
-from jaxinfra.mesh import make_mesh
-from jaxinfra.model import lm_loss
-from jaxinfra.step import build_model
+from jaxinfra.lm import heldout
+from jaxinfra.models import factory
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.models.transformer import lm_loss
+from jaxinfra.train.step import build_model
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -31,7 +32,7 @@ def test_windows_score_every_byte_once_with_context(seed):
 
 def _model(mesh, *overrides):
     cfg = tiny_config(*overrides)
-    model = build_model(job.model_fn(cfg, mesh), mesh, cfg.mesh.logical_rules)
+    model = build_model(factory.model_fn(cfg, mesh), mesh, cfg.mesh.logical_rules)
     graphdef, params = nnx.split(model, nnx.Param)
     return cfg, model, graphdef, params
 

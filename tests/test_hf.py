@@ -10,14 +10,19 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, need, tiny_config
-from jaxinfra import checkpoint, cli, export, job, warmstart
-from jaxinfra import sharding as shd
-from jaxinfra.config import load_config
-from jaxinfra.pipeline import take, whole_layers
-from jaxinfra.errors import UserError
-from jaxinfra.generate import sample
-from jaxinfra.mesh import make_mesh
-from jaxinfra.step import TrainState, abstract_model
+from jaxinfra import cli
+from jaxinfra.ckpt import manager as checkpoint
+from jaxinfra.export import writer as export
+from jaxinfra.models import factory
+from jaxinfra.train import warmstart
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.settings.sections import load_config
+from jaxinfra.core.names import take, whole_layers
+from jaxinfra.core.errors import UserError
+from jaxinfra.models.sampling import sample
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.train.step import abstract_model
+from jaxinfra.core.state import TrainState
 
 pytestmark = pytest.mark.xdist_group("test_hf")
 LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_format=hf"]
@@ -36,9 +41,9 @@ def _model(run):
     """(module def, params on a one-axis mesh, the run's config) of a run's newest step."""
     cfg = load_config(str(run / "config.yaml"))
     mesh = make_mesh(-1, 1, 1)
-    md = abstract_model(job.model_fn(cfg, mesh))
+    md = abstract_model(factory.model_fn(cfg, mesh))
     flat, _ = checkpoint.read_params(str(run))
-    return md, export.to_params(flat, md.params, shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules)), \
+    return md, shd.to_params(flat, md.params, shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules)), \
         cfg, mesh
 
 
@@ -79,7 +84,7 @@ def test_init_from_the_hf_folder_gives_every_parameter_back_bitwise(exported):
     cfg = tiny_config(*LM)
     mesh = make_mesh(2, 2, 2)
     with jax.set_mesh(mesh):
-        md = abstract_model(job.model_fn(cfg, mesh))
+        md = abstract_model(factory.model_fn(cfg, mesh))
         sh = TrainState(shd.replicated(mesh), shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules), None,
                         shd.tree_shardings(md.state_logical, mesh, cfg.mesh.logical_rules))
         params, _, source = warmstart.load(str(out), md, sh)

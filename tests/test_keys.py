@@ -17,18 +17,20 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, tiny_config
-from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import export as export_lib
-from jaxinfra import job, quant, roles
-from jaxinfra import sharding as shd
-from jaxinfra.config import MESH_AXES, load_config
-from jaxinfra.errors import UserError
-from jaxinfra.generate import sample
-from jaxinfra.mesh import make_mesh
-from jaxinfra.model import lm_loss
-from jaxinfra.optim import make_optimizer
-from jaxinfra.pruning import find_prune_state
-from jaxinfra.step import abstract_model
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.export import writer as export_lib
+from jaxinfra.lm import job
+from jaxinfra.models import factory
+from jaxinfra.train import compression
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.settings.sections import MESH_AXES, load_config
+from jaxinfra.core.errors import UserError
+from jaxinfra.models.sampling import sample
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.models.transformer import lm_loss
+from jaxinfra.train.optim import make_optimizer
+from jaxinfra.compress.pruning import find_prune_state
+from jaxinfra.train.step import abstract_model
 from steps import make_batch, make_setup, mesh_of
 
 pytestmark = pytest.mark.xdist_group("test_keys")  # the module-scoped run is made once, on one worker
@@ -213,9 +215,9 @@ def test_quant_params_and_exclude_round_exactly_the_chosen_kernels(overrides, ch
     cfg = tiny_config("quant.weights=int8", *overrides)
     mesh = mesh_of((1, 1, 1))
     with jax.set_mesh(mesh):
-        model = abstract_model(job.model_fn(cfg, mesh))
+        model = abstract_model(factory.model_fn(cfg, mesh))
         micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
-        model, kernels = quant.for_config(cfg.quant, model, roles.model_roles(model, lm_loss, micro), "float32",
+        model, kernels = compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro), "float32",
                                           lambda *a: None)
     assert set(kernels) == {p.replace("/", ".") for p in chosen}
     rng = np.random.default_rng(0)
@@ -261,7 +263,7 @@ def test_param_dtype_stores_the_weights_and_dtype_still_computes():
         models = {}
         for dtype, param_dtype in [("float32", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32")]:
             cfg = tiny_config(f"model.dtype={dtype}", f"model.param_dtype={param_dtype}")
-            model = models[dtype, param_dtype] = abstract_model(job.model_fn(cfg, mesh))
+            model = models[dtype, param_dtype] = abstract_model(factory.model_fn(cfg, mesh))
             assert {str(x.dtype) for x in jax.tree.leaves(model.params)} == {param_dtype}
             jaxpr = jax.make_jaxpr(lambda p: lm_loss(model.module(p), {"tokens": tokens}))(model.params).jaxpr
             assert _dot_dtypes(jaxpr) == {dtype}, (dtype, param_dtype)  # every matmul in model.dtype

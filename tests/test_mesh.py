@@ -9,9 +9,9 @@ import pytest
 from jax.sharding import AxisType
 
 from jaxinfra import cli
-from jaxinfra.errors import UserError
-from jaxinfra.mesh import AXES, describe, init_distributed, make_mesh, process_count, resolve_shape
-from jaxinfra.quiet import clean
+from jaxinfra.core.errors import UserError
+from jaxinfra.parallel.mesh import AXES, describe, init_distributed, make_mesh, process_count, resolve_shape
+from jaxinfra.parallel.quiet import clean
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_mesh_cpu_devices_counts_every_slurm_task(monkeypatch, capsys):
 
 GLOO_SCRIPT = """
 import os, sys
-from jaxinfra.quiet import quiet_collectives
+from jaxinfra.parallel.quiet import quiet_collectives
 assert quiet_collectives()
 print("first", flush=True)
 os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\\n")
@@ -144,7 +144,7 @@ def test_gloo_filter_process_passes_the_runs_lines_whole(tmp_path):
     """The same cases through the filter process (quiet_collectives), one after another on stdout, and
     the run's line on stderr at the same time: each stream comes out as just its lines."""
     cases = [b"".join(writes) for _, writes in _cut_and_interleaved()]
-    script = (f"import os, sys\nfrom jaxinfra.quiet import quiet_collectives\nassert quiet_collectives()\n"
+    script = (f"import os, sys\nfrom jaxinfra.parallel.quiet import quiet_collectives\nassert quiet_collectives()\n"
               f"for case in {cases!r}:\n    os.write(1, case)\n    os.write(2, {RUN_LINE!r})\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinfra.model import Transformer, lm_loss, rotary
-from jaxinfra.step import abstract_model
+from jaxinfra.models.transformer import Transformer, lm_loss, rotary
+from jaxinfra.train.step import abstract_model
 
 
 def _model(cfg):
@@ -62,7 +62,7 @@ def test_remat_gives_the_same_gradients(tiny, remat):
 
 
 def test_flops_per_token_formula(tiny):
-    from jaxinfra.model import train_flops_per_token
+    from jaxinfra.models.transformer import train_flops_per_token
     cfg = tiny().model  # D=32, F=64, L=2, V=256, T=16
     assert train_flops_per_token(cfg) == 6 * (2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 256) + 6 * 2 * 16 * 32
 

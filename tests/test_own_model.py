@@ -23,9 +23,9 @@ import pytest
 from flax import nnx
 
 import jaxinfra
-from jaxinfra import data
-from jaxinfra.export import load
-from jaxinfra.pruning import n_of_m_mask
+from jaxinfra.data import sources as data
+from jaxinfra.export.writer import load
+from jaxinfra.compress.pruning import n_of_m_mask
 from conftest import COORDINATOR_PORT_TAKEN, listening_port, tiny_config
 
 pytestmark = pytest.mark.xdist_group("test_own_model")  # one worker: the module's runs happen once
@@ -371,7 +371,7 @@ def test_a_loss_returning_logits_is_refused_in_one_line(tmp_path):
 
 
 def test_roles_follow_stacked_layers_and_a_split_fused_kernel():
-    from jaxinfra.roles import find_roles
+    from jaxinfra.compress.roles import find_roles
 
     def stacked(p, x):  # layers stacked on a leading axis, read with a traced index (fori_loop)
         return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"][i]), x).sum()

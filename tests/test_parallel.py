@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY, tiny_config
-from jaxinfra import sharding as shd
-from jaxinfra.config import load_config
-from jaxinfra.errors import UserError
-from jaxinfra.mesh import make_mesh
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.settings.sections import load_config
+from jaxinfra.core.errors import UserError
+from jaxinfra.parallel.mesh import make_mesh
 from steps import compile_step, make_setup, mesh_of, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]

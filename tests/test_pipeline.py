@@ -16,13 +16,14 @@ from etils import epath
 from flax import nnx
 
 from conftest import TINY, tiny_config
-from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import export as export_lib
-from jaxinfra import sharding as shd
-from jaxinfra.errors import UserError
-from jaxinfra.mesh import make_mesh
-from jaxinfra.names import path_str
-from jaxinfra.pipeline import Stacked, idle_fraction, schedule, take, whole_layers
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.export import writer as export_lib
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.core.errors import UserError
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.core.names import path_str
+from jaxinfra.parallel.pipeline import Stacked, idle_fraction, schedule
+from jaxinfra.core.names import take, whole_layers
 from steps import make_batch, make_setup, model_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,7 +305,7 @@ class Own(nnx.Module):
 
 
 def _own(tmp_path, stacked, stage):
-    from jaxinfra.trainer import train_model
+    from jaxinfra.train.trainer import train_model
     rows = [{"x": np.random.default_rng(i).normal(size=8).astype(np.float32)} for i in range(64)]
     cfg = tiny_config("data.batch_size=16", "run.steps=3", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1",
                       f"mesh.stage={stage}", f"run.dir={tmp_path / f'own{stacked}{stage}'}")

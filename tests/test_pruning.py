@@ -7,8 +7,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxinfra.mesh import make_mesh
-from jaxinfra.pruning import cubic_sparsity, exact_mask, n_of_m_mask, prune
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.compress.pruning import cubic_sparsity, exact_mask, n_of_m_mask, prune
 
 
 def _params(seed=0):
@@ -119,7 +119,7 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
     import json
     from conftest import TINY
     from jaxinfra import cli
-    from jaxinfra import export as export_lib
+    from jaxinfra.export import writer as export_lib
     run_dir = tmp_path / "run"
     assert cli.main([*TINY, "run.steps=10", "run.log_every=1", f"run.dir={run_dir}", "prune.sparsity=0.5",
                      "prune.start_step=2", "prune.end_step=5", "prune.every=2"]) == 0
@@ -150,10 +150,10 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
 
 
 def test_parameters_chosen_by_path_glob_or_logical_name():
-    from jaxinfra.config import load_config
-    from jaxinfra.errors import UserError
-    from jaxinfra.optim import make_optimizer
-    from jaxinfra.roles import select
+    from jaxinfra.settings.sections import load_config
+    from jaxinfra.core.errors import UserError
+    from jaxinfra.train.optim import make_optimizer
+    from jaxinfra.compress.roles import select
     params = _params()
     logical = {"a": {"kernel": P("embed", "mlp")}, "b": {"kernel": P("embed", "heads", "kv")},
                "norm": {"scale": P("norm")}, "embed": P("vocab", "embed")}
@@ -175,7 +175,7 @@ def test_parameters_chosen_by_path_glob_or_logical_name():
 
 
 def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
-    from jaxinfra.pruning import erk_sparsities, layer_sparsity, sparsity_metrics
+    from jaxinfra.compress.pruning import erk_sparsities, layer_sparsity, sparsity_metrics
     params = {"small": jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), jnp.float32),
               "big": jnp.asarray(np.random.default_rng(2).normal(size=(256, 64)), jnp.float32),
               "wide": jnp.asarray(np.random.default_rng(3).normal(size=(16, 4, 64)), jnp.float32)}
@@ -200,8 +200,8 @@ def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
 
 
 def test_pruning_config_errors_and_recovery_warning():
-    from jaxinfra.config import load_config
-    from jaxinfra.errors import UserError
+    from jaxinfra.settings.sections import load_config
+    from jaxinfra.core.errors import UserError
     with pytest.raises(UserError, match="prune.distribution=erk .* prune.scope=layer"):
         load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.distribution=erk", "prune.scope=global"])
     late = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=90"])

@@ -13,15 +13,18 @@ from safetensors import safe_open
 
 from conftest import need, tiny_config
 from jaxinfra import cli
-from jaxinfra import export as export_lib
-from jaxinfra import quant, roles
-from jaxinfra import sharding as shd
-from jaxinfra.errors import UserError
-from jaxinfra.job import model_fn, run
-from jaxinfra.model import lm_loss
-from jaxinfra.names import tensor_name
-from jaxinfra.pipeline import take, whole_layers
-from jaxinfra.step import abstract_model
+from jaxinfra.export import writer as export_lib
+from jaxinfra.compress import quant
+from jaxinfra.export import int8
+from jaxinfra.train import compression
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.core.errors import UserError
+from jaxinfra.lm.job import run
+from jaxinfra.models.factory import model_fn
+from jaxinfra.models.transformer import lm_loss
+from jaxinfra.core.names import tensor_name
+from jaxinfra.core.names import take, whole_layers
+from jaxinfra.train.step import abstract_model
 from steps import make_batch, mesh_of, model_plan
 
 pytestmark = pytest.mark.xdist_group("quant")
@@ -63,7 +66,7 @@ def _qat_model(cfg, mesh):
     """The default model's ModelDef and the rounding quant.* makes the trainer apply, as train_model builds them."""
     model = abstract_model(model_fn(cfg, mesh))
     micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
-    return quant.for_config(cfg.quant, model, roles.model_roles(model, lm_loss, micro), "float32", print)
+    return compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro), "float32", print)
 
 
 def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
@@ -75,7 +78,7 @@ def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
     with jax.set_mesh(mesh):
         model, kernels = _qat_model(cfg, mesh)
         floats = export_lib.load(f"{base}/qat/exports/model-6.safetensors")  # the run's float weights
-        params = export_lib.to_params(floats, model.params, shd.tree_shardings(model.logical, mesh,
+        params = shd.to_params(floats, model.params, shd.tree_shardings(model.logical, mesh,
                                                                                cfg.mesh.logical_rules))
         module = model.module(params)  # what the QAT forward pass computes with, on the mesh
         used = {tensor_name(p): np.asarray(jax.device_get(v)) for p, v in
@@ -87,7 +90,7 @@ def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
     assert len(kernels) == 8 and len(names) == 15 and "head" in names and "embed" not in names  # looked up
     with safe_open(out, framework="numpy") as f:
         for name in names:
-            values, scale = f.get_tensor(name), f.get_tensor(name + quant.SCALE)
+            values, scale = f.get_tensor(name), f.get_tensor(name + int8.SCALE)
             assert values.dtype == np.int8 and not np.array_equal(used[name], floats[name])
             np.testing.assert_array_equal(values.astype(np.float32) * scale, used[name], err_msg=name)
         assert f.get_tensor("embed").dtype == np.float32
@@ -99,8 +102,8 @@ def _collectives(compiled_text, op):
 
 
 def test_qat_step_on_the_mesh_adds_no_all_gather():
-    from jaxinfra.optim import make_optimizer
-    from jaxinfra.step import Field, plan_step
+    from jaxinfra.train.optim import make_optimizer
+    from jaxinfra.train.step import Field, plan_step
     cfg = tiny_config("quant.weights=int8", "quant.activations=int8")
     mesh = mesh_of((2, 2, 2))
     with jax.set_mesh(mesh):
@@ -124,13 +127,13 @@ def test_int8_export_reloads_within_half_a_step_and_keeps_other_tensors(qat_run,
     got = export_lib.load(out)
     assert set(got) == set(floats)
     with safe_open(out, framework="numpy") as f:
-        meta = json.loads(f.metadata()[quant.QUANTIZED])
-        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(quant.SCALE)}
-    assert sorted(meta) == sorted(k[:-len(quant.SCALE)] for k in scales) and len(meta) == 15
+        meta = json.loads(f.metadata()[int8.QUANTIZED])
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(int8.SCALE)}
+    assert sorted(meta) == sorted(k[:-len(int8.SCALE)] for k in scales) and len(meta) == 15
     for name, w in floats.items():
         if name in meta:
             assert got[name].dtype == np.float32
-            assert np.all(np.abs(got[name] - w) <= scales[name + quant.SCALE] / 2 * (1 + 1e-4)), name
+            assert np.all(np.abs(got[name] - w) <= scales[name + int8.SCALE] / 2 * (1 + 1e-4)), name
         else:
             assert np.array_equal(got[name], w), name  # the embedding and norms untouched
     dense_bytes = os.path.getsize(f"{base}/dense/exports/model-6.safetensors")
@@ -154,7 +157,7 @@ def test_sparse_int8_export_keeps_exact_zeros(tmp_path):
     # 2:4 int8: a uint8 index per kept value would weigh as much as the dense int8 tensor, so the
     # bitmask (an eighth of a byte per entry) is what stores it smaller
     assert enc["blocks.0.mlp.w_up"]["encoding"] == "bitmask"
-    for name in json.loads(meta[quant.QUANTIZED]):  # the pruned kernels, and the (dense) output layer
+    for name in json.loads(meta[int8.QUANTIZED]):  # the pruned kernels, and the (dense) output layer
         zero = floats[name] == 0
         assert (zero.mean() >= 0.5 or name == "head") and np.all(got[name][zero] == 0), name
     dense_int8 = str(tmp_path / "d.safetensors")
@@ -209,8 +212,8 @@ def test_compressed_tensors_own_decompressor_agrees(qat_run, tmp_path):
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     import subprocess
     import sys
-    from jaxinfra import checkpoint as ckpt_lib
-    from jaxinfra.step import TrainState
+    from jaxinfra.ckpt import manager as ckpt_lib
+    from jaxinfra.core.state import TrainState
     with pytest.raises(UserError, match="quant.weights='int4' is not one of none, int8"):
         tiny_config("quant.weights=int4").check_train()
     with pytest.raises(UserError, match="quant.activations=int8 needs quant.weights=int8"):
@@ -224,14 +227,14 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"  # hostile metadata: a dtype that is not one, a scale that does not fit
     from safetensors.numpy import save_file
     save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((1, 4), np.float32)}, str(bad),
-              metadata={quant.QUANTIZED: json.dumps({"w": "object"})})
+              metadata={int8.QUANTIZED: json.dumps({"w": "object"})})
     with pytest.raises(UserError, match="__metadata__ entry quantized is not valid"):
         export_lib.load(str(bad))
     save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((3, 4), np.float32)}, str(bad),
-              metadata={quant.QUANTIZED: json.dumps({"w": "float32"})})
+              metadata={int8.QUANTIZED: json.dumps({"w": "float32"})})
     with pytest.raises(UserError, match=r"w_scale has shape \(3, 4\)"):
         export_lib.load(str(bad))
-    save_file({"w": np.ones((4, 4), np.int8)}, str(bad), metadata={quant.QUANTIZED: json.dumps({"w": "float32"})})
+    save_file({"w": np.ones((4, 4), np.int8)}, str(bad), metadata={int8.QUANTIZED: json.dumps({"w": "float32"})})
     with pytest.raises(UserError, match="has no partner"):
         export_lib.load(str(bad))
     r = subprocess.run([sys.executable, "scripts/train.py", "quant.weights=int8", "quant.activations=fp8"],
@@ -243,9 +246,9 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
 def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
     """A W8A8 QAT run decodes with int8 kernels and rounded matmul inputs (what generate_from_run does):
     each greedy token is the argmax of the QAT forward pass over the tokens before it."""
-    from jaxinfra import decode
-    from jaxinfra.checkpoint import locate, read_params
-    from jaxinfra.generate import _as_trained, generate_from_run
+    from jaxinfra.models import decode
+    from jaxinfra.ckpt.manager import locate, read_params
+    from jaxinfra.lm.from_run import _as_trained, generate_from_run
     base, _, _ = qat_run
     _, _, info = generate_from_run(f"{base}/qat", ["def f"], n_tokens=10, temperature=0.0)
     assert info["peak_bytes"] > info["cache_bytes"] > 0
@@ -255,7 +258,7 @@ def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
     with jax.set_mesh(mesh):
         model, _ = _qat_model(cfg, mesh)
         flat, _ = read_params(f"{base}/qat")
-        params = export_lib.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh,
+        params = shd.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh,
                                                                              cfg.mesh.logical_rules))
         int8 = _as_trained(params, locate(f"{base}/qat", None)[0], model.stacked)
         assert isinstance(int8["blocks"]["attn"]["wq"], quant.QTensor)

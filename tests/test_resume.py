@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY
 from jaxinfra import cli
-from jaxinfra import export as export_lib
+from jaxinfra.export import writer as export_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [*TINY, "run.log_every=1", "run.eval_batches=0", "checkpoint.export_final=false"]

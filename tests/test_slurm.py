@@ -12,7 +12,7 @@ import pytest
 
 import slurm_cluster
 from conftest import COORDINATOR_PORT_TAKEN, IN_CI
-from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra.ckpt import manager as ckpt_lib
 from test_resume import BASE, ROOT, _run
 
 MISSING = slurm_cluster.missing()
@@ -26,7 +26,7 @@ STEPS = 60  # long enough (about 0.1-0.5 s a step here) that a signal lands well
 ARGS = [*BASE, "mesh.cpu_devices=8", f"run.steps={STEPS}", "checkpoint.every=5"]  # the default (2,2,2) mesh
 SEED = 29  # draws the step the sbatch test preempts at; a failure names it (and the step it drew)
 STARTS = 3  # tries of a job start whose coordinator port (61440 + job id % 4096, JAX's choice) was taken
-# Gloo's connection message in pieces: none may reach a log (jaxinfra.quiet drops them wherever they stand)
+# Gloo's connection message in pieces: none may reach a log (jaxinfra.parallel.quiet drops them wherever they stand)
 GLOO_TEXT = ("[Gloo]", "Gloo]", "is connected to", "peer ranks", "Expected number of connected")
 
 

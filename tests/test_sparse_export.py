@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfra import checkpoint as ckpt_lib
+from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
-from jaxinfra import export as export_lib
-from jaxinfra import sparse
-from jaxinfra.errors import UserError
-from jaxinfra.step import TrainState
+from jaxinfra.export import writer as export_lib
+from jaxinfra.export import sparse
+from jaxinfra.core.errors import UserError
+from jaxinfra.core.state import TrainState
 
 
 def _pruned(seed=0):
@@ -149,8 +149,8 @@ def test_reserved_header_bounds_the_real_one():
 
 
 def test_n_of_m_along_conv_input_channels_round_trips_compactly():
-    from jaxinfra import sparse
-    from jaxinfra.pruning import n_of_m_mask
+    from jaxinfra.export import sparse
+    from jaxinfra.compress.pruning import n_of_m_mask
     w = np.asarray(jax.random.normal(jax.random.key(3), (3, 3, 16, 8)), np.float32)
     w = np.where(np.asarray(n_of_m_mask(jnp.asarray(w), 2, 4, axis=2)), w, 0)  # 2:4 along in-channels
     for pattern in ((2, 4), None):  # configured, or detected

@@ -17,12 +17,14 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import COORDINATOR_PORT_TAKEN, gcs_env, s3_env, tiny_config
-from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import cli, job, storage
-from jaxinfra import data as data_lib
-from jaxinfra import export as export_lib
-from jaxinfra.errors import UserError
-from jaxinfra.step import TrainState
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra import cli
+from jaxinfra.lm import job
+from jaxinfra.core import storage
+from jaxinfra.data import sources as data_lib
+from jaxinfra.export import writer as export_lib
+from jaxinfra.core.errors import UserError
+from jaxinfra.core.state import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = pytest.mark.xdist_group("s3-runs")  # the tests that share the module's runs stay on one worker
@@ -71,7 +73,7 @@ def _state(step, mesh=None, spec=None):
 
 def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(store):
     from jax.sharding import PartitionSpec as P
-    from jaxinfra.mesh import make_mesh
+    from jaxinfra.parallel.mesh import make_mesh
     ck = ckpt_lib.Checkpointer(storage.join(store, "run", "checkpoints"), keep=2)
     saved = _state(3, make_mesh(2, 2, 2), P(("data", "fsdp"), "tensor"))
     for step in (1, 2, 3):
@@ -170,18 +172,18 @@ def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs,
         assert name in files, sorted(files)
     assert sum(n.startswith("tensorboard/events.out.tfevents") for n in files) == 2  # one per start
     assert ckpt_lib.complete_steps(f"{root}/split/checkpoints") == [15, 20]  # checkpoint.keep=2 rotation
-    assert ".jaxinfra.lock" not in files
+    assert ".jaxinfra.ckpt.lock" not in files
 
 
 def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
-    from jaxinfra.lock import RunLock
+    from jaxinfra.ckpt.lock import RunLock
     path = f"{store}/run/.probe"
     assert storage.create_exclusive(path, b"first") and not storage.create_exclusive(path, b"second")
     assert storage.read_text(path) == "first"
     mine, other = RunLock(f"{store}/run"), RunLock(f"{store}/run")
     mine.acquire()
     other.me = {**other.me, "pid": other.me["pid"] + 1}  # another live writer on this host
-    import jaxinfra.lock as lock_lib
+    import jaxinfra.ckpt.lock as lock_lib
     with pytest.raises(UserError, match="is in use by process"):
         lock_lib._alive, alive = (lambda pid: True), lock_lib._alive
         try:
@@ -191,7 +193,7 @@ def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
     mine.release()
     other.acquire()  # free again
     other.release()
-    assert not storage.exists(f"{store}/run/.jaxinfra.lock")
+    assert not storage.exists(f"{store}/run/.jaxinfra.ckpt.lock")
 
 
 @RUNS

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from jaxinfra import checkpoint as ckpt_lib
-from jaxinfra import storage
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.core import storage
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfra.errors import Diverged
-from jaxinfra.mesh import make_mesh
-from jaxinfra.metrics import MetricsWriter, Reporter
-from jaxinfra.trainer import Evaluator, fit
+from jaxinfra.core.errors import Diverged
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.train.metrics import MetricsWriter, Reporter
+from jaxinfra.train.trainer import Evaluator, fit
 from steps import compile_step, make_batch, make_setup, run_steps
 
 

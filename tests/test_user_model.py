@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jaxinfra
-from jaxinfra import data
+from jaxinfra.data import sources as data
 from conftest import tiny_config
 
 # one xdist worker runs the whole module, so its module-scoped training runs happen once

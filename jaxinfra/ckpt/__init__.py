@@ -1,0 +1,1 @@
+"""The checkpoint layout's only owner: the Orbax manager, the step reader (tensor by tensor, verified), digests, the run lock, the Orbax bridge to s3 and gs; imports compress, data, parallel, settings and core."""

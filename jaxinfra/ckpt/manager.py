@@ -1,0 +1,575 @@
+"""The one owner of the checkpoint layout: Orbax async sharded saves, the metadata record, which
+steps are complete, resume and restore onto any mesh, preemption, and reading one step's
+parameters tensor by tensor (for exports, inspection and sampling).
+
+A run folder holds `checkpoints/<step>/`, one Orbax Composite per step: `state` (step, params,
+optimizer state: every leaf sharded as in training) and `meta` (JSON: resolved config, versions,
+mesh, data position, and the digest of every saved array: see digest.py). Every read (restore,
+export, sampling) checks the digests of what it read and refuses a damaged step. A step is
+complete once Orbax has committed it; an interrupted save is never listed. The data position is the number of global batches consumed, equal to the step, on any
+number of processes (see data.py), so no per-process iterator state is needed to resume exactly.
+No other module names these folders or items.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import re
+import signal
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxinfra.core import storage
+from jaxinfra.ckpt.digest import host_digest, tree_digests
+from jaxinfra.core.errors import Failed, UserError, one_line
+from jaxinfra.core.names import path_str, tensor_name
+from jaxinfra.core.names import take, whole_layers
+from jaxinfra.core.state import TrainState
+
+STATE, META = "state", "meta"
+CHECKPOINTS = "checkpoints"  # the folder of a run that holds the steps
+ASIDE = ".aside"  # in it: steps newer than a resume's, kept until the run commits a step of its own
+MODEL_STATE = "model_state"  # the state's item of other model variables (BatchNorm statistics)
+MODEL_ITEMS = ("params", MODEL_STATE)  # what makes the model: exports and init_from read these
+STACKED = "stacked"  # the metadata record's entry: Stacked module path -> its leading layer dims
+DIGESTS = "digests"  # the metadata record's entry: tensor path -> digest of its bytes at save
+
+
+def digests_of(state: TrainState | dict[str, Any]) -> dict[str, str]:
+    """Tensor path ('params/blocks/attn/wq') -> digest of its bytes, computed on the devices where
+    the state lives (each its shards, no gathering)."""
+    tree = as_dict(state) if isinstance(state, TrainState) else state
+    flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree_digests(tree)))
+    return {path_str(p): f"{int(v):08x}" for p, v in flat}
+
+
+def _verify(found: dict[str, str], expected: dict[str, str] | None, step: int, where: str) -> None:
+    """Raise CorruptCheckpoint naming the first tensor whose bytes differ from those saved."""
+    for name, digest in found.items() if expected is not None else ():
+        if name in expected and expected[name] != digest:
+            raise CorruptCheckpoint(step, where, ValueError(
+                f"tensor {name} differs from the bytes saved (digest {digest}, recorded {expected[name]}): "
+                f"{storage.join(where, str(step), STATE)} is damaged"))
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    """Where a run folder keeps its checkpoint steps."""
+    return storage.join(run_dir, CHECKPOINTS)
+
+
+def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], kernels: dict[str, Any] | None = None,
+           stacked: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """The metadata record a step carries besides arrays: config, versions, mesh, data position, the
+    model's matmul weights with the dims they contract (what an int8 export needs to know), and its
+    stacked layers (module path -> leading layer dims: what splits them into whole layers)."""
+    from omegaconf import OmegaConf
+    versions = {}
+    for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "unknown"
+    return {"step": step, "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "versions": versions,
+            "mesh": dict(mesh.shape), "processes": jax.process_count(),
+            "data": {"global_batches_consumed": step, **data}, **({"kernels": kernels} if kernels else {}),
+            STACKED: {k: list(v) for k, v in (stacked or {}).items()}}
+
+
+def as_dict(state: TrainState) -> dict[str, Any]:
+    """TrainState -> the plain dict that is saved (keys: step, params, opt_state)."""
+    return state._asdict()
+
+
+def _say_at_once(line: str) -> None:
+    """A line on stdout from a signal handler. Python runs the handler between two instructions of the
+    main thread, possibly inside a write to sys.stdout that the signal interrupted: the line goes out
+    with os.write, never through sys.stdout (a reentrant write there raises), after what sys.stdout
+    holds when it can be flushed (when it cannot, the line may come before that). Never raises."""
+    try:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        fd, data = sys.stdout.fileno(), (line + "\n").encode()
+        while data:
+            data = data[os.write(fd, data):]
+    except Exception:  # a stdout with no file descriptor (captured) or closed: the flag alone, unsaid
+        pass
+
+
+class Checkpointer:
+    """An async CheckpointManager over `directory`, plus a SIGTERM flag for single-process runs."""
+
+    def __init__(self, directory: str, *, keep: int = 2, keep_every: int = 0, read_only: bool = False,
+                 digests: bool = True):
+        self.directory, self.digests = storage.absolute(directory), digests  # digests=False: benchmarks only
+        self._sigterm = self._failed = False
+        self._asked: int | None = None  # the last step preempted() was asked about (None: no step finished yet)
+        self._in_flight: int | None = None  # the step whose async save was started last, until waited on
+        if storage.is_remote(self.directory):
+            storage.orbax_bridge()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_every or None, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=True, atomicity_options=storage.atomicity(self.directory))
+        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def watch_sigterm(self) -> Callable[[], None]:
+        """Single process (no jax.distributed preemption sync): SIGTERM sets a flag checked each step
+        and says at once, in a line before any later one, the last step finished when it came ("before
+        the first step of this run" while the step compiles).
+
+        Returns the function that puts the previous handler back.
+        """
+        if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def caught(*_: Any) -> None:
+            if not self._sigterm:
+                when = f"after step {self._asked}" if self._asked else "before the first step of this run"
+                _say_at_once(f"SIGTERM received {when}: the run saves at the end of its current step and stops")
+            self._sigterm = True
+
+        signal.signal(signal.SIGTERM, caught)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def preempted(self, step: int) -> bool:
+        """True on every process at one agreed step after a SIGTERM (or on this one, if alone)."""
+        self._asked = step
+        return self._sigterm or self.manager.reached_preemption(step)
+
+    def committed(self, step: int) -> bool:
+        """Whether `step` is on disk and committed (a stat or two: cheap enough to poll each step)."""
+        return is_committed(storage.join(self.directory, str(step)))
+
+    def steps(self) -> list[int]:
+        """Complete steps on disk, oldest first (interrupted saves are never listed)."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
+        """Start an async save (the record gains the arrays' digests); returns once the arrays are
+        copied off the devices."""
+        meta = {**meta, DIGESTS: digests_of(state)} if self.digests else meta
+        with self._failing(step):  # the previous async save's failure surfaces here
+            self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(as_dict(state)),
+                                                              META: ocp.args.JsonSave(meta)}), force=True)
+        self._in_flight = step
+
+    def _failed_step(self, starting: int | None) -> int | None:
+        """The step a failure belongs to: the save in flight unless it committed, else the one starting
+        (on a store a failed write leaves no *.orbax-checkpoint-tmp* name in the error to read it from)."""
+        for step in (self._in_flight, starting):
+            if step is not None:
+                try:
+                    if not self.committed(step):
+                        return step
+                except Exception:  # the store that failed the save may fail this look too
+                    return step
+        return None
+
+    @contextlib.contextmanager
+    def _failing(self, starting: int | None = None) -> Iterator[None]:
+        """A failed save (a full disk, a folder removed, a store that keeps refusing writes) as one Failed
+        line naming the step and what is safe."""
+        try:
+            yield
+        except Exception as e:
+            if self._failed:  # reported once; the rest is the same failure unwinding
+                return
+            self._failed = True
+            text = " ".join(str(e).split())
+            found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
+            step = int(found.group(1)) if found else self._failed_step(starting)
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            # tensorstore's long message holds the OS error and the file: say those. Its wording varies with
+            # what was being written ('Failed writing: "F": ...', or 'Error writing "K" in OCDBT database at local
+            # file "F": ...'), so take the last file named before the OS error
+            os_error = re.search(r'"([^"]+)"[^"]*?: ([^:\[\]"]+?) \[os_error_code', text)
+            cause = f"{os_error.group(2)} ({os_error.group(1)})" if os_error else one_line(e)
+            kept = complete_steps(self.directory)
+            safe = ("no step was saved" if not kept else f"step {kept[0]} stays restorable" if len(kept) == 1
+                    else f"steps {', '.join(map(str, kept))} stay restorable")
+            raise Failed(f"saving {what} in {self.directory} failed: {cause}; {safe}") from None
+
+    def saved_shapes(self, step: int) -> dict[str, Any]:
+        """The saved state's tree of (shape, dtype, sharding) metadata, without reading arrays."""
+        return self.manager.item_metadata(step)[STATE].tree
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of a step."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise CorruptCheckpoint(step, self.directory, e) from None
+
+    # Steps newer than the one a run resumes from are set aside, not deleted, until the run commits a
+    # step of its own: a crash before that loses nothing (the next start puts them back).
+    def _aside(self) -> str:
+        return storage.join(self.directory, ASIDE)
+
+    def set_aside(self, step: int) -> list[int]:
+        """Move the steps newer than `step` out of sight, into checkpoints/.aside/; returns them."""
+        newer = [s for s in self.steps() if s > step]
+        if newer and jax.process_index() == 0:
+            storage.makedirs(self._aside())
+            storage.write_text(storage.join(self._aside(), "resumed_from"), str(step))
+            for s in newer:  # on a store each step is copied whole before its original goes
+                storage.move(storage.join(self.directory, str(s)), storage.join(self._aside(), str(s)))
+        if newer:
+            self._moved()
+        return newer
+
+    def _moved(self) -> None:
+        """After process 0 moved step folders: every process waits for it, then rereads the steps."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("jaxinfra checkpoint steps moved")
+        self.manager.reload()
+
+    def drop_aside(self) -> list[int]:
+        """Delete the steps set aside (a newer step of this run is committed); returns them."""
+        dropped = complete_steps(self._aside())
+        if jax.process_index() == 0 and storage.isdir(self._aside()):
+            storage.rmtree(self._aside())
+        return dropped
+
+    def put_back(self) -> list[int]:
+        """At start: steps set aside by a run that died before committing a step of its own go back
+        (if it did commit one, they are dropped); returns the steps put back."""
+        if not storage.isdir(self._aside()):
+            return []
+        try:
+            resumed = int(storage.read_text(storage.join(self._aside(), "resumed_from")))
+        except (OSError, ValueError):
+            resumed = -1
+        if any(s > resumed for s in self.steps()):
+            self.drop_aside()
+            return []
+        back = complete_steps(self._aside())
+        if jax.process_index() == 0:
+            for s in back:
+                storage.move(storage.join(self._aside(), str(s)), storage.join(self.directory, str(s)))
+            storage.rmtree(self._aside())
+        self._moved()
+        return back
+
+    def restore(self, step: int, target: TrainState, digests: dict[str, str] | None = None,
+                stacked: dict[str, Any] | None = None, saved_stacked: dict[str, Any] | None = None) -> TrainState:
+        """Restore onto the shardings `target`'s ShapeDtypeStructs carry (any mesh, any device count),
+        each tensor checked against `digests` (the step's record) where given. Layers stacked otherwise
+        than the target's (`stacked`; `saved_stacked` from the step's record), or saved as a list of
+        blocks before layers were stacked, are restored as saved and then restacked."""
+        try:
+            saved = self.saved_shapes(step)
+        except Exception as e:  # metadata lives in the same files: truncation shows here first
+            raise CorruptCheckpoint(step, self.directory, e) from None
+        item = as_dict(target)
+        if MODEL_STATE not in saved and not jax.tree.leaves(target.model_state):
+            item.pop(MODEL_STATE)  # written before the state carried other variables: nothing is missing
+        relayout = _relayout(saved, item, saved_stacked or {}, stacked or {})
+        if relayout is not None:
+            item, convert = relayout
+        else:
+            check_shapes(saved, item, step)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(item)}))[STATE]
+        except Exception as e:  # a corrupt or truncated file surfaces here, from tensorstore
+            raise CorruptCheckpoint(step, self.directory, e) from None
+        if digests:
+            _verify(digests_of(out), digests, step, self.directory)
+        if relayout is not None:
+            out = convert(out)
+        return TrainState(**{MODEL_STATE: {}, **out})
+
+    def wait(self) -> None:
+        """Block until the last async save is committed."""
+        with self._failing():
+            self.manager.wait_until_finished()
+        self._in_flight = None
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        with self._failing():
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+
+class CorruptCheckpoint(UserError):
+    """A step that exists but cannot be read back."""
+
+    def __init__(self, step: int, directory: str, cause: BaseException):
+        text = one_line(cause, limit=10_000)
+        found = re.search(rf"{re.escape(storage.join(directory, str(step)))}[^\s'\"]*", text)
+        where = found.group(0) if found else storage.join(directory, str(step))
+        super().__init__(f"checkpoint step {step} is unreadable ({where}): {one_line(cause)}; "
+                         f"checkpoint.fallback=true resumes from the previous good step")
+        self.step = step
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
+
+
+def _relayout(saved: Any, item: dict[str, Any], saved_stacked: dict[str, Any], stacked: dict[str, Any]
+              ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]] | None:
+    """When the saved tensors are the target's with layers stacked otherwise ((L, ...), (R, L/R, ...),
+    or one tensor per layer as saved before stacking): (restore target in the saved layout, jitted
+    conversion to the target's); None when the layouts agree or the tensors differ (check_shapes says how).
+    A saved tensor is restored with its layer dims whole and its other dims split as the target's are."""
+    have = {p: shape for p, (shape, _) in _flat_shapes(saved).items()}
+    want = {p: shape for p, (shape, _) in _flat_shapes(item).items()}
+    if have == want:
+        return None
+    saved_layers, target_layers = whole_layers(have, saved_stacked), whole_layers(want, stacked)
+    if set(saved_layers) != set(target_layers) or any(saved_layers[n].shape != target_layers[n].shape
+                                                      for n in target_layers):
+        return None
+    targets = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(item)[0]}
+    spec_of: dict[str, tuple[Any, ...]] = {}
+    for name, t in target_layers.items():
+        dst, src = targets[t.stored], saved_layers[name]
+        spec_of[src.stored] = (None,) * src.lead + tuple(dst.sharding.spec)[t.lead:] if dst.sharding.spec else ()
+    mesh = next(iter(targets.values())).sharding.mesh
+    dtype_of = {saved_layers[n].stored: targets[t.stored].dtype for n, t in target_layers.items()}
+
+    def restore_as(path: tuple, meta: Any) -> jax.ShapeDtypeStruct:
+        name = path_str(path)
+        return jax.ShapeDtypeStruct(tuple(meta.shape), dtype_of[name],
+                                    sharding=NamedSharding(mesh, PartitionSpec(*spec_of[name])))
+    as_saved = jax.tree_util.tree_map_with_path(restore_as, saved, is_leaf=lambda x: hasattr(x, "shape"))
+    parts: dict[str, list[str]] = {}
+    for name, t in target_layers.items():
+        parts.setdefault(t.stored, []).append(name)
+
+    def convert(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        out = {}
+        for path, names in parts.items():
+            pieces = [take(flat[saved_layers[n].stored], saved_layers[n]) for n in names]
+            out[path] = pieces[0] if target_layers[names[0]].index is None \
+                else jnp.stack(pieces).reshape(targets[path].shape)
+        return out
+    shardings = {p: x.sharding for p, x in targets.items()}
+    relayout = jax.jit(convert, out_shardings=shardings)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(item)
+
+    def to_target(restored: dict[str, Any]) -> dict[str, Any]:
+        flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+        done = relayout(flat)
+        return jax.tree_util.tree_unflatten(treedef, [done[path_str(p)] for p, _ in leaves])
+    return as_saved, to_target
+
+
+def check_shapes(saved: Any, target: Any, step: int) -> None:
+    """The checkpoint must hold the tensors the model expects, in the same shapes (dtypes may be
+    cast): name the first that differs."""
+    have, want = _flat_shapes(saved), _flat_shapes(target)
+    for name, (shape, dtype) in want.items():
+        if name not in have:
+            raise UserError(f"checkpoint step {step} has no tensor {name} (the model, optim or prune config "
+                            f"differs from the saved one, or an older jaxinfra wrote it?); to start from its model "
+                            f"with this config, use another run.dir and checkpoint.init_from=<this run.dir>")
+        if have[name][0] != shape:
+            raise UserError(f"checkpoint step {step}: tensor {name} has shape {have[name][0]}, the model expects "
+                            f"{shape} (the model config differs from the saved one)")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise UserError(f"checkpoint step {step} holds tensor {extra[0]} that the model does not have "
+                        f"(the model config differs from the saved one)")
+
+
+def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
+           fallback: bool = False, say: Callable[[str], None] = print,
+           meta: Callable[[int, dict[str, Any]], None] | None = None,
+           stacked: dict[str, Any] | None = None) -> TrainState | None:
+    """The newest complete step (or `restore_step`) restored onto target's shardings; None if none.
+
+    `meta(step, record)` checks the step's metadata record (read first: a step without one is unreadable).
+    With `fallback`, an unreadable step is reported and the previous one tried instead.
+    """
+    steps = ckpt.steps()
+    if not steps and restore_step < 0:
+        return None
+    if restore_step >= 0:
+        if restore_step not in steps:
+            raise UserError(f"checkpoint.restore_step={restore_step} is not in {ckpt.directory} "
+                            f"(steps: {', '.join(map(str, steps))})")
+        steps = [s for s in steps if s <= restore_step]
+    for step in reversed(steps):
+        try:
+            record = ckpt.meta(step)
+            if meta is not None:
+                meta(step, record)
+            return ckpt.restore(step, target, record.get(DIGESTS) if isinstance(record, dict) else None, stacked,
+                                saved_stacked_of(record))
+        except CorruptCheckpoint as e:
+            if not fallback:
+                raise
+            say(f"warning: {str(e).split('; checkpoint.fallback')[0]}; trying the previous step")
+    raise UserError(f"no readable checkpoint in {ckpt.directory} (tried steps {', '.join(map(str, steps))})")
+
+
+# Reading a step without a manager: the readers (export, inspect, compare, generate) never write.
+
+def is_committed(step_dir: str) -> bool:
+    """Whether a step folder holds a complete, committed checkpoint."""
+    if not storage.isdir(step_dir):
+        return False
+    return ocp.step.is_checkpoint_finalized(step_dir, atomicity_options=storage.atomicity(step_dir))
+
+
+def complete_steps(root: str) -> list[int]:
+    """The committed steps of a checkpoints folder, oldest first."""
+    return sorted(int(d) for d in storage.listdir(root) if d.isdigit() and is_committed(storage.join(root, d)))
+
+
+def has_steps(run_dir: str) -> bool:
+    """Whether a run folder holds at least one complete checkpoint step."""
+    return bool(complete_steps(checkpoints_dir(run_dir)))
+
+
+def locate(directory: str, step: int | None = None) -> tuple[str, int]:
+    """A run folder, its checkpoints folder, or one step's folder -> (step folder, step); the newest
+    complete step unless `step` is given."""
+    directory = storage.absolute(directory)
+    storage.check(directory, "checkpoint folder")
+    storage.reachable(directory, "checkpoint folder")
+    if not storage.isdir(directory):
+        raise UserError(f"{directory}: no such checkpoint folder")
+    if storage.basename(directory).isdigit() and storage.isdir(storage.join(directory, STATE)):
+        found = int(storage.basename(directory))
+        if step is not None and step != found:
+            raise UserError(f"--step {step} does not match the step folder {directory}")
+        return directory, found
+    root = checkpoints_dir(directory) if storage.isdir(checkpoints_dir(directory)) else directory
+    steps = complete_steps(root)
+    if not steps:
+        raise UserError(f"{directory}: holds no complete checkpoint step")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"--step {step} is not in {root} (steps: {', '.join(map(str, steps))})")
+    return storage.join(root, str(step)), step
+
+
+def state_metadata(step_dir: str) -> Any:
+    """The saved state's tree of (shape, dtype, sharding) metadata, read from one step folder."""
+    if storage.is_remote(step_dir):
+        storage.orbax_bridge()
+    try:
+        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / STATE).tree
+    except Exception as e:
+        raise UserError(f"{step_dir}: unreadable checkpoint metadata ({one_line(e, 200)})") from None
+
+
+def saved_record(step_dir: str) -> dict[str, Any]:
+    """A step's metadata record (config, digests, ...), {} if it has none readable."""
+    import json
+    try:
+        found = json.loads(storage.read_text(storage.join(step_dir, META, "metadata")))
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):  # no record, or not ours
+        return {}
+
+
+def saved_config(step_dir: str) -> dict[str, Any] | None:
+    """The resolved config a step was trained with (from its metadata record), or None if it has none."""
+    found = saved_record(step_dir).get("config")
+    return found if isinstance(found, dict) else None
+
+
+def saved_stacked_of(record: Any) -> dict[str, tuple[int, ...]]:
+    """A record's stacked layers (module path -> leading layer dims); {} for a step saved before them."""
+    found = record.get(STACKED) if isinstance(record, dict) else None
+    return {str(k): tuple(int(d) for d in v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def saved_stacked(step_dir: str) -> dict[str, tuple[int, ...]]:
+    """A step folder's stacked layers (module path -> leading layer dims)."""
+    return saved_stacked_of(saved_record(step_dir))
+
+
+class SavedParams:
+    """One step's model tensors (parameters, then other variables such as batch statistics), read a
+    whole tensor at a time as host arrays (the optimizer state is skipped). Stacked layers read as
+    one tensor per layer, named as a list of blocks names them ('blocks.0.attn.wq'): the stacked
+    tensor is read once and kept while its layers are asked for in turn."""
+
+    def __init__(self, step_dir: str):
+        self.step_dir = step_dir
+        self.tree = state_metadata(step_dir)
+        digests = saved_record(step_dir).get(DIGESTS)
+        self.digests = digests if isinstance(digests, dict) else None  # None: written before digests
+        self.stored = {}  # stored name -> (item, key path, shape/dtype metadata); paths are unique across items
+        for item in MODEL_ITEMS:
+            flat, _ = jax.tree_util.tree_flatten_with_path(self.tree.get(item) or {},
+                                                           is_leaf=lambda x: hasattr(x, "shape"))
+            self.stored.update({tensor_name(p): (item, p, x) for p, x in flat})
+        self.layers = whole_layers({n: tuple(m.shape) for n, (_, _, m) in self.stored.items()},
+                                   saved_stacked(step_dir), sep=".")
+        # name -> (item, key path, shape and dtype) of each tensor as users see it
+        self.entries = {n: (self.stored[l.stored][0], self.stored[l.stored][1],
+                            jax.ShapeDtypeStruct(l.shape, self.stored[l.stored][2].dtype))
+                        for n, l in self.layers.items()}
+        self._kept: tuple[str, np.ndarray] | None = None
+
+    def read(self, name: str) -> np.ndarray:
+        """One saved tensor (or one layer of a stacked one) as a whole host array."""
+        layer = self.layers[name]
+        if layer.index is None:
+            return self._read_stored(name)
+        if self._kept is None or self._kept[0] != layer.stored:
+            self._kept = None  # the previous stacked tensor is freed before the next is read
+            self._kept = (layer.stored, self._read_stored(layer.stored))
+        return np.ascontiguousarray(take(self._kept[1], layer))
+
+    def _read_stored(self, name: str) -> np.ndarray:
+        """One stored tensor, whole, its digest checked."""
+        where, path, _ = self.stored[name]
+        item = jax.tree.map(lambda _: ocp.PLACEHOLDER, self.tree, is_leaf=lambda x: hasattr(x, "shape"))
+        node = item[where]
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = np.zeros((), np.float32)  # any array marks the leaf to read
+        args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        try:
+            out = ocp.PyTreeCheckpointHandler().restore(epath.Path(self.step_dir) / STATE,
+                                                        args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+        except Exception as e:  # tensorstore's errors: a damaged file, or the step deleted underneath us
+            if not is_committed(self.step_dir):
+                raise UserError(f"{self.step_dir} was removed while tensor {name} was being read (a run writing "
+                                f"this folder rotated it out: read a step it keeps, see checkpoint.keep_every)"
+                                ) from None
+            raise UserError(f"{self.step_dir}: tensor {name} is unreadable ({one_line(e)})") from None
+        node = out[where]
+        for k in keys:
+            node = node[k]
+        array = np.asarray(node)
+        key = f"{where}/{path_str(path)}"
+        root, step = storage.dirname(self.step_dir), storage.basename(self.step_dir)
+        _verify({key: f"{host_digest(array):08x}"}, self.digests, int(step) if step.isdigit() else -1, root)
+        return array
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return ((name, self.read(name)) for name in self.entries)
+
+
+def iter_params(directory: str, step: int | None = None) -> tuple[int, Iterator[tuple[str, np.ndarray]]]:
+    """(step, generator of (name, whole host array)) of a checkpoint step, read a tensor at a time."""
+    step_dir, step = locate(directory, step)
+    return step, iter(SavedParams(step_dir))
+
+
+def read_params(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """A checkpoint step's parameters as whole host arrays, name -> array, read a tensor at a time."""
+    step, tensors = iter_params(directory, step)
+    return dict(tensors), step
