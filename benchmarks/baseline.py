@@ -10,7 +10,8 @@ from typing import Any, Callable
 import jax
 import optax
 from flax import linen, nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_baseline(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,

@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import CPU_CONFIGS, lm_plan  # noqa: E402
 from jaxinfra.ckpt import manager as ckpt_lib  # noqa: E402
-from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,7 @@ def measure(overrides: list[str], rounds: int) -> dict:
                 got[name] = _timed(lambda: (ckpt.save(step, state, {}), ckpt.wait()))
             record = with_d.meta(step)
             got["restore"] = _timed(lambda: jax.block_until_ready(
-                with_d.restore(step, plan.abstract, record[ckpt_lib.DIGESTS])))
+                with_d.restore(step, plan.abstract, record[ckpt_reader.DIGESTS])))
             got["restore_plain"] = _timed(lambda: jax.block_until_ready(plain.restore(step, plan.abstract)))
             got["digest"] = _timed(lambda: ckpt_lib.digests_of(state))
             if r:

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from benchmarks import RESULTS, TINY, host_kind, meta, parse, results_path, write  # noqa: E402
-from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -81,12 +81,12 @@ def run_config(model: str, run: str, workdir: str, extra: list[str] = ()) -> Any
 
 def train(model: str, workdir: str, variants: list[str]) -> None:
     """Train (or finish) the runs of `model` that `variants` come from; a finished run is left as it is."""
-    from jaxinfra.ckpt import manager as ckpt_lib
+    from jaxinfra.ckpt import reader as ckpt_reader
     from jaxinfra.lm.job import run
     for name in (name for name in RUNS if any(VARIANTS[v][0] == name for v in variants)):
         cfg = run_config(model, name, workdir)
         try:
-            if ckpt_lib.locate(cfg.run.path, None)[1] == cfg.run.steps:
+            if ckpt_reader.locate(cfg.run.path, None)[1] == cfg.run.steps:
                 print(f"## {model} {name}: done already", flush=True)
                 continue
         except Exception:  # no checkpoint yet
@@ -103,7 +103,8 @@ def slug(name: str) -> str:
 
 def export_variant(model: str, variant: str, workdir: str) -> str:
     """Write the file a user would ship for this variant; returns its path."""
-    from jaxinfra.export.writer import export, export_sparse
+    from jaxinfra.export.writer import export
+    from jaxinfra.export.sparse_writer import export_sparse
     run, opts = VARIANTS[variant]
     out = f"{workdir}/{model}/files/{slug(variant)}.safetensors"
     src = run_config(model, run, workdir).run.path
@@ -134,9 +135,9 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 def decoder_params(path: str) -> dict[str, Any]:
     """An export as the decoder takes it: int8 tensors as QTensor(values, scales), the rest as stored."""
-    from jaxinfra.export.writer import load
     from jaxinfra.compress.quant import QTensor
     from jaxinfra.export.int8 import SCALE
+    from jaxinfra.export.safetensors import load
     raw = load(path, dequantize=False)
     flat = {n: QTensor(x, raw[n + SCALE]) if n + SCALE in raw else x for n, x in raw.items()
             if not (n.endswith(SCALE) and n[:-len(SCALE)] in raw)}
@@ -150,15 +151,15 @@ def one_device() -> Any:
 
 def quality(cfg: Any, path: str, heldout_tokens: np.ndarray) -> tuple[float, float]:
     """(held-out loss in nats, bits per byte) over every held-out byte, the weights read back from `path`."""
-    from jaxinfra.export import writer as export
+    from jaxinfra.export import safetensors as safetensors_lib
     from jaxinfra.lm import heldout
-    from jaxinfra.parallel import sharding as shd
     from jaxinfra.models.factory import model_fn
+    from jaxinfra.parallel import sharding as shd
     from jaxinfra.train.step import abstract_model
     mesh, rules = one_device(), cfg.mesh.logical_rules
     with jax.set_mesh(mesh):
         model = abstract_model(model_fn(cfg, mesh))  # a QAT run's model rounds its matmul inputs, as trained
-        params = shd.to_params(export.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules),
+        params = shd.to_params(safetensors_lib.load(path), model.params, shd.tree_shardings(model.logical, mesh, rules),
                                    stacked=model.stacked)
         bpb = heldout.bits_per_byte(model.eval_def, params, heldout_tokens, cfg.model.seq_len, mesh, rules)
     return bpb * math.log(2), bpb
@@ -212,9 +213,9 @@ def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> di
 
 def prompts_of(model: str, workdir: str) -> tuple[Any, list[bytes]]:
     """The held-out bytes, and 8 prompts of 32 held-out bytes for timing the decoder."""
-    from jaxinfra.data import sources as data_lib
+    from jaxinfra.data import corpus as corpus_lib
     base = run_config(model, "dense", workdir)
-    corpus = data_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
+    corpus = corpus_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
     text = corpus.heldout.tobytes()
     return corpus.heldout, [text[i * 997:i * 997 + 32] for i in range(8)]
 

@@ -26,10 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import lm_plan  # noqa: E402
-from jaxinfra.models import decode  # noqa: E402
-from jaxinfra.models import sampling
-from jaxinfra.settings.sections import load_config  # noqa: E402
+from jaxinfra.models import (
+    decode,  # noqa: E402
+    sampling,
+)
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 
 PROMPTS = ["def ", "import os\n", "class A:", "    return ", "# ", "for i in ", "x = [", "if __name__"]
 

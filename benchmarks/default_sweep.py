@@ -60,7 +60,7 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
             min_steps: int = 50) -> dict:
     """Probe the candidate's speed (`probe` steps), then train it for about `budget` seconds (at least
     `min_steps`); its figures."""
-    from jaxinfra.settings.sections import load_config
+    from jaxinfra.settings.loading import load_config
     from jaxinfra.train.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)

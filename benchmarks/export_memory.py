@@ -3,7 +3,7 @@
 python benchmarks/export_memory.py [--big N] [--big-mib M] [--no-s3] [--keep DIR] [--smoke]: builds a
 synthetic checkpoint (by default 15 float32 tensors of 16 MiB, half their entries zero, plus small ones: about
 258 MB) with a Checkpointer on one CPU device, then exports it dense (export.export) and sparse
-(export.export_sparse) to a local file and to s3:// on a moto server started here (its own process,
+(sparse_writer.export_sparse) to a local file and to s3:// on a moto server started here (its own process,
 so its memory is not counted). Each measurement runs in a fresh interpreter: it imports jaxinfra.export.writer
 (and, for s3://, opens the store client), reads its resident memory as the baseline, resets the peak
 (`echo 5 > /proc/self/clear_refs`, which sets VmHWM to the current VmRSS; where that is refused, the
@@ -12,7 +12,7 @@ multiple of the largest tensor. "cold" rows take the baseline right after the im
 includes the libraries' one-time set-up (JAX's CPU backend, TensorStore's runtime, Orbax's metadata:
 about 10 MB, whatever the model); "warm" rows read the smallest tensor once before the baseline, as a
 training process that exports has already done. Each then checks the export equals the checkpoint bit
-for bit (export.load against checkpoint.read_params). Printed and written to
+for bit (safetensors_lib.load against checkpoint.read_params). Printed and written to
 benchmarks/results/export-memory-<host-kind>.json.
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ def build(run_dir: str, big: int, big_mib: int, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from jaxinfra.ckpt.manager import Checkpointer
     from jaxinfra.core.state import TrainState
     side = int((big_mib * 2**20 // 4) ** 0.5)
@@ -87,14 +88,17 @@ def child(kind: str, run_dir: str, dest: str, warm: str) -> None:
     one-time set-up (JAX's CPU backend, TensorStore's runtime, Orbax's metadata read) is done before the
     baseline, by reading the smallest tensor once, as it is in a training process that exports."""
     import numpy as np
-    from jaxinfra.ckpt import manager as ckpt_lib
-    from jaxinfra.export import writer as export
+
+    from jaxinfra.ckpt import reader as ckpt_reader
     from jaxinfra.core import storage
+    from jaxinfra.export import writer as export
+    from jaxinfra.export import sparse_writer
+    from jaxinfra.export import safetensors as safetensors_lib
     export.release_freed_tensors()  # as scripts/export.py does
     warm_mb = 0.0
     if warm == "warm":
         before = _status_kb("VmRSS")
-        saved = ckpt_lib.SavedParams(ckpt_lib.locate(run_dir)[0])
+        saved = ckpt_reader.SavedParams(ckpt_reader.locate(run_dir)[0])
         saved.read(min(saved.entries, key=lambda n: math.prod(saved.entries[n][2].shape)))
         del saved
         warm_mb = (_status_kb("VmRSS") - before) / 1024 * 1.048576
@@ -110,11 +114,11 @@ def child(kind: str, run_dir: str, dest: str, warm: str) -> None:
     if kind == "dense":
         export.export(run_dir, dest)
     else:
-        export.export_sparse(run_dir, dest)
+        sparse_writer.export_sparse(run_dir, dest)
     seconds = time.perf_counter() - t0
     peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    got = export.load(dest)
-    want, _ = ckpt_lib.read_params(run_dir)
+    got = safetensors_lib.load(dest)
+    want, _ = ckpt_reader.read_params(run_dir)
     equal = set(got) == set(want) and all(
         got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
         and np.ascontiguousarray(got[k]).tobytes() == np.ascontiguousarray(want[k]).tobytes() for k in want)

@@ -17,8 +17,8 @@ use_cpu_devices(8)  # only the CPU backend reads it (and the CPU collective flag
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, meta, parse, results_path, run, write  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 from jaxinfra.train import perf  # noqa: E402
-from jaxinfra.settings.sections import load_config  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 2, 1)]
 

@@ -24,12 +24,20 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
+from jaxinfra.models.transformer import (  # noqa: E402
+    Block,
+    Constrain,
+    RMSNorm,
+    Transformer,
+    _param,
+    lm_loss,
+)
 from jaxinfra.parallel import sharding as shd  # noqa: E402
-from jaxinfra.settings.sections import ModelConfig, load_config  # noqa: E402
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
-from jaxinfra.models.transformer import Block, Constrain, RMSNorm, Transformer, _param, lm_loss  # noqa: E402
-from jaxinfra.train.optim import make_optimizer  # noqa: E402
 from jaxinfra.parallel.pipeline import idle_fraction, schedule  # noqa: E402
+from jaxinfra.settings.loading import load_config
+from jaxinfra.settings.sections import ModelConfig  # noqa: E402
+from jaxinfra.train.optim import make_optimizer  # noqa: E402
 from jaxinfra.train.step import Field, plan_step  # noqa: E402
 
 

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import lm_plan  # noqa: E402
-from jaxinfra.settings.sections import load_config  # noqa: E402
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")

@@ -32,15 +32,24 @@ from jax.sharding import Mesh  # noqa: E402
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.baseline import make_baseline  # noqa: E402
 from jaxinfra.models import factory
-from jaxinfra.train import perf  # noqa: E402
-from jaxinfra.train import compression
-from jaxinfra.parallel import sharding as shd  # noqa: E402
-from jaxinfra.settings.sections import Config, load_config  # noqa: E402
-from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
-from jaxinfra.train.metrics import Reporter  # noqa: E402
 from jaxinfra.models.transformer import lm_loss, train_flops_per_token  # noqa: E402
+from jaxinfra.parallel import sharding as shd  # noqa: E402
+from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.loading import load_config
+from jaxinfra.settings.sections import Config  # noqa: E402
+from jaxinfra.train import (
+    compression,
+    perf,  # noqa: E402
+)
+from jaxinfra.train.metrics import Reporter  # noqa: E402
 from jaxinfra.train.optim import make_optimizer  # noqa: E402
-from jaxinfra.train.step import Field, StepPlan, abstract_model, example_batch, plan_step  # noqa: E402
+from jaxinfra.train.step import (  # noqa: E402
+    Field,
+    StepPlan,
+    abstract_model,
+    example_batch,
+    plan_step,
+)
 from jaxinfra.train.trainer import fit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,8 +34,8 @@ from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa
 from benchmarks.run import CPU_CONFIGS, lm_plan  # noqa: E402
 from jaxinfra.ckpt import manager as ckpt_lib  # noqa: E402
 from jaxinfra.core import storage  # noqa: E402
-from jaxinfra.settings.sections import load_config  # noqa: E402
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
+from jaxinfra.settings.loading import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,7 +29,7 @@ _EXPORTS = {
     "gather": ("parallel.sharding", "gather"),
     # config
     "Config": ("settings.sections", "Config"),
-    "load_config": ("settings.sections", "load_config"),
+    "load_config": ("settings.loading", "load_config"),
     "UserError": ("core.errors", "UserError"),
     # training
     "train_model": ("train.trainer", "train_model"),
@@ -40,9 +40,9 @@ _EXPORTS = {
     # checkpoints and exports
     "Checkpointer": ("ckpt.manager", "Checkpointer"),
     "export_checkpoint": ("export.writer", "export"),
-    "load_safetensors": ("export.writer", "load"),
+    "load_safetensors": ("export.safetensors", "load"),
     "to_params": ("parallel.sharding", "to_params"),
-    "read_params": ("ckpt.manager", "read_params"),
+    "read_params": ("ckpt.reader", "read_params"),
     # pruning
     "prune": ("compress.pruning", "prune"),
     "with_pruning": ("train.optim", "with_pruning"),

@@ -7,8 +7,9 @@ import sys
 from typing import Callable
 
 from jaxinfra.core import storage
-from jaxinfra.settings.sections import Config, load_config, shipped_configs
 from jaxinfra.core.errors import Failed, UserError
+from jaxinfra.settings.loading import load_config, shipped_configs
+from jaxinfra.settings.sections import Config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("absl", "asyncio"):  # "Task exception was never retrieved" repeats the failed save
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         sys.unraisablehook = _quiet_closed_loops
-        from jaxinfra.lm.job import run  # imports JAX-heavy modules only after the config is valid
+        from jaxinfra.lm.job import (
+            run,  # imports JAX-heavy modules only after the config is valid
+        )
         run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,7 +108,8 @@ def export_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from jaxinfra.export.writer import export, export_sparse, release_freed_tensors
+        from jaxinfra.export.sparse_writer import export_sparse
+        from jaxinfra.export.writer import export, release_freed_tensors
         release_freed_tensors()  # this process only exports: host memory stays near two tensors
         if args.format == "hf":
             if args.sparse:

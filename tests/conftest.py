@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
-from jaxinfra.settings.sections import Config, load_config  # noqa: E402
+from jaxinfra.settings.loading import load_config
+from jaxinfra.settings.sections import Config  # noqa: E402
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
         "data.batch_size=16", "run.steps=5", "optim.warmup_steps=1", "run.progress=false",
@@ -221,6 +222,7 @@ def bucket(s3_server, request):
     """A new empty bucket on the loopback S3 server: its s3:// URI."""
     import re
     import uuid
+
     from jaxinfra.core import storage
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     storage._fs(f"s3://{name}").call_s3("create_bucket", Bucket=name)

@@ -5,14 +5,20 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.models.factory import model_fn
-from jaxinfra.parallel.mesh import make_mesh
-from jaxinfra.models.transformer import lm_loss
-from jaxinfra.train.optim import make_optimizer
-from jaxinfra.train import compression
-from jaxinfra.train.step import Field, StepPlan, abstract_model, example_batch, plan_step
 from jaxinfra.core.state import TrainState
+from jaxinfra.models.factory import model_fn
+from jaxinfra.models.transformer import lm_loss
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.train import compression
+from jaxinfra.train.optim import make_optimizer
+from jaxinfra.train.step import (
+    Field,
+    StepPlan,
+    abstract_model,
+    example_batch,
+    plan_step,
+)
 
 
 class Setup(NamedTuple):

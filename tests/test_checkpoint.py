@@ -6,13 +6,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
 from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
-from jaxinfra.parallel import sharding as shd
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core.errors import UserError
+from jaxinfra.export import writer as export_lib
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.parallel import sharding as shd
 from steps import compile_step, make_batch, mesh_of, model_plan
 
 # one xdist worker runs the whole module, so its module-scoped training runs happen once
@@ -32,7 +34,7 @@ def _train_and_save(cfg, directory, steps=3):
         for i in range(steps):
             state, _ = compiled(state, {"tokens": jax.device_put(make_batch(cfg, i), batch_sh["tokens"])})
         ck = ckpt_lib.Checkpointer(directory)
-        ck.save(steps, state, {"step": steps, ckpt_lib.STACKED: setup.plan.model.stacked})  # as train_model records
+        ck.save(steps, state, {"step": steps, ckpt_reader.STACKED: setup.plan.model.stacked})  # as train_model records
         ck.close()
         saved = shd.gather(state)
         _, metrics = compiled(state, {"tokens": jax.device_put(make_batch(cfg, steps), batch_sh["tokens"])})
@@ -114,14 +116,14 @@ def test_export_streams_whole_tensors_and_reloads_on_one_device(saved, tmp_path)
     assert files == [out]
     with pytest.raises(UserError, match="exists; pass --force"):
         export_lib.export(directory, out)
-    flat = export_lib.load(out)
+    flat = safetensors_lib.load(out)
     assert flat["blocks.1.mlp.w_up"].shape == (32, 64)
     np.testing.assert_array_equal(flat["embed"], state.params["embed"])
-    bf16 = export_lib.load(export_lib.export(directory, str(tmp_path / "b.safetensors"), dtype="bf16")[0])
+    bf16 = safetensors_lib.load(export_lib.export(directory, str(tmp_path / "b.safetensors"), dtype="bf16")[0])
     assert bf16["head"].dtype.name == "bfloat16"
     parts = export_lib.export(directory, str(tmp_path / "s.safetensors"), max_shard_bytes=20_000)
     assert parts[-1].endswith(".index.json") and len(parts) > 3
-    merged = export_lib.load(parts[-1])
+    merged = safetensors_lib.load(parts[-1])
     assert merged.keys() == flat.keys() and all(np.array_equal(merged[k], flat[k]) for k in flat)
 
     tokens = make_batch(cfg)[:4, :-1]

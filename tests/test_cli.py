@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY
+
 from jaxinfra import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,14 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sparse_export import _pruned
 
-from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.core.state import TrainState
 from jaxinfra.export import writer as export_lib
+from jaxinfra.export import sparse_writer
 from jaxinfra.train.metrics import MetricsWriter
 from jaxinfra.train.plots import plot_run, read_metrics
-from jaxinfra.core.state import TrainState
-from test_sparse_export import _pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -81,7 +82,7 @@ def _expected(run_dir, params, tmp_path, name):
     flat = jax.tree.leaves(params)
     dense_file = export_lib.export(run_dir, str(tmp_path / f"{name}-dense.safetensors"))[0]
     sparse_file = tmp_path / f"{name}-sparse.safetensors"
-    export_lib.export_sparse(run_dir, str(sparse_file))
+    sparse_writer.export_sparse(run_dir, str(sparse_file))
     return {"parameters": f"{sum(x.size for x in flat):,}", "nonzeros": f"{sum(np.count_nonzero(x) for x in flat):,}",
             "dense file (bytes)": f"{os.path.getsize(dense_file):,}",
             "sparse file (bytes)": f"{os.path.getsize(sparse_file):,}",

@@ -1,8 +1,9 @@
 """Config loading: YAML + dotted overrides into dataclasses; every bad input is one UserError line."""
 import pytest
 
-from jaxinfra.settings.sections import Config, load_config, to_yaml
 from jaxinfra.core.errors import UserError
+from jaxinfra.settings.loading import load_config, to_yaml
+from jaxinfra.settings.sections import Config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

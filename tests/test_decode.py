@@ -6,15 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from jaxinfra.models import decode
+
 from jaxinfra.compress import quant
-from jaxinfra.parallel import sharding as shd
 from jaxinfra.core.errors import UserError
-from jaxinfra.models.sampling import sample
+from jaxinfra.models import decode
 from jaxinfra.models.factory import model_fn
+from jaxinfra.models.sampling import sample
 from jaxinfra.models.transformer import rotary
+from jaxinfra.parallel import sharding as shd
 from jaxinfra.train.step import abstract_model
 from steps import make_setup, mesh_of
 

@@ -26,7 +26,7 @@ def test_cnn_classifier_with_batchnorm_and_dropout_trains_prunes_2_4_and_exports
     accuracy = float(out.split("held-out accuracy ")[1].split(",")[0])
     assert accuracy > 0.3  # 10 classes: chance is 0.1
     assert (tmp_path / "checkpoints" / "12").is_dir()
-    from jaxinfra.export.writer import load
+    from jaxinfra.export.safetensors import load
     flat = load(str(tmp_path / "exports" / "model-12.safetensors"))
     assert {"bn1.mean", "bn1.var", "bn2.mean", "bn2.var"} <= set(flat)  # batch statistics beside the weights
     assert ((flat["conv2.kernel"] != 0).reshape(3, 3, 4, 4, 32).sum(axis=3) == 2).all()

@@ -1,12 +1,13 @@
 """Sampling: batch-independent continuations, prompt checks."""
 import jax
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
-from jaxinfra.parallel import sharding as shd
 from jaxinfra.core.errors import UserError
-from jaxinfra.models.sampling import prompt_bytes as encode, sample
+from jaxinfra.models.sampling import prompt_bytes as encode
+from jaxinfra.models.sampling import sample
+from jaxinfra.parallel import sharding as shd
 from steps import make_setup, mesh_of
 
 

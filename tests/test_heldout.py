@@ -5,13 +5,13 @@ import random
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
 from jaxinfra.lm import heldout
 from jaxinfra.models import factory
-from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.models.transformer import lm_loss
+from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.train.step import build_model
 
 

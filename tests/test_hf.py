@@ -7,22 +7,22 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import TINY, need, tiny_config
 from flax import nnx
 
-from conftest import TINY, need, tiny_config
 from jaxinfra import cli
-from jaxinfra.ckpt import manager as checkpoint
-from jaxinfra.export import writer as export
-from jaxinfra.models import factory
-from jaxinfra.train import warmstart
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.settings.sections import load_config
-from jaxinfra.core.names import take, whole_layers
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core.errors import UserError
-from jaxinfra.models.sampling import sample
-from jaxinfra.parallel.mesh import make_mesh
-from jaxinfra.train.step import abstract_model
+from jaxinfra.core.names import take, whole_layers
 from jaxinfra.core.state import TrainState
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.models import factory
+from jaxinfra.models.sampling import sample
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.loading import load_config
+from jaxinfra.train import warmstart
+from jaxinfra.train.step import abstract_model
 
 pytestmark = pytest.mark.xdist_group("test_hf")
 LM = [*TINY, "model.seq_len=64", "model.n_heads=2", "run.steps=20", "checkpoint.export_format=hf"]
@@ -42,7 +42,7 @@ def _model(run):
     cfg = load_config(str(run / "config.yaml"))
     mesh = make_mesh(-1, 1, 1)
     md = abstract_model(factory.model_fn(cfg, mesh))
-    flat, _ = checkpoint.read_params(str(run))
+    flat, _ = ckpt_reader.read_params(str(run))
     return md, shd.to_params(flat, md.params, shd.tree_shardings(md.logical, mesh, cfg.mesh.logical_rules)), \
         cfg, mesh
 
@@ -60,8 +60,8 @@ def test_names_shapes_dtypes_and_config(exported):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and all((out / f).is_file() for f in files)
-    tensors = export.load(str(out / "model.safetensors.index.json"))
-    ours, _ = checkpoint.read_params(str(run))
+    tensors = safetensors_lib.load(str(out / "model.safetensors.index.json"))
+    ours, _ = ckpt_reader.read_params(str(run))
     assert len(tensors) == len(ours) == 2 * 9 + 3
     want = {"model.embed_tokens.weight": (256, 32), "lm_head.weight": (256, 32), "model.norm.weight": (32,),
             "model.layers.1.self_attn.q_proj.weight": (32, 32), "model.layers.1.self_attn.o_proj.weight": (32, 32),
@@ -72,7 +72,7 @@ def test_names_shapes_dtypes_and_config(exported):
     np.testing.assert_array_equal(tensors["lm_head.weight"], ours["head"].T)
     np.testing.assert_array_equal(tensors["model.layers.1.self_attn.o_proj.weight"],
                                   ours["blocks.1.attn.wo"].reshape(32, 32).T)
-    during = export.load(str(run / "exports" / "hf-20" / "model.safetensors"))  # written by the run itself
+    during = safetensors_lib.load(str(run / "exports" / "hf-20" / "model.safetensors"))  # written by the run itself
     assert sorted(during) == sorted(tensors) and all(np.array_equal(during[k], tensors[k]) for k in tensors)
     assert json.loads((run / "exports" / "hf-20" / "config.json").read_text()) == config
     tokenizer = json.loads((out / "tokenizer.json").read_text())
@@ -89,7 +89,7 @@ def test_init_from_the_hf_folder_gives_every_parameter_back_bitwise(exported):
                         shd.tree_shardings(md.state_logical, mesh, cfg.mesh.logical_rules))
         params, _, source = warmstart.load(str(out), md, sh)
     assert "Hugging Face Llama layout" in source
-    ours, _ = checkpoint.read_params(str(run))
+    ours, _ = ckpt_reader.read_params(str(run))
     back = {k: np.asarray(shd.gather(v)) for k, v in zip(
         [".".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
         jax.tree.leaves(params))}
@@ -109,6 +109,7 @@ def test_init_from_the_hf_folder_gives_every_parameter_back_bitwise(exported):
 def test_a_model_that_is_not_a_llama_is_one_line(tmp_path, capsys):
     import optax
     from flax import nnx as fnnx
+
     import jaxinfra
 
     class Tiny(fnnx.Module):

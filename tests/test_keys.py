@@ -14,22 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TINY, tiny_config
 from flax import nnx
 
-from conftest import TINY, tiny_config
 from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
+from jaxinfra.ckpt import reader as ckpt_reader
+from jaxinfra.compress.pruning import find_prune_state
+from jaxinfra.core.errors import UserError
+from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.lm import job
 from jaxinfra.models import factory
-from jaxinfra.train import compression
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.settings.sections import MESH_AXES, load_config
-from jaxinfra.core.errors import UserError
 from jaxinfra.models.sampling import sample
-from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.models.transformer import lm_loss
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.loading import load_config
+from jaxinfra.settings.sections import MESH_AXES
+from jaxinfra.train import compression
 from jaxinfra.train.optim import make_optimizer
-from jaxinfra.compress.pruning import find_prune_state
 from jaxinfra.train.step import abstract_model
 from steps import make_batch, make_setup, mesh_of
 
@@ -328,9 +330,9 @@ def test_export_dtype_writes_that_dtype(lm_run):
     path = run_dir / "exports" / f"model-{RUN['steps']}.safetensors"
     header = {k: v for k, v in _safetensors_header(path).items() if k != "__metadata__"}
     assert header and {v["dtype"] for v in header.values()} == {"F16"}
-    stored, step = ckpt_lib.read_params(str(run_dir / "checkpoints"))
+    stored, step = ckpt_reader.read_params(str(run_dir / "checkpoints"))
     assert step == RUN["steps"] and set(stored) == set(header)
-    exported = export_lib.load(str(path))
+    exported = safetensors_lib.load(str(path))
     for name, w in stored.items():  # the saved weights, rounded once to float16
         assert exported[name].dtype == np.float16
         np.testing.assert_array_equal(exported[name], w.astype(np.float16), err_msg=name)
@@ -338,7 +340,7 @@ def test_export_dtype_writes_that_dtype(lm_run):
 
 def test_param_dtype_is_the_stored_dtype_after_training(lm_run):
     _, run_dir, final, _ = lm_run
-    stored, _ = ckpt_lib.read_params(str(run_dir / "checkpoints"))
+    stored, _ = ckpt_reader.read_params(str(run_dir / "checkpoints"))
     assert {str(w.dtype) for w in stored.values()} == {"bfloat16"}  # the optimizer never widened them
     assert np.isfinite(final["loss"])
 

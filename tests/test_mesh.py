@@ -10,7 +10,14 @@ from jax.sharding import AxisType
 
 from jaxinfra import cli
 from jaxinfra.core.errors import UserError
-from jaxinfra.parallel.mesh import AXES, describe, init_distributed, make_mesh, process_count, resolve_shape
+from jaxinfra.parallel.mesh import (
+    AXES,
+    describe,
+    init_distributed,
+    make_mesh,
+    process_count,
+    resolve_shape,
+)
 from jaxinfra.parallel.quiet import clean
 
 ROOT = Path(__file__).resolve().parents[1]

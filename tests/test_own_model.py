@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import COORDINATOR_PORT_TAKEN, listening_port, tiny_config
 from flax import nnx
 
 import jaxinfra
-from jaxinfra.data import sources as data
-from jaxinfra.export.writer import load
 from jaxinfra.compress.pruning import n_of_m_mask
-from conftest import COORDINATOR_PORT_TAKEN, listening_port, tiny_config
+from jaxinfra.data import sources as data
+from jaxinfra.export.safetensors import load
 
 pytestmark = pytest.mark.xdist_group("test_own_model")  # one worker: the module's runs happen once
 

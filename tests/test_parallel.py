@@ -11,12 +11,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import TINY, tiny_config
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.settings.sections import load_config
+
 from jaxinfra.core.errors import UserError
+from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.loading import load_config
 from steps import compile_step, make_setup, mesh_of, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,18 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import TINY, tiny_config
 from etils import epath
 from flax import nnx
 
-from conftest import TINY, tiny_config
 from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
-from jaxinfra.parallel import sharding as shd
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core.errors import UserError
+from jaxinfra.core.names import path_str, take, whole_layers
+from jaxinfra.export import writer as export_lib
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
-from jaxinfra.core.names import path_str
 from jaxinfra.parallel.pipeline import Stacked, idle_fraction, schedule
-from jaxinfra.core.names import take, whole_layers
 from steps import make_batch, make_setup, model_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
     the stage=2 run's own; then those runs' step 4 back onto stage=2: the same arrays again."""
     args = [*BASE, "run.steps=4", "checkpoint.every=3", "checkpoint.keep=5"]
     first, _ = _train(*args, *MESHES["pp"], f"run.dir={tmp_path / 'pp'}")
-    saved, _ = ckpt_lib.read_params(str(tmp_path / "pp"), 3)
+    saved, _ = ckpt_reader.read_params(str(tmp_path / "pp"), 3)
     assert {f"blocks.{i}.attn.wq" for i in range(4)} <= set(saved)  # whole layers, as before stacking
     for name in ("dft", "one"):
         _assert_same_arrays(_restored(tmp_path / "pp", 3, name), saved, f"stage=2 step 3 onto {name}")
@@ -215,13 +216,13 @@ def test_stage_checkpoint_restores_onto_other_meshes_and_back(tmp_path):
         losses, out = _train(*args, *MESHES[name], f"run.dir={d}")
         assert "resumed from step 3" in out and sorted(losses) == [4]
         np.testing.assert_allclose(losses[4], first[4], rtol=2e-6, err_msg=name)
-        back, _ = ckpt_lib.read_params(str(d), 4)
+        back, _ = ckpt_reader.read_params(str(d), 4)
         _assert_same_arrays(_restored(d, 4, "pp"), back, f"{name} step 4 back onto stage=2")
         d2 = tmp_path / f"back-{name}"
         shutil.copytree(d / "checkpoints" / "4", d2 / "checkpoints" / "4")
         _, out = _train(*args, *MESHES["pp"], "run.steps=5", f"run.dir={d2}")
         assert "resumed from step 4" in out
-        restored, _ = ckpt_lib.read_params(str(d2), 5)
+        restored, _ = ckpt_reader.read_params(str(d2), 5)
         assert sorted(restored) == sorted(back)
 
 
@@ -252,8 +253,8 @@ def test_a_checkpoint_saved_before_layers_were_stacked_resumes(tmp_path):
     assert sorted(layers) == sorted(saved) and any("/mu/blocks/1/" in k for k in saved)
     for name, layer in layers.items():
         np.testing.assert_array_equal(take(now[layer.stored], layer), saved[name], err_msg=name)
-    before, _ = ckpt_lib.read_params(str(d), 3)  # read by whole layer, as it always was, and the new step too
-    after, _ = ckpt_lib.read_params(str(d), 6)
+    before, _ = ckpt_reader.read_params(str(d), 3)  # read by whole layer, as it always was, and the new step too
+    after, _ = ckpt_reader.read_params(str(d), 6)
     assert sorted(before) == sorted(after) and "blocks.1.mlp.w_up" in after
 
 
@@ -263,10 +264,10 @@ def test_exports_and_init_from_keep_whole_layer_names(tmp_path):
                 "pipeline.microbatches=2"]
     _train(*TINY, *PP, "run.steps=2", "run.eval_batches=0", *circular, f"run.dir={tmp_path / 'a'}")
     path, _ = export_lib.newest_export(str(tmp_path / "a"))
-    tensors = export_lib.load(path)
+    tensors = safetensors_lib.load(path)
     assert {f"blocks.{i}.attn.wq" for i in range(4)} <= set(tensors)
     assert tensors["blocks.3.attn.wq"].shape == (32, 4, 8)
-    saved, _ = ckpt_lib.read_params(str(tmp_path / "a"))
+    saved, _ = ckpt_reader.read_params(str(tmp_path / "a"))
     assert sorted(saved) == sorted(tensors)
     for k in saved:
         np.testing.assert_array_equal(saved[k], tensors[k])
@@ -276,7 +277,7 @@ def test_exports_and_init_from_keep_whole_layer_names(tmp_path):
         _, out = _train(*TINY, *PP, "run.steps=1", "run.eval_batches=0", *MESHES["one"],
                         f"checkpoint.init_from={source}", f"run.dir={d}")
         assert "initialised the model from" in out
-        np.testing.assert_array_equal(ckpt_lib.read_params(str(d), 1)[0]["blocks.3.attn.wq"].shape, (32, 4, 8))
+        np.testing.assert_array_equal(ckpt_reader.read_params(str(d), 1)[0]["blocks.3.attn.wq"].shape, (32, 4, 8))
 
 
 class Scale(nnx.Module):

@@ -1,14 +1,16 @@
 """Magnitude pruning: exact counts with ties, N:M, schedule, persistence under AdamW, sharded masks."""
 import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.compress.pruning import cubic_sparsity, exact_mask, n_of_m_mask, prune
+from jaxinfra.parallel.mesh import make_mesh
 
 
 def _params(seed=0):
@@ -117,9 +119,11 @@ def test_tensors_bisected_together_match_each_alone():
 
 def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys):
     import json
+
     from conftest import TINY
+
     from jaxinfra import cli
-    from jaxinfra.export import writer as export_lib
+    from jaxinfra.export import safetensors as safetensors_lib
     run_dir = tmp_path / "run"
     assert cli.main([*TINY, "run.steps=10", "run.log_every=1", f"run.dir={run_dir}", "prune.sparsity=0.5",
                      "prune.start_step=2", "prune.end_step=5", "prune.every=2"]) == 0
@@ -130,7 +134,7 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
     for update in (2, 4, 5):
         assert abs(sparsity[update + 1] - float(cubic_sparsity(jnp.asarray(update), 0.5, 2, 5))) < 2e-3
     assert sparsity[10] == sparsity[6] and abs(sparsity[10] - 0.5) < 1e-3
-    flat = export_lib.load(str(run_dir / "exports" / "model-10.safetensors"))
+    flat = safetensors_lib.load(str(run_dir / "exports" / "model-10.safetensors"))
     for name, w in flat.items():
         zeros = int((w == 0).sum())
         if w.ndim >= 2 and name not in ("embed", "head"):
@@ -150,10 +154,10 @@ def test_pruned_run_end_to_end_keeps_exact_zeros_in_the_export(tmp_path, capsys)
 
 
 def test_parameters_chosen_by_path_glob_or_logical_name():
-    from jaxinfra.settings.sections import load_config
-    from jaxinfra.core.errors import UserError
-    from jaxinfra.train.optim import make_optimizer
     from jaxinfra.compress.roles import select
+    from jaxinfra.core.errors import UserError
+    from jaxinfra.settings.loading import load_config
+    from jaxinfra.train.optim import make_optimizer
     params = _params()
     logical = {"a": {"kernel": P("embed", "mlp")}, "b": {"kernel": P("embed", "heads", "kv")},
                "norm": {"scale": P("norm")}, "embed": P("vocab", "embed")}
@@ -175,7 +179,11 @@ def test_parameters_chosen_by_path_glob_or_logical_name():
 
 
 def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
-    from jaxinfra.compress.pruning import erk_sparsities, layer_sparsity, sparsity_metrics
+    from jaxinfra.compress.pruning import (
+        erk_sparsities,
+        layer_sparsity,
+        sparsity_metrics,
+    )
     params = {"small": jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), jnp.float32),
               "big": jnp.asarray(np.random.default_rng(2).normal(size=(256, 64)), jnp.float32),
               "wide": jnp.asarray(np.random.default_rng(3).normal(size=(16, 4, 64)), jnp.float32)}
@@ -200,8 +208,8 @@ def test_erk_gives_each_tensor_its_own_exact_count_and_the_total():
 
 
 def test_pruning_config_errors_and_recovery_warning():
-    from jaxinfra.settings.sections import load_config
     from jaxinfra.core.errors import UserError
+    from jaxinfra.settings.loading import load_config
     with pytest.raises(UserError, match="prune.distribution=erk .* prune.scope=layer"):
         load_config(None, ["prune.sparsity=0.5", "prune.end_step=5", "prune.distribution=erk", "prune.scope=global"])
     late = load_config(None, ["run.steps=100", "prune.sparsity=0.5", "prune.end_step=90"])

@@ -8,22 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import need, tiny_config
 from flax import nnx
 from safetensors import safe_open
 
-from conftest import need, tiny_config
 from jaxinfra import cli
-from jaxinfra.export import writer as export_lib
 from jaxinfra.compress import quant
-from jaxinfra.export import int8
-from jaxinfra.train import compression
-from jaxinfra.parallel import sharding as shd
 from jaxinfra.core.errors import UserError
+from jaxinfra.core.names import take, tensor_name, whole_layers
+from jaxinfra.export import int8
+from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.lm.job import run
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.transformer import lm_loss
-from jaxinfra.core.names import tensor_name
-from jaxinfra.core.names import take, whole_layers
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.train import compression
 from jaxinfra.train.step import abstract_model
 from steps import make_batch, mesh_of, model_plan
 
@@ -77,7 +76,7 @@ def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):
     mesh = mesh_of((2, 2, 2))
     with jax.set_mesh(mesh):
         model, kernels = _qat_model(cfg, mesh)
-        floats = export_lib.load(f"{base}/qat/exports/model-6.safetensors")  # the run's float weights
+        floats = safetensors_lib.load(f"{base}/qat/exports/model-6.safetensors")  # the run's float weights
         params = shd.to_params(floats, model.params, shd.tree_shardings(model.logical, mesh,
                                                                                cfg.mesh.logical_rules))
         module = model.module(params)  # what the QAT forward pass computes with, on the mesh
@@ -121,10 +120,10 @@ def test_qat_step_on_the_mesh_adds_no_all_gather():
 
 def test_int8_export_reloads_within_half_a_step_and_keeps_other_tensors(qat_run, tmp_path):
     base, _, _ = qat_run
-    floats = export_lib.load(f"{base}/dense/exports/model-6.safetensors")
+    floats = safetensors_lib.load(f"{base}/dense/exports/model-6.safetensors")
     out = str(tmp_path / "ptq.safetensors")
     assert cli.export_main([f"{base}/dense", "--out", out, "--quant", "int8"]) == 0
-    got = export_lib.load(out)
+    got = safetensors_lib.load(out)
     assert set(got) == set(floats)
     with safe_open(out, framework="numpy") as f:
         meta = json.loads(f.metadata()[int8.QUANTIZED])
@@ -143,13 +142,13 @@ def test_int8_export_reloads_within_half_a_step_and_keeps_other_tensors(qat_run,
 
 def test_sparse_int8_export_keeps_exact_zeros(tmp_path):
     run(tiny_config(f"run.dir={tmp_path}/r", "run.steps=6", "checkpoint.every=0", "prune.pattern=2:4"))
-    floats = export_lib.load(f"{tmp_path}/r/exports/model-6.safetensors")
+    floats = safetensors_lib.load(f"{tmp_path}/r/exports/model-6.safetensors")
     out = str(tmp_path / "s.safetensors")
     assert cli.export_main([f"{tmp_path}/r", "--out", out, "--quant", "int8", "--sparse"]) == 0
-    got = export_lib.load(out)
+    got = safetensors_lib.load(out)
     with safe_open(out, framework="numpy") as f:
         meta = f.metadata()
-        enc = {k[len(export_lib.ENCODING):]: json.loads(v) for k, v in meta.items() if k.startswith(export_lib.ENCODING)}
+        enc = {k[len(safetensors_lib.ENCODING):]: json.loads(v) for k, v in meta.items() if k.startswith(safetensors_lib.ENCODING)}
         assert f.get_tensor("blocks.0.mlp.w_up.values").dtype == np.int8
         for name in enc:  # int8 values plus a bit per entry: under the byte per entry of dense int8
             stored = f.get_slice(f"{name}.values").get_shape()[0] + f.get_slice(f"{name}.mask").get_shape()[0]
@@ -162,7 +161,7 @@ def test_sparse_int8_export_keeps_exact_zeros(tmp_path):
         assert (zero.mean() >= 0.5 or name == "head") and np.all(got[name][zero] == 0), name
     dense_int8 = str(tmp_path / "d.safetensors")
     assert cli.export_main([f"{tmp_path}/r", "--out", dense_int8, "--quant", "int8"]) == 0
-    assert all(np.array_equal(got[k], v) for k, v in export_lib.load(dense_int8).items())  # same numbers
+    assert all(np.array_equal(got[k], v) for k, v in safetensors_lib.load(dense_int8).items())  # same numbers
 
 
 def test_hf_int8_export_is_compressed_tensors_layout(qat_run, tmp_path):
@@ -187,7 +186,7 @@ def test_hf_int8_export_is_compressed_tensors_layout(qat_run, tmp_path):
     assert q.dtype == np.int8 and q.shape == (32, 32) and s.shape == (32, 1) and list(o) == [32, 1]
     assert head.dtype == np.int8 and "lm_head.weight_scale" in keys and embed.dtype == np.float32
     assert sum(k.endswith(".weight_scale") for k in keys) == 15
-    ours = export_lib.load(os.path.join(out, "model.safetensors"))  # dequantized by HF name
+    ours = safetensors_lib.load(os.path.join(out, "model.safetensors"))  # dequantized by HF name
     assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == np.float32
     np.testing.assert_array_equal(ours["model.layers.0.self_attn.q_proj.weight"], q.astype(np.float32) * s)
 
@@ -203,7 +202,7 @@ def test_compressed_tensors_own_decompressor_agrees(qat_run, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         out, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
     theirs = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    ours = export_lib.load(os.path.join(out, "model.safetensors"))
+    ours = safetensors_lib.load(os.path.join(out, "model.safetensors"))
     assert sum(k.endswith("proj.weight") for k in ours) == 14 and "lm_head.weight" in ours
     for name, w in ours.items():
         np.testing.assert_array_equal(theirs[name], w, err_msg=name)
@@ -212,6 +211,7 @@ def test_compressed_tensors_own_decompressor_agrees(qat_run, tmp_path):
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     import subprocess
     import sys
+
     from jaxinfra.ckpt import manager as ckpt_lib
     from jaxinfra.core.state import TrainState
     with pytest.raises(UserError, match="quant.weights='int4' is not one of none, int8"):
@@ -229,14 +229,14 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((1, 4), np.float32)}, str(bad),
               metadata={int8.QUANTIZED: json.dumps({"w": "object"})})
     with pytest.raises(UserError, match="__metadata__ entry quantized is not valid"):
-        export_lib.load(str(bad))
+        safetensors_lib.load(str(bad))
     save_file({"w": np.ones((4, 4), np.int8), "w_scale": np.ones((3, 4), np.float32)}, str(bad),
               metadata={int8.QUANTIZED: json.dumps({"w": "float32"})})
     with pytest.raises(UserError, match=r"w_scale has shape \(3, 4\)"):
-        export_lib.load(str(bad))
+        safetensors_lib.load(str(bad))
     save_file({"w": np.ones((4, 4), np.int8)}, str(bad), metadata={int8.QUANTIZED: json.dumps({"w": "float32"})})
     with pytest.raises(UserError, match="has no partner"):
-        export_lib.load(str(bad))
+        safetensors_lib.load(str(bad))
     r = subprocess.run([sys.executable, "scripts/train.py", "quant.weights=int8", "quant.activations=fp8"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "quant.activations='fp8'" in r.stderr
@@ -246,9 +246,9 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
 def test_decoder_runs_a_qat_run_as_it_trained(qat_run):
     """A W8A8 QAT run decodes with int8 kernels and rounded matmul inputs (what generate_from_run does):
     each greedy token is the argmax of the QAT forward pass over the tokens before it."""
-    from jaxinfra.models import decode
-    from jaxinfra.ckpt.manager import locate, read_params
+    from jaxinfra.ckpt.reader import locate, read_params
     from jaxinfra.lm.from_run import _as_trained, generate_from_run
+    from jaxinfra.models import decode
     base, _, _ = qat_run
     _, _, info = generate_from_run(f"{base}/qat", ["def f"], n_tokens=10, temperature=0.0)
     assert info["peak_bytes"] > info["cache_bytes"] > 0

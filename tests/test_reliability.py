@@ -12,18 +12,20 @@ import numpy as np
 import optax
 import pytest
 import tensorstore as ts
+from conftest import TINY, tiny_config
 from safetensors.numpy import save_file
+from test_resume import _start, _wait_for_line
+from test_user_model import BASE as NET
+from test_user_model import Net, dataset, xent
 
 import jaxinfra
-from conftest import TINY, tiny_config
-from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.ckpt import reader as ckpt_reader
+from jaxinfra.core.errors import Diverged, UserError
 from jaxinfra.export import sparse
 from jaxinfra.parallel import sharding as shd
-from jaxinfra.core.errors import Diverged, UserError
-from test_resume import _start, _wait_for_line
 from steps import mesh_of, model_plan
-from test_user_model import BASE as NET, Net, dataset, xent
 
 
 @contextlib.contextmanager
@@ -440,7 +442,7 @@ def test_reading_a_step_that_rotation_removes_is_one_line(saved_run, tmp_path):
     run, _, _ = saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    step, tensors = ckpt_lib.iter_params(str(copy))
+    step, tensors = ckpt_reader.iter_params(str(copy))
     next(tensors)
     shutil.rmtree(copy / "checkpoints" / str(step))  # what a writer's rotation does with keep=1
     with pytest.raises(UserError, match=rf"checkpoints/{step} was removed while tensor \S+ was being read"):

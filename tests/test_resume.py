@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY
+
 from jaxinfra import cli
-from jaxinfra.export import writer as export_lib
+from jaxinfra.export import safetensors as safetensors_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [*TINY, "run.log_every=1", "run.eval_batches=0", "checkpoint.export_final=false"]
@@ -175,8 +175,8 @@ def test_export_during_the_run_equals_the_script(tmp_path, capsys):
                           text=True, env=_env())
     assert done.returncode == 0, done.stderr
     assert mine.read_bytes() == (run_dir / "exports" / "model-6.safetensors").read_bytes()
-    a = export_lib.load(str(run_dir / "exports" / "model-3.safetensors"))
-    b = export_lib.load(str(mine))
+    a = safetensors_lib.load(str(run_dir / "exports" / "model-3.safetensors"))
+    b = safetensors_lib.load(str(mine))
     assert a.keys() == b.keys() and not all(np.array_equal(a[k], b[k]) for k in a)  # step 3 != step 6
     export_main, inspect_main = _script_main("export"), _script_main("inspect_checkpoint")
     for bad, words in [([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], "no such"),

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.settings.sections import DEFAULT_RULES
 from jaxinfra.core.errors import UserError
+from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.sections import DEFAULT_RULES
 
 RULES = {k: tuple(v) for k, v in DEFAULT_RULES.items()}
 

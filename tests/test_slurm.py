@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import slurm_cluster
 from conftest import COORDINATOR_PORT_TAKEN, IN_CI
-from jaxinfra.ckpt import manager as ckpt_lib
 from test_resume import BASE, ROOT, _run
+
+from jaxinfra.ckpt import reader as ckpt_reader
 
 MISSING = slurm_cluster.missing()
 WHY = (f"no {', '.join(MISSING)}: as root, apt-get install slurmctld slurmd slurm-client munge "
@@ -111,8 +111,8 @@ def _submit(slurm, run_dir, logs):
                               "scripts/slurm/train.sbatch", *ARGS, f"run.dir={run_dir}"],
                              cwd=ROOT, env=_env(slurm), capture_output=True, text=True, check=True).stdout.strip()
         ended = lambda: slurm.job(job)["JobState"] in ENDED  # noqa: E731
-        _wait_for("the first checkpoint", lambda: ckpt_lib.complete_steps(run_dir / "checkpoints") or ended())
-        if ckpt_lib.complete_steps(run_dir / "checkpoints"):
+        _wait_for("the first checkpoint", lambda: ckpt_reader.complete_steps(run_dir / "checkpoints") or ended())
+        if ckpt_reader.complete_steps(run_dir / "checkpoints"):
             return job, log
         text = log.read_text() if log.exists() else ""
         assert COORDINATOR_PORT_TAKEN in text and start < STARTS, f"job {job} ended before its first checkpoint: {text[-3000:]}"
@@ -127,7 +127,7 @@ def test_sbatch_preempted_by_sigterm_then_requeued_resumes_bit_exactly(slurm, st
         job, log = _submit(slurm, run_dir, tmp_path)
 
         # 1. SIGTERM to every task (what a preempting scheduler sends) at a drawn step after the first checkpoint
-        first = ckpt_lib.complete_steps(run_dir / "checkpoints")[0]
+        first = ckpt_reader.complete_steps(run_dir / "checkpoints")[0]
         at = rng.randint(first + 1, first + 10)
         _wait_for(f"step {at}", lambda: _newest_step(run_dir) >= at)
         slurm.run("scancel", "--signal=TERM", job)
@@ -136,7 +136,7 @@ def test_sbatch_preempted_by_sigterm_then_requeued_resumes_bit_exactly(slurm, st
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
         stopped = int(text.split("stopping at step ")[1].split()[0])  # the step every process agreed on
         assert "(SIGTERM)" in text and at <= stopped < STEPS
-        assert ckpt_lib.complete_steps(run_dir / "checkpoints")[-1] == stopped  # saved, and nothing newer
+        assert ckpt_reader.complete_steps(run_dir / "checkpoints")[-1] == stopped  # saved, and nothing newer
         assert not list((run_dir / "checkpoints").glob("*tmp*"))  # no partial step
 
         # 2. requeued by the cluster: the job starts again under its id and resumes from that step

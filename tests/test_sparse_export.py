@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
-from jaxinfra.export import writer as export_lib
-from jaxinfra.export import sparse
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.state import TrainState
+from jaxinfra.export import sparse
+from jaxinfra.export import writer as export_lib
+from jaxinfra.export import sparse_writer
+from jaxinfra.export import safetensors as safetensors_lib
 
 
 def _pruned(seed=0):
@@ -54,13 +57,13 @@ def saved(tmp_path_factory):
 def test_round_trip_is_bitwise_and_sizes_are_as_expected(saved, tmp_path):
     params, directory = saved
     out = str(tmp_path / "sparse.safetensors")
-    s = export_lib.export_sparse(directory, out)
+    s = sparse_writer.export_sparse(directory, out)
     dense = export_lib.export(directory, str(tmp_path / "dense.safetensors"))[0]
     assert s.dense_bytes == os.path.getsize(dense)  # computed from the shapes, without writing it
     assert s.sparse_bytes == os.path.getsize(out)
     assert s.encodings == {"blocks.0.attn.wq": "bitmask", "blocks.0.mlp.w_up": "nm 2:4",
                            "embed": "dense", "norm.scale": "dense"}
-    back, want = export_lib.load(out), export_lib.load(dense)
+    back, want = safetensors_lib.load(out), safetensors_lib.load(dense)
     assert back.keys() == want.keys()
     for k in want:
         assert back[k].dtype == want[k].dtype and back[k].shape == want[k].shape
@@ -82,8 +85,8 @@ def test_round_trip_is_bitwise_and_sizes_are_as_expected(saved, tmp_path):
     info = json.loads(head["__metadata__"]["encoding.blocks.0.mlp.w_up"])
     assert info == {"encoding": "nm", "n": 2, "m": 4, "shape": [64, 4, 8], "dtype": "float32"}
     # summarize() (compare's numbers) gives the same sizes without writing anything
-    step, tensors = ckpt_lib.iter_params(directory)
-    again = export_lib.summarize(tensors, (2, 4), export_lib.base_metadata(step))
+    step, tensors = ckpt_reader.iter_params(directory)
+    again = sparse_writer.summarize(tensors, (2, 4), export_lib.base_metadata(step))
     assert (again.sparse_bytes, again.dense_bytes, again.nonzeros) == (s.sparse_bytes, s.dense_bytes, s.nonzeros)
 
 
@@ -91,9 +94,9 @@ def test_unstructured_checkpoint_detects_n_of_m_and_bf16(tmp_path):
     params = _pruned(1)
     directory = _save(tmp_path / "checkpoints", params)  # the meta names no pattern: 2:4 is detected
     out = str(tmp_path / "s.safetensors")
-    s = export_lib.export_sparse(directory, out, dtype="bf16")
+    s = sparse_writer.export_sparse(directory, out, dtype="bf16")
     assert s.encodings["blocks.0.mlp.w_up"] == "nm 2:4" and s.encodings["blocks.0.attn.wq"] == "bitmask"
-    back = export_lib.load(out)
+    back = safetensors_lib.load(out)
     for name, w in (("blocks.0.attn.wq", params["blocks"]["0"]["attn"]["wq"]), ("embed", params["embed"])):
         want = w.astype(back[name].dtype)
         assert back[name].dtype.name == "bfloat16"
@@ -130,10 +133,10 @@ def test_cli_sparse_prints_sizes_and_bad_input_exits_2(saved, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), err
     with pytest.raises(UserError, match="no such safetensors file"):
-        export_lib.load(str(tmp_path / "nope.safetensors"))
+        safetensors_lib.load(str(tmp_path / "nope.safetensors"))
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="bad.safetensors: not a safetensors file"):
-        export_lib.load(str(tmp_path / "bad.safetensors"))
+        safetensors_lib.load(str(tmp_path / "bad.safetensors"))
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # a failed export leaves nothing
 
 
@@ -141,16 +144,16 @@ def test_reserved_header_bounds_the_real_one():
     # shapes whose dense entry has the longest shape text, and an all-nonzero tensor
     names = [("a", (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3), np.float32), ("b" * 60, (3,), np.uint8)]
     base = export_lib.base_metadata(12345678)
-    tally = export_lib._Tally(base, None)
+    tally = sparse_writer._Tally(base, None)
     for name, shape, dt in names:
         tally.add(name, np.ones(shape, dt))
-    assert len(export_lib._header(tally.stored, tally.meta)) <= export_lib._reserve(names, base)
-    assert export_lib._reserve(names, base) % 8 == 0 and math.prod(names[0][1]) == 3
+    assert len(safetensors_lib._header(tally.stored, tally.meta)) <= sparse_writer._reserve(names, base)
+    assert sparse_writer._reserve(names, base) % 8 == 0 and math.prod(names[0][1]) == 3
 
 
 def test_n_of_m_along_conv_input_channels_round_trips_compactly():
-    from jaxinfra.export import sparse
     from jaxinfra.compress.pruning import n_of_m_mask
+    from jaxinfra.export import sparse
     w = np.asarray(jax.random.normal(jax.random.key(3), (3, 3, 16, 8)), np.float32)
     w = np.where(np.asarray(n_of_m_mask(jnp.asarray(w), 2, 4, axis=2)), w, 0)  # 2:4 along in-channels
     for pattern in ((2, 4), None):  # configured, or detected

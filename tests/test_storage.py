@@ -14,17 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import COORDINATOR_PORT_TAKEN, gcs_env, s3_env, tiny_config
 from safetensors.numpy import load_file
 
-from conftest import COORDINATOR_PORT_TAKEN, gcs_env, s3_env, tiny_config
-from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra import cli
-from jaxinfra.lm import job
+from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.ckpt import reader as ckpt_reader
+from jaxinfra.ckpt import orbax_store
 from jaxinfra.core import storage
-from jaxinfra.data import sources as data_lib
-from jaxinfra.export import writer as export_lib
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.state import TrainState
+from jaxinfra.data import sources as data_lib
+from jaxinfra.data import corpus as corpus_lib
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.lm import job
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = pytest.mark.xdist_group("s3-runs")  # the tests that share the module's runs stay on one worker
@@ -46,17 +49,17 @@ def test_kvstore_specs_follow_the_standard_environment(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")  # the service-specific one wins
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    spec = storage.kvstore("s3://my-bucket/run/checkpoints")
+    spec = orbax_store.kvstore("s3://my-bucket/run/checkpoints")
     assert spec["endpoint"] == "http://127.0.0.1:10" and spec["aws_region"] == "eu-west-3"
     assert (spec["bucket"], spec["path"]) == ("my-bucket", "run/checkpoints/")
     assert spec["aws_credentials"] == {"type": "environment"} and spec["s3_request_retries"]["max_retries"] <= 8
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.setenv("AWS_PROFILE", "prod")
-    assert storage.kvstore("s3://my-bucket/x")["aws_credentials"] == {"type": "profile", "profile": "prod"}
-    gs = storage.kvstore("gs://my-bucket/run")
+    assert orbax_store.kvstore("s3://my-bucket/x")["aws_credentials"] == {"type": "profile", "profile": "prod"}
+    gs = orbax_store.kvstore("gs://my-bucket/run")
     assert (gs["driver"], gs["bucket"], gs["path"]) == ("gcs", "my-bucket", "run/")
     # the bridge: Orbax's own spec builder now sends s3:// to the s3 driver (its hooks are still there)
-    storage.orbax_bridge()
+    orbax_store.orbax_bridge()
     from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
     built = tsu.build_kvstore_tspec("s3://my-bucket/run/checkpoints/5/state", use_ocdbt=True)
     assert built["base"]["driver"] == "s3" and built["base"]["path"].startswith("run/checkpoints/5/state")
@@ -73,6 +76,7 @@ def _state(step, mesh=None, spec=None):
 
 def test_a_checkpoint_saved_on_2x2x2_restores_onto_8x1x1_and_one_device(store):
     from jax.sharding import PartitionSpec as P
+
     from jaxinfra.parallel.mesh import make_mesh
     ck = ckpt_lib.Checkpointer(storage.join(store, "run", "checkpoints"), keep=2)
     saved = _state(3, make_mesh(2, 2, 2), P(("data", "fsdp"), "tensor"))
@@ -153,10 +157,10 @@ def test_training_on_gs_resumes_bit_exactly_too(s3_runs, gs_run, s3_server, gcs_
     assert [b[s] for s in range(1, 21)] == [a[s] for s in range(1, 21)]
     files = dict(storage.walk_files(f"{root}/split"))
     assert {"config.yaml", "metrics.jsonl", "exports/model-20.safetensors", "checkpoints/20/commit_success.txt"} <= set(files)
-    assert ckpt_lib.complete_steps(f"{root}/split/checkpoints") == [15, 20]
+    assert ckpt_reader.complete_steps(f"{root}/split/checkpoints") == [15, 20]
     assert cli.export_main([f"{root}/split", "--out", f"{root}/out/s.safetensors", "--sparse"]) == 0
-    saved, _ = ckpt_lib.read_params(f"{root}/split")
-    back = export_lib.load(f"{root}/out/s.safetensors")
+    saved, _ = ckpt_reader.read_params(f"{root}/split")
+    back = safetensors_lib.load(f"{root}/out/s.safetensors")
     assert all(np.array_equal(back[k], saved[k]) for k in saved)
 
 
@@ -171,7 +175,7 @@ def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs,
                  "checkpoints/20/commit_success.txt"):
         assert name in files, sorted(files)
     assert sum(n.startswith("tensorboard/events.out.tfevents") for n in files) == 2  # one per start
-    assert ckpt_lib.complete_steps(f"{root}/split/checkpoints") == [15, 20]  # checkpoint.keep=2 rotation
+    assert ckpt_reader.complete_steps(f"{root}/split/checkpoints") == [15, 20]  # checkpoint.keep=2 rotation
     assert ".jaxinfra.ckpt.lock" not in files
 
 
@@ -203,9 +207,9 @@ def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, s3_server, gcs
     assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 0
     assert cli.export_main([run, "--out", f"{root}/out/s.safetensors", "--sparse"]) == 0
     assert f"wrote {root}/out/m.safetensors" in capsys.readouterr().out
-    saved, step = ckpt_lib.read_params(run)
+    saved, step = ckpt_reader.read_params(run)
     for name in ("m", "s"):
-        back = export_lib.load(f"{root}/out/{name}.safetensors")  # through the store
+        back = safetensors_lib.load(f"{root}/out/{name}.safetensors")  # through the store
         assert sorted(back) == sorted(saved)
         for k in saved:
             np.testing.assert_array_equal(back[k], saved[k])
@@ -215,7 +219,7 @@ def test_exports_from_and_to_s3_and_gs_read_back_exactly(s3_runs, s3_server, gcs
     assert cli.export_main([run, "--out", f"{root}/out/m.safetensors"]) == 2  # exists: refused, kept
     assert "exists; pass --force" in capsys.readouterr().err
     assert cli.export_main([run, "--out", f"{gcs_bucket}/m.safetensors", "--sparse"]) == 0  # s3 -> gs
-    back = export_lib.load(f"{gcs_bucket}/m.safetensors")
+    back = safetensors_lib.load(f"{gcs_bucket}/m.safetensors")
     assert all(np.array_equal(back[k], saved[k]) for k in saved)
     # the readers take a run folder on the store as they take a local one
     assert cli.inspect_main([run, "--verify"]) == 0 and "steps 15, 20" in capsys.readouterr().out
@@ -233,19 +237,19 @@ def test_a_damaged_object_on_the_store_is_refused(bucket):
             raw[n // 2] ^= 0x40
             storage.write_bytes(f"{bucket}/run/checkpoints/1/state/{rel}", bytes(raw))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state(0))
-    with pytest.raises(ckpt_lib.CorruptCheckpoint, match="checkpoint step 1 is unreadable"):
+    with pytest.raises(ckpt_reader.CorruptCheckpoint, match="checkpoint step 1 is unreadable"):
         ckpt_lib.resume(ckpt_lib.Checkpointer(f"{bucket}/run/checkpoints", read_only=True), target)
 
 
 @RUNS
 def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs, s3_server):
     root, corpus = s3_runs[0], s3_runs[1]
-    on_disk = data_lib.load_corpus(str(corpus), "*.py", 25)
-    stored = data_lib.load_corpus(f"{root}/corpus", "*.py", 25)
-    assert isinstance(stored.train, data_lib.StoredBytes) and stored.n_heldout_files > 0
+    on_disk = corpus_lib.load_corpus(str(corpus), "*.py", 25)
+    stored = corpus_lib.load_corpus(f"{root}/corpus", "*.py", 25)
+    assert isinstance(stored.train, corpus_lib.StoredBytes) and stored.n_heldout_files > 0
     assert (stored.n_train_files, stored.n_heldout_files) == (on_disk.n_train_files, on_disk.n_heldout_files)
     np.testing.assert_array_equal(stored.heldout, on_disk.heldout)
-    batches = [iter(data_lib.train_batches(data_lib.Windows(c.train, 16, "train"), 8, 0)) for c in (on_disk, stored)]
+    batches = [iter(data_lib.train_batches(corpus_lib.Windows(c.train, 16, "train"), 8, 0)) for c in (on_disk, stored)]
     seen = [next(batches[0])["tokens"] for _ in range(3)]
     for want in seen:
         np.testing.assert_array_equal(next(batches[1])["tokens"], want)
@@ -256,11 +260,13 @@ def _sigkill_trials(run_dir, trials, seed):
     """Kill a run at random moments while it saves every step to the store; each restart must
     resume from the newest committed step (a partial one is never listed, never restored)."""
     import random
-    from test_resume import BASE as RESUME_BASE, _finish, _run, _start, _wait_for_line
+
+    from test_resume import BASE as RESUME_BASE
+    from test_resume import _finish, _run, _start, _wait_for_line
     args = [*RESUME_BASE, "run.steps=100000", "checkpoint.every=1", "checkpoint.keep=3", f"run.dir={run_dir}", *QUICK]
     ckpts, rng, picked = storage.join(run_dir, "checkpoints"), random.Random(seed), []
     for trial in range(trials):
-        complete = ckpt_lib.complete_steps(ckpts)
+        complete = ckpt_reader.complete_steps(ckpts)
         proc = _start(args)
         try:
             head = _wait_for_line(proc, "train step compiled")
@@ -269,7 +275,7 @@ def _sigkill_trials(run_dir, trials, seed):
                 assert picked[-1] == max(complete), (picked, complete)
             else:
                 deadline = time.monotonic() + 120
-                while not ckpt_lib.complete_steps(ckpts):  # something to resume from, then kill at random
+                while not ckpt_reader.complete_steps(ckpts):  # something to resume from, then kill at random
                     assert proc.poll() is None and time.monotonic() < deadline
                     time.sleep(0.1)
             time.sleep(rng.uniform(0.3, 3.0))  # the random moment of the kill, not a wait for anything
@@ -277,7 +283,7 @@ def _sigkill_trials(run_dir, trials, seed):
             _kill_group(proc)
             _finish(proc)
     rc, out, err = _run([*args, "run.stop_after=1"])
-    newest = max(ckpt_lib.complete_steps(ckpts))
+    newest = max(ckpt_reader.complete_steps(ckpts))
     assert rc == 0 and "resumed from step" in out, err[-2000:]
     assert picked == sorted(picked)
     return out, newest
@@ -334,7 +340,7 @@ def _two_processes(run):
     assert {"ocdbt.process_0/manifest.ocdbt", "ocdbt.process_1/manifest.ocdbt"} <= set(names)  # each its shards
     rc, out, err = _launch_two(args)
     assert rc == 0 and "resumed from step 2" in out, err[-3000:]
-    assert sorted(_losses(run)) == list(range(1, 5)) and ckpt_lib.complete_steps(f"{run}/checkpoints") == [2, 4]
+    assert sorted(_losses(run)) == list(range(1, 5)) and ckpt_reader.complete_steps(f"{run}/checkpoints") == [2, 4]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -121,8 +121,8 @@ def test_a_transient_store_error_during_a_save_is_retried(faulty):
     rc, out, err = _run(_args(run_dir))
     assert rc == 0, err[-3000:]
     assert proxy.failed >= 3  # the state's files, its metadata and the commit marker each failed once
-    assert ckpt_lib.complete_steps(f"{run_dir}/checkpoints") == [5, 10, 15, 20]
-    flat, step = ckpt_lib.read_params(run_dir, 10)  # and reads back, each tensor's digest checked
+    assert ckpt_reader.complete_steps(f"{run_dir}/checkpoints") == [5, 10, 15, 20]
+    flat, step = ckpt_reader.read_params(run_dir, 10)  # and reads back, each tensor's digest checked
     assert step == 10 and flat
 
 
@@ -136,9 +136,9 @@ def test_a_save_that_keeps_failing_stops_the_run_with_one_line_and_keeps_the_las
     lines = err.strip().splitlines()
     assert rc == 1 and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: saving checkpoint step 10 in s3://") and "step 5 stays restorable" in lines[0]
-    assert ckpt_lib.complete_steps(f"{run_dir}/checkpoints") == [5]
+    assert ckpt_reader.complete_steps(f"{run_dir}/checkpoints") == [5]
     proxy.fail(lambda path: False, once=False)  # the store recovers: the next start resumes from step 5
     rc, out, err = _run(_args(run_dir))
     assert rc == 0 and "resumed from step 5" in out, err[-3000:]
-    assert ckpt_lib.complete_steps(f"{run_dir}/checkpoints") == [5, 10, 15, 20]
+    assert ckpt_reader.complete_steps(f"{run_dir}/checkpoints") == [5, 10, 15, 20]
     assert storage.exists(f"{run_dir}/metrics.jsonl")

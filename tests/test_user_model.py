@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
 import jaxinfra
 from jaxinfra.data import sources as data
-from conftest import tiny_config
 
 # one xdist worker runs the whole module, so its module-scoped training runs happen once
 pytestmark = pytest.mark.xdist_group("test_user_model")

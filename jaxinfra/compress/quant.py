@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 if TYPE_CHECKING:
     from jaxinfra.compress.roles import Role
 

@@ -26,7 +26,7 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import layer_names, lead_of, path_str
 
 if TYPE_CHECKING:
-    from jaxinfra.settings.sections import PruneConfig
+    from jaxinfra.settings.compression import PruneConfig
 
 Dims = tuple[tuple[int, ...], ...]  # per dimension of a value: the parameter dimensions it came from
 # Primitives that only move or cast a parameter's entries: its role survives them.

@@ -1,14 +1,14 @@
 """The one module that knows URIs: local paths, `s3://bucket/prefix` and `gs://bucket/prefix` alike.
 
 Files go through fsspec (s3fs, gcsfs: the clients Orbax's own `etils.epath` uses for the same URIs,
-so one client, configured one way, serves both); arrays through TensorStore kvstore specs built
-here. Object stores are configured the way their users already configure them: the standard AWS_*
+so one client, configured one way, serves both); arrays through TensorStore kvstore specs
+(jaxinfra/ckpt/orbax_store.py). Object stores are configured the way their users already configure them: the standard AWS_*
 variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for S3-compatible stores such as MinIO, R2, Ceph;
 AWS_REGION / AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), and
 Google's application default credentials for gs://. No jaxinfra-specific setting.
 
 An object store has no atomic rename and no O_EXCL: a step is committed by Orbax's commit file
-(see `atomicity`), a file appears whole by a single PUT, and `create_exclusive` is a conditional
+(ckpt/orbax_store.py's `atomicity`), a file appears whole by a single PUT, and `create_exclusive` is a conditional
 PUT (If-None-Match: *).
 """
 from __future__ import annotations
@@ -102,70 +102,6 @@ def s3_endpoint() -> str | None:
 def s3_region() -> str:
     """The AWS region the SDKs would use."""
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
-def _aws_credentials() -> dict[str, str]:
-    """TensorStore's credential source, chosen as the AWS SDKs' chain would (the keys, a profile, or the
-    whole default chain, whose probing of absent files fills stderr: only when nothing is set)."""
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return {"type": "environment"}
-    if os.environ.get("AWS_PROFILE"):
-        return {"type": "profile", "profile": os.environ["AWS_PROFILE"]}
-    return {"type": "default"}
-
-
-def kvstore(path: str) -> dict[str, Any]:
-    """The TensorStore kvstore spec of a folder (local, s3:// or gs://), retries bounded."""
-    if not is_remote(path):
-        return {"driver": "file", "path": os.path.abspath(path).rstrip("/") + "/"}
-    loc = parse(path)
-    prefix = loc.key + "/" if loc.key else ""
-    if loc.scheme == "gs":
-        return {"driver": "gcs", "bucket": loc.bucket, "path": prefix,
-                "gcs_request_retries": {"max_retries": 6, "initial_delay": "0.2s", "max_delay": "8s"}}
-    spec = {"driver": "s3", "bucket": loc.bucket, "path": prefix, "aws_region": s3_region(),
-            # TensorStore reads no endpoint variable itself (the open then hangs on AWS's): pass it
-            "aws_credentials": _aws_credentials(),
-            "s3_request_retries": {"max_retries": 6, "initial_delay": "0.2s", "max_delay": "8s"}}
-    if s3_endpoint():
-        spec["endpoint"] = s3_endpoint()
-    return spec
-
-
-def orbax_bridge() -> None:
-    """Let Orbax write and read s3:// through TensorStore's s3 driver (idempotent).
-
-    orbax-checkpoint 0.12 maps only gs:// to a remote driver and sends every other path to the file
-    driver (google/orbax#359, PR #2739 open): its two spec hooks are extended here to s3://, the
-    rest of Orbax (epath, s3fs) already handles s3:// paths. tests/test_storage.py checks the hooks
-    still exist, so an Orbax upgrade that moves them fails loudly, not silently local.
-    """
-    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
-    if getattr(tsu, "_jaxinfra_s3", False):
-        return
-    uses_remote, remote_spec = tsu._use_gcs_driver, tsu.gcs_utils.get_kvstore_for_gcs
-
-    def use_remote(directory: str) -> bool:
-        return directory.startswith("s3:/") or uses_remote(directory)
-
-    def spec(directory: str) -> dict[str, Any]:
-        if not directory.startswith("s3:/"):
-            return remote_spec(directory)
-        found = kvstore("s3://" + directory[len("s3:/"):].lstrip("/"))  # Orbax normalizes s3:// to s3:/
-        found["path"] = found["path"].rstrip("/")  # Orbax appends its own separators
-        return found
-
-    tsu._use_gcs_driver = use_remote
-    tsu.gcs_utils.get_kvstore_for_gcs = spec  # the gs:// spec of everyone else is unchanged: spec() passes it on
-    tsu._jaxinfra_s3 = True
-
-
-def atomicity(path: str) -> Any:
-    """Orbax's commit protocol for a checkpoints folder: a commit file on object stores (no atomic
-    rename there), Orbax's default (rename) on local disks."""
-    import orbax.checkpoint as ocp
-    mode = ocp.options.AtomicityMode.COMMIT_FILE if is_remote(path) else ocp.options.AtomicityMode.AUTO
-    return ocp.options.AtomicityOptions(mode=mode)
 
 
 # ---- files ----
@@ -463,35 +399,3 @@ def must_exist(path: str, key: str, what: str) -> None:
         raise UserError(f"{key}={path}: no such {what}")
 
 
-class Mirror:
-    """A remote run folder's small files (metrics, TensorBoard events, plots, config, reports),
-    written to a local folder and uploaded to the store by `push()`: at each checkpoint and at the end."""
-
-    def __init__(self, remote: str, local: str):
-        self.remote, self.local = remote, local
-        self._sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
-
-    @property
-    def active(self) -> bool:
-        """Whether there is anything to mirror (a local run folder is its own mirror)."""
-        return is_remote(self.remote)
-
-    def pull(self, *names: str) -> None:
-        """Fetch these files from the store (a restart on another machine continues its metrics)."""
-        for name in names if self.active else ():
-            src = join(self.remote, name)
-            if isfile(src):
-                download(src, os.path.join(self.local, name))
-
-    def push(self) -> list[str]:
-        """Upload the local files that changed since the last push; returns their relative paths."""
-        if not self.active or not os.path.isdir(self.local):
-            return []
-        sent = []
-        for rel, _ in walk_files(self.local):
-            st = os.stat(os.path.join(self.local, rel))
-            if self._sent.get(rel) != (st.st_size, st.st_mtime_ns):
-                upload(os.path.join(self.local, rel), join(self.remote, rel))
-                self._sent[rel] = (st.st_size, st.st_mtime_ns)
-                sent.append(rel)
-        return sent

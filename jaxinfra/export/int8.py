@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfra.ckpt import manager as ckpt_lib
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.compress.quant import QTensor, quantize
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import layer_names, lead_of
-
 
 # The int8 export layout, compressed-tensors' (what vLLM loads): a quantized tensor keeps its name
 # and holds int8 values; its scales sit beside it under the name + "_scale" (HF's q_proj.weight ->
@@ -30,13 +29,13 @@ def export_plan(step_dir: str) -> tuple[dict[str, tuple[int, ...]], str]:
     """(name -> contracted dims of each tensor to quantize, the forward pass's compute dtype) from a
     checkpoint step's record: a QAT run's own tensors, else every matmul
     weight (output layer included, as QAT's default; embeddings are looked up, not multiplied)."""
-    record = ckpt_lib.saved_record(step_dir)
+    record = ckpt_reader.saved_record(step_dir)
     kernels = record.get("kernels")
     if not isinstance(kernels, dict) or not isinstance(kernels.get("in_dims"), dict):
         raise UserError(f"{step_dir}: its record does not say which tensors are matmul weights (saved by an older "
                         f"jaxinfra, or not by train_model): --quant int8 needs it; resume the run once to re-save")
     chosen = kernels.get("quantized") or kernels["in_dims"]
-    stacked = ckpt_lib.saved_stacked(step_dir)
+    stacked = ckpt_reader.saved_stacked(step_dir)
     plan = {}
     for name, dims in chosen.items():  # a stacked tensor's dims, shifted to those of its whole layers
         lead = lead_of(name, None, stacked, ".")

@@ -21,13 +21,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
-from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
-from jaxinfra.export import int8
 from jaxinfra.core.errors import UserError
-from jaxinfra.core.names import tensor_name
-from jaxinfra.core.names import whole_layers
+from jaxinfra.core.names import tensor_name, whole_layers
+from jaxinfra.export import int8
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.export import writer as export_lib
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 RMS_EPS = 1e-6  # model.RMSNorm's epsilon
@@ -131,7 +131,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if storage.exists(out) and not (storage.isdir(out) and (force or not storage.listdir(out))):
         raise UserError(f"--out {out} exists; pass --force to overwrite it (a folder)")
     step_dir, step, saved, entries = export_lib.prepare(directory, storage.join(out, WEIGHTS), step, dtype, True)
-    recorded = ckpt_lib.saved_config(step_dir) or {}
+    recorded = ckpt_reader.saved_config(step_dir) or {}
     model = recorded.get("model")
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
@@ -155,7 +155,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
         renamed.append((hf, tuple(to_hf(np.empty(shape, np.uint8)).shape), dt))
     if quantized:  # load() and init_from dequantize by HF name
         metadata[int8.QUANTIZED] = json.dumps({hf_name(n)[0]: d for n, d in quantized.items()})
-    files = export_lib.write_tensors(storage.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
+    files = safetensors_lib.write_tensors(storage.join(tmp, WEIGHTS), renamed, lambda hf, dt: np.ascontiguousarray(
         how[hf][1](read(how[hf][0], dt))), metadata, max_shard_bytes)
     torch_dtype = next((str(dt) for _, _, dt in renamed if dt != np.int8), "float32")  # int8 weights: their own config
     config = llama_config(model, torch_dtype)
@@ -211,7 +211,7 @@ def read_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Callable]]:
     """An HF Llama folder -> ({our name: HF array}, {our name: back(array, our shape)})."""
     weights = storage.join(path, INDEX) if storage.isfile(storage.join(path, INDEX)) else storage.join(path, WEIGHTS)
     arrays, back = {}, {}
-    for name, w in export_lib.load(weights).items():
+    for name, w in safetensors_lib.load(weights).items():
         found = our_name(name)
         if found is None:
             raise UserError(f"{path}: tensor {name} is not one of the Llama tensors this model maps")

@@ -9,19 +9,18 @@ from typing import Any, Sequence
 
 import jax
 
-from jaxinfra.ckpt import manager as checkpoint
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.compress import quant
-from jaxinfra.export import int8
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
-from jaxinfra.core.names import tensor_name
+from jaxinfra.core.names import layer_names, tensor_name
+from jaxinfra.export import int8
 from jaxinfra.models import decode
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.sampling import prompt_bytes
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
-from jaxinfra.core.names import layer_names
-from jaxinfra.settings.sections import load_config
+from jaxinfra.settings.loading import load_config
 from jaxinfra.train.step import abstract_model
 
 
@@ -48,7 +47,7 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
         cfg = load_config(path)
     for p in prompts:
         prompt_bytes(p, cfg.model.vocab_size)
-    flat, step = checkpoint.read_params(run_dir, step)
+    flat, step = ckpt_reader.read_params(run_dir, step)
     mesh = make_mesh(-1, 1, 1)
     # the decoder walks the layers in order: a circular run's (repeats, layers) stack reads back as one
     cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, repeats=1))
@@ -58,7 +57,7 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
         params = shd.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules),
                                    stacked=model.stacked)
         if cfg.quant.enabled:
-            params = _as_trained(params, checkpoint.locate(run_dir, step)[0], model.stacked)
+            params = _as_trained(params, ckpt_reader.locate(run_dir, step)[0], model.stacked)
         new, info = decode.generate(params, cfg.model, prompts, n_tokens=n_tokens, temperature=temperature,
                                     seed=seed, mesh=mesh, rules=rules, quant_inputs=cfg.quant.activations == "int8")
     texts = [bytes(prompt_bytes(p, cfg.model.vocab_size) + t).decode("utf-8", errors="replace")

@@ -9,15 +9,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxinfra.data import sources as data_lib
-from jaxinfra.lm import heldout
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.settings.sections import Config
 from jaxinfra.core.errors import UserError
+from jaxinfra.data import corpus as corpus_lib
+from jaxinfra.lm import heldout
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.sampling import sample
-from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.models.transformer import lm_loss, train_flops_per_token
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.sections import Config
 from jaxinfra.train.trainer import Finished, train_model
 
 
@@ -35,8 +35,8 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg.check_lm()
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
-    corpus = data_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
-    data_lib.check_corpus(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
+    corpus = corpus_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
+    corpus_lib.check_corpus(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
@@ -49,7 +49,7 @@ def run(cfg: Config) -> dict[str, Any]:
     say(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
         f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
     L = cfg.model.seq_len
-    held = data_lib.HeldOutWindows(corpus.heldout, L, cfg.data.eval_batch * cfg.run.eval_batches) \
+    held = corpus_lib.HeldOutWindows(corpus.heldout, L, cfg.data.eval_batch * cfg.run.eval_batches) \
         if cfg.run.eval_batches else None
 
     def finish(done: Finished) -> None:
@@ -57,7 +57,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # what the forward pass computes with: under QAT the int8-rounded weights, as an export holds them
         params = jax.jit(done.model.forward)(done.state.params) if done.model.forward else done.state.params
         if cfg.run.eval_batches and corpus.name == "stdlib" and lead:
-            final.update(data_lib.compression_bpb(corpus.heldout))
+            final.update(corpus_lib.compression_bpb(corpus.heldout))
         yard = f"zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f}" if "zlib_bpb" in final else ""
         if cfg.run.eval_batches and cfg.run.score_heldout:  # like for like with the compressors: every byte
             final["heldout_bpb"] = heldout.bits_per_byte(done.graphdef, params, corpus.heldout, L,
@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict[str, Any]:
             for text in texts:
                 say("  | " + "\n  | ".join(text.splitlines()[:6]))
 
-    return train_model(cfg, model_fn(cfg, mesh), lm_loss, data_lib.Windows(corpus.train, L, "train"), held, mesh=mesh,
+    return train_model(cfg, model_fn(cfg, mesh), lm_loss, corpus_lib.Windows(corpus.train, L, "train"), held, mesh=mesh,
                        example_spec={"tokens": ((L + 1,), np.int32)}, batch_axes={"tokens": ("batch", "seq")},
                        eval_fn=lm_eval, tokens_per_example=L, flops_per_token=train_flops_per_token(cfg.model),
                        compute_dtype=cfg.model.dtype,

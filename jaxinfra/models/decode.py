@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxinfra.parallel import sharding as shd
+from jaxinfra.compress.quant import QTensor, fake_quant
 from jaxinfra.core.errors import UserError
 from jaxinfra.models.sampling import prompt_bytes as encode
-from jaxinfra.compress.quant import QTensor, fake_quant
+from jaxinfra.parallel import sharding as shd
 
 if TYPE_CHECKING:
     from jaxinfra.settings.sections import ModelConfig

@@ -1,11 +1,14 @@
 """The default Transformer's factory: cfg.model on a mesh, its activations pinned by the logical rules."""
 from __future__ import annotations
+
 from dataclasses import dataclass
+
 import jax
 from flax import nnx
+
+from jaxinfra.models.transformer import Transformer
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.settings.sections import Config
-from jaxinfra.models.transformer import Transformer
 
 
 @dataclass(frozen=True, eq=False)

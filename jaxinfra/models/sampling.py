@@ -1,14 +1,17 @@
 """Sampling from a language model on whatever mesh its parameters live: the prompt's tokens, and `sample`, the
 sliding-window reference the KV-cache decoder (decode.py) is checked against."""
 from __future__ import annotations
+
 from typing import Any, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jaxinfra.parallel import sharding as shd
+
 from jaxinfra.core.errors import UserError
+from jaxinfra.parallel import sharding as shd
 
 
 def prompt_bytes(prompt: str, vocab_size: int) -> list[int]:

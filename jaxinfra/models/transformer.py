@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxinfra.parallel.pipeline import Stacked
 from jaxinfra.compress.quant import fake_quant
+from jaxinfra.parallel.pipeline import Stacked
 
 if TYPE_CHECKING:
     from jaxinfra.settings.sections import ModelConfig

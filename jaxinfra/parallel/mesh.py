@@ -14,10 +14,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxinfra.settings.sections import MESH_AXES as AXES
 from jaxinfra.core.errors import UserError
 from jaxinfra.parallel.quiet import quiet_collectives
-
+from jaxinfra.settings.sections import MESH_AXES as AXES
 
 # XLA's CPU scheduler that orders for concurrency lets simulated devices enter collectives in different
 # orders when a step runs several at once (the layer scan's, the update's): N:M pruning on (2,2,2)

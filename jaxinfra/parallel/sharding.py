@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import find_stacked, path_str, tensor_name, whole_layers

@@ -10,10 +10,16 @@ import jax
 
 from jaxinfra.compress.pruning import erk_sparsities
 from jaxinfra.compress.quant import fake_quant, kernel_dims
-from jaxinfra.compress.roles import Role, Selection, find_roles, select, selection_report
+from jaxinfra.compress.roles import (
+    Role,
+    Selection,
+    find_roles,
+    select,
+    selection_report,
+)
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import path_str
-from jaxinfra.settings.sections import PruneConfig, QuantConfig
+from jaxinfra.settings.compression import PruneConfig, QuantConfig
 from jaxinfra.train.step import ModelDef, split_loss
 
 

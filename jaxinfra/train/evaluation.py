@@ -9,10 +9,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxinfra.core.state import TrainState
 from jaxinfra.data import sources as data_lib
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.train.step import LossFn, split_loss
-from jaxinfra.core.state import TrainState
 
 if TYPE_CHECKING:
     from jaxinfra.settings.sections import Config

@@ -50,7 +50,9 @@ class MetricsWriter:
         self._jsonl = open(path, "w")
         self._jsonl.writelines(kept)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # imported here: optional at import time of the package
+            from tensorboardX import (
+                SummaryWriter,  # imported here: optional at import time of the package
+            )
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         self._lines = progress and not sys.stdout.isatty()
         if progress and not self._lines:

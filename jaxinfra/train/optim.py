@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxinfra.core.names import path_str
-from jaxinfra.core.names import lead_of
+from jaxinfra.core.names import lead_of, path_str
 
 if TYPE_CHECKING:
-    from jaxinfra.settings.sections import OptimConfig, PruneConfig
     from jaxinfra.compress.roles import Selection
+    from jaxinfra.settings.compression import PruneConfig
+    from jaxinfra.settings.sections import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:

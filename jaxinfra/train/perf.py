@@ -7,7 +7,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-
 # Vendor dense peaks (FLOP/s, no sparsity) by device kind, for MFU against the datasheet as well.
 VENDOR_PEAKS = {
     ("H100", "bfloat16"): 989e12, ("H100", "float16"): 989e12, ("H100", "float32"): 67e12,

@@ -12,13 +12,14 @@ from typing import Any, Callable, Mapping
 import jax
 
 from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
-from jaxinfra.train import exporter
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
-from jaxinfra.settings.sections import CheckpointConfig
 from jaxinfra.core.errors import Diverged, UserError
-from jaxinfra.train.step import all_finite
 from jaxinfra.core.state import TrainState
+from jaxinfra.export import writer as export_lib
+from jaxinfra.settings.sections import CheckpointConfig
+from jaxinfra.train import exporter
+from jaxinfra.train.step import all_finite
 
 _all_finite = jax.jit(all_finite)  # on the device: no host pass over the state
 
@@ -29,7 +30,7 @@ class Saver:
     def __init__(self, run_dir: str, cfg: CheckpointConfig, *, stop_after: int,
                  record: Callable[[int], dict[str, Any]], say: Callable[[str], None], lead: bool):
         self.cfg, self.stop_after, self.record, self.say = cfg, stop_after, record, say
-        self.ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
+        self.ckpt = ckpt_lib.Checkpointer(ckpt_reader.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
         self.exporter = exporter.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead,
                                                       fmt=cfg.export_format)
         self.start = 0
@@ -59,7 +60,7 @@ class Saver:
             self.resumed_record = record if isinstance(record, dict) else {}
             saved = record.get("data") if isinstance(record, dict) else None
             if not isinstance(saved, dict):
-                raise ckpt_lib.CorruptCheckpoint(step, ckpt.directory, ValueError("no data position in meta/metadata"))
+                raise ckpt_reader.CorruptCheckpoint(step, ckpt.directory, ValueError("no data position in meta/metadata"))
             for key, name in names.items():
                 if key in saved and saved[key] != data[key]:
                     raise UserError(f"checkpoint step {step} was trained with {name}={saved[key]}, now {data[key]}: "

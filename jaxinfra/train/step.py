@@ -21,12 +21,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.core.errors import UserError
-from jaxinfra.core.state import TrainState
-from jaxinfra.core.names import path_str
-from jaxinfra.parallel.pipeline import stacked_modules
 from jaxinfra.compress.pruning import find_prune_state, sparsity_metrics
+from jaxinfra.core.errors import UserError
+from jaxinfra.core.names import path_str
+from jaxinfra.core.state import TrainState
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.pipeline import stacked_modules
 
 ModelFn = Callable[[], nnx.Module]
 LossFn = Callable[[nnx.Module, Any], Any]  # -> scalar loss, or (loss, {name: scalar}) to log beside it

@@ -21,31 +21,38 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.data import sources as data_lib
-from jaxinfra.train import evaluation
 from jaxinfra.ckpt import lock as lock_lib
-from jaxinfra.train import perf
-from jaxinfra.train import compression
+from jaxinfra.ckpt import manager as ckpt_lib
 from jaxinfra.compress import roles
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.core import storage
-from jaxinfra.train import warmstart
-from jaxinfra.settings.sections import DEFAULT_RULES, Config, to_yaml
-from jaxinfra.train.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
-from jaxinfra.core.errors import Failed, UserError, naming
-from jaxinfra.parallel.mesh import describe, make_mesh
-from jaxinfra.train.metrics import METRICS, MetricsWriter, Reporter
-from jaxinfra.core.names import path_str
-from jaxinfra.train.optim import make_optimizer, schedule_change, with_pruning
-from jaxinfra.core.names import layer_names, lead_of
 from jaxinfra.compress.pruning import find_prune_state
-from jaxinfra.train.saver import Saver
-from jaxinfra.train.step import RESERVED, Field, LossFn, ModelDef, ModelFn, StepPlan, abstract_model, example_batch, make_eval_step, plan_step, split_loss
+from jaxinfra.core import storage
+from jaxinfra.core.errors import Failed, UserError, naming
+from jaxinfra.core.names import layer_names, lead_of, path_str
 from jaxinfra.core.state import TrainState
-
+from jaxinfra.data import sources as data_lib
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import describe, make_mesh
+from jaxinfra.settings.loading import to_yaml
+from jaxinfra.settings.sections import DEFAULT_RULES, Config
+from jaxinfra.train import compression, evaluation, perf, warmstart
+from jaxinfra.train.checks import check_batch, check_logical, check_outputs, example_fields
+from jaxinfra.train.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
+from jaxinfra.train.metrics import METRICS, MetricsWriter, Reporter
+from jaxinfra.train.mirror import Mirror
+from jaxinfra.train.optim import make_optimizer, schedule_change, with_pruning
+from jaxinfra.train.saver import Saver
+from jaxinfra.train.step import (
+    LossFn,
+    ModelDef,
+    ModelFn,
+    StepPlan,
+    abstract_model,
+    example_batch,
+    make_eval_step,
+    plan_step,
+)
 
 
 class Finished(NamedTuple):
@@ -57,79 +64,6 @@ class Finished(NamedTuple):
     rules: dict[str, tuple[str, ...]]
     final: dict[str, Any]  # the figures train_model returns; on_finish may add to them
     model: ModelDef  # model.module(state.params, state.model_state) rebuilds the trained module
-
-
-def check_batch(cfg: Config, divisor: int) -> None:
-    """The (micro-)batch and the eval batch must split over the batch mesh axes and the processes."""
-    micro = cfg.data.batch_size // cfg.optim.grad_accum
-    if divisor % jax.process_count():
-        raise UserError(f"the batch mesh axes split the batch {divisor} ways, fewer than (or not a multiple of) "
-                        f"the {jax.process_count()} processes: each process must own distinct rows; "
-                        f"put data or fsdp across processes")
-    for n, what in ((divisor, f"the batch mesh axes ({'x'.join(cfg.mesh.rules.get('batch', [])) or 'none'}) "
-                               f"= {divisor}"),
-                    (jax.process_count(), f"the {jax.process_count()} processes")):
-        if micro % n:
-            raise UserError(f"data.batch_size={cfg.data.batch_size} / optim.grad_accum={cfg.optim.grad_accum} "
-                            f"= {micro} is not divisible by {what}")
-    E = cfg.data.eval_batch_size
-    if E and (E % divisor or E % jax.process_count()):
-        raise UserError(f"data.eval_batch_size={E} is not divisible by the batch mesh axes ({divisor} ways) and the "
-                        f"{jax.process_count()} processes")
-
-
-def check_logical(logical: Any, rules: Mapping[str, Any], what: str = "parameter") -> None:
-    """Every logical axis a variable names needs a rule: name the variable and the axis."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for path, spec in flat:
-        for entry in spec:
-            for name in entry if isinstance(entry, tuple) else (entry,):
-                if name is not None and name not in rules:
-                    raise UserError(
-                        f"model_fn: {what} {path_str(path)} names logical "
-                        f"axis {name!r}, which mesh.rules does not map (mapped: {', '.join(sorted(rules))}); "
-                        f"add mesh.rules.{name}=[...] (mesh axes, or [] to replicate)")
-
-
-def _describe(x: Any) -> str:
-    shape = getattr(x, "shape", None)
-    return f"shape {shape}" if shape is not None else type(x).__name__
-
-
-def check_outputs(fn: Callable, model: ModelDef, micro: Any, what: str, *, train: bool) -> None:
-    """Trace fn(model, micro-batch) abstractly: loss_fn returns a scalar or (scalar, {name: scalar});
-    eval_fn a dict of scalars."""
-    out = jax.eval_shape(lambda p, s, b: fn(model.module(p, s, train=train), b), model.params, model.state, micro)
-    if what == "loss_fn":
-        if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], Mapping)):
-            raise UserError(f"loss_fn returned a tuple of {len(out)} ({', '.join(map(_describe, out))}): return the "
-                            f"loss, or (loss, {{name: scalar}}) to log metrics beside it")
-        loss, aux = split_loss(out)
-        items = [("", loss)] + [(f"[1][{k!r}]", v) for k, v in aux.items()]
-        taken = [k for k in aux if k in RESERVED or str(k).startswith("sparsity/")]
-        if taken:
-            raise UserError(f"loss_fn's metric {taken[0]!r} has the name of a metric the trainer logs itself "
-                            f"({', '.join(RESERVED)}, sparsity/*): rename it")
-    elif isinstance(out, Mapping):
-        items = [(f"[{k!r}]", v) for k, v in out.items()]
-    else:
-        raise UserError(f"eval_fn returned {_describe(out)}, expected a dict of scalars such as {{'loss': ...}}")
-    for label, leaf in items:
-        if getattr(leaf, "shape", None) != ():
-            raise UserError(f"{what}{label} returned {_describe(leaf)}, expected a scalar")
-
-
-def _fields(spec: Mapping[str, tuple[tuple[int, ...], Any]],
-            batch_axes: Mapping[str, Sequence[str | None]] | None) -> dict[str, Field]:
-    """Each example entry with the logical names of a batch of it (default: batch, then unsharded)."""
-    out = {}
-    for key, (shape, dtype) in spec.items():
-        names = tuple((batch_axes or {}).get(key, ("batch",) + (None,) * len(shape)))
-        if len(names) != len(shape) + 1:
-            raise UserError(f"batch_axes[{key!r}]={names} names {len(names)} dims, but a batch of "
-                            f"{key!r} has {len(shape) + 1} (batch, then {shape})")
-        out[key] = Field(tuple(shape), dtype, names)
-    return out
 
 
 def fit(state: TrainState, compiled: Callable, batches: Iterator[Any], *, steps: int, reporter: Reporter,
@@ -195,7 +129,7 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     m, rules = cfg.mesh, cfg.mesh.logical_rules
     mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
     check_batch(cfg, shd.batch_divisor(mesh, rules))
-    fields = _fields(spec, batch_axes)
+    fields = example_fields(spec, batch_axes)
     # outside the mesh scope: a one-device matmul
     peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, compute_dtype) if flops_per_token else 0.0)
     with contextlib.ExitStack() as scope:
@@ -305,9 +239,9 @@ class _Run:
     on_finish: Callable[[Finished], None] | None
 
 
-def _mirror(cfg: Config, lead: bool, say: Callable[..., None]) -> storage.Mirror:
+def _mirror(cfg: Config, lead: bool, say: Callable[..., None]) -> Mirror:
     """The local folder of a remote run folder's logs (process 0 uploads it), its metrics fetched."""
-    mirror = storage.Mirror(cfg.run.path, cfg.run.logs if lead else "")
+    mirror = Mirror(cfg.run.path, cfg.run.logs if lead else "")
     if mirror.active and lead:
         say(f"run folder {cfg.run.path}: logs are written to {cfg.run.logs} and uploaded at each checkpoint "
             f"and at the end")

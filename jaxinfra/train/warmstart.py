@@ -9,16 +9,15 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
-from jaxinfra.ckpt import manager as ckpt_lib
-from jaxinfra.export import writer as export_lib
-from jaxinfra.parallel import sharding as shd
-from jaxinfra.hub import hf
 from jaxinfra.core.errors import UserError
-from jaxinfra.core.names import tensor_name
-from jaxinfra.core.names import whole_layers
-from jaxinfra.train.step import ModelDef
+from jaxinfra.core.names import tensor_name, whole_layers
 from jaxinfra.core.state import TrainState
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.hub import hf
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.train.step import ModelDef
 
 
 class _Tensors(Mapping):
@@ -45,10 +44,10 @@ def _reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[st
         read, names = hf.reader(path, shapes)
         return read, names, f"{path} (Hugging Face Llama layout)"
     if path.endswith((".safetensors", ".index.json")) and storage.isfile(path):
-        tensors = export_lib.load(path)
+        tensors = safetensors_lib.load(path)
         return tensors.__getitem__, set(tensors), path
-    step_dir, step = ckpt_lib.locate(path)
-    saved = ckpt_lib.SavedParams(step_dir)
+    step_dir, step = ckpt_reader.locate(path)
+    saved = ckpt_reader.SavedParams(step_dir)
     return saved.read, set(saved.entries), f"{step_dir} (step {step})"
 
 
