@@ -1,4 +1,4 @@
-"""Command line of the launch script: parse, validate, set up devices, run; user errors exit 2."""
+"""Command line of the launch script and the tools: parse, validate, set up devices, run; user errors exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +8,28 @@ from typing import Callable
 
 from jaxinfra.core import storage
 from jaxinfra.core.errors import Failed, UserError
-from jaxinfra.settings.loading import load_config, shipped_configs
+from jaxinfra.settings.help import config_help
+from jaxinfra.settings.loading import load_config, shipped_configs, to_yaml
 from jaxinfra.settings.sections import Config
 
 
+class _TrainParser(argparse.ArgumentParser):
+    """train.py's parser; the listing of every config key is built only when --help prints it."""
+
+    def format_help(self) -> str:
+        """The options, then every config key with its type, default and meaning."""
+        self.epilog = config_help()
+        return super().format_help()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """--config PATH and key.sub=value overrides."""
-    p = argparse.ArgumentParser(prog="train.py", description="Train a model on a device mesh.")
+    """--config PATH, key.sub=value overrides and --print-config; --help lists every config key."""
+    p = _TrainParser(prog="train.py", description="Train a model on a device mesh.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default",
                    help=f"a YAML file, or a shipped config: {', '.join(shipped_configs())} (default: default)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the merged, validated config as YAML and exit, before any device is set up")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. run.steps=20")
     return p.parse_args(argv)
 
@@ -39,11 +52,30 @@ def _quiet_closed_loops(unraisable: "sys.UnraisableHookArgs") -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def _guard(body: Callable[[], int]) -> int:
+    """Run a command: a UserError becomes one line on stderr and exit status 2, a Failed run or OSError exit 1."""
+    try:
+        return body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Failed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk filled up, a folder went away: name the path and the cause
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of scripts/train.py; returns the exit status."""
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:  # before setup_devices: no JAX, no devices, no run folder
+            print(to_yaml(cfg), end="")
+            return 0
         setup_devices(cfg)
         # Orbax logs a failed background save with its traceback before the run reports it in one line,
         # and its event loop's late callbacks then raise "Event loop is closed" as unraisable exceptions
@@ -54,16 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             run,  # imports JAX-heavy modules only after the config is valid
         )
         run(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Failed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the disk filled up, a folder went away: name the path and the cause
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+    return _guard(body)
 
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -77,15 +101,6 @@ def parse_size(text: str) -> int:
         return int(float(num) * UNITS[t[len(num):]])
     except (ValueError, KeyError):
         raise UserError(f"--max-shard-size {text}: expected a size such as 500MB or 5GB") from None
-
-
-def _guard(body: Callable[[], int]) -> int:
-    """Run a command; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return body()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def export_main(argv: list[str] | None = None) -> int:

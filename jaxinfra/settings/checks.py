@@ -1,6 +1,8 @@
-"""The two checks every config section uses: a lower bound and a closed set of values, each one line naming the key."""
+"""What every config section uses: two checks (a lower bound, a closed set; one line naming the key) and `knob`."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 from typing import Any
 
@@ -20,3 +22,10 @@ def one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field whose metadata["help"] is its meaning (--help reads it); list and dict defaults are copied."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})

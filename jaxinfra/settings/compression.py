@@ -1,29 +1,29 @@
 """The compression sections of the config: prune.* (magnitude pruning in the step) and quant.* (int8 QAT)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jaxinfra.core.errors import UserError
-from jaxinfra.settings.checks import one_of
+from jaxinfra.settings.checks import knob, one_of
 
 
 @dataclass
 class PruneConfig:
     """Magnitude pruning inside the train step (sparsity 0 = off)."""
 
-    sparsity: float = 0.0  # final fraction of zeros in each pruned tensor (or in all, scope=global)
-    schedule: str = "cubic"  # cubic (Zhu & Gupta 2017) between start_step and end_step | oneshot at start_step
-    start_step: int = 0
-    end_step: int = 0
-    every: int = 10  # steps between mask updates (cubic)
-    scope: str = "layer"  # layer | global (one threshold over all pruned tensors)
-    pattern: str = "unstructured"  # unstructured | N:M such as 2:4 (groups along a kernel's input dim)
-    criterion: str = "magnitude"  # magnitude | random (a baseline for benchmarks)
-    distribution: str = "uniform"  # uniform (every tensor at `sparsity`) | erk (Erdos-Renyi-Kernel, scope layer)
-    params: list[str] = field(default_factory=list)  # path globs (blocks/*/mlp/*) or logical axis names
-    # (mlp) of the tensors to prune (a 1-D tensor only by its full path); empty: every 2-D+ matmul or conv
-    # weight but the output layer, read from the forward pass (never embeddings, biases, norm scales)
-    exclude: list[str] = field(default_factory=list)  # path globs left dense (removed from the selection)
+    sparsity: float = knob(0.0, "final fraction of zeros in each pruned tensor (or in all, scope=global)")
+    schedule: str = knob("cubic", "cubic (Zhu & Gupta 2017) between start_step and end_step | oneshot at start_step")
+    start_step: int = knob(0, "the step pruning begins (oneshot and N:M masks: the only mask update)")
+    end_step: int = knob(0, "cubic: the last mask update, where the sparsity reaches prune.sparsity")
+    every: int = knob(10, "steps between mask updates (cubic)")
+    scope: str = knob("layer", "layer | global (one threshold over all pruned tensors)")
+    pattern: str = knob("unstructured", "unstructured | N:M such as 2:4 (groups along a kernel's input dim)")
+    criterion: str = knob("magnitude", "magnitude | random (a baseline for benchmarks)")
+    distribution: str = knob("uniform", "uniform (every tensor at `sparsity`) | erk (Erdos-Renyi-Kernel, scope layer)")
+    params: list[str] = knob([], "path globs (blocks/*/mlp/*) or logical axis names (mlp) of the tensors to prune "
+                             "(a 1-D tensor only by its full path); empty: every 2-D+ matmul or conv weight but the "
+                             "output layer, read from the forward pass (never embeddings, biases, norm scales)")
+    exclude: list[str] = knob([], "path globs left dense (removed from the selection)")
 
     @property
     def enabled(self) -> bool:
@@ -82,11 +82,11 @@ class QuantConfig:
     """Quantization-aware training through Qwix: the forward pass runs on int8-rounded weights (and
     activations), the backward pass is float (straight-through); the trained weights stay float."""
 
-    weights: str = "none"  # none | int8: symmetric, one scale per output channel
-    activations: str = "none"  # none | int8: symmetric, one scale per token, computed on the fly (W8A8)
-    params: list[str] = field(default_factory=list)  # path globs or logical axis names, as prune.params; empty:
-    # every 2-D+ matmul or conv weight, the output layer too, read from the forward pass
-    exclude: list[str] = field(default_factory=list)  # path globs left in float
+    weights: str = knob("none", "none | int8: symmetric, one scale per output channel")
+    activations: str = knob("none", "none | int8: symmetric, one scale per token, computed on the fly (W8A8)")
+    params: list[str] = knob([], "path globs or logical axis names, as prune.params; empty: every 2-D+ matmul or "
+                             "conv weight, the output layer too, read from the forward pass")
+    exclude: list[str] = knob([], "path globs left in float")
 
     @property
     def enabled(self) -> bool:

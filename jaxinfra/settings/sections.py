@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
-from jaxinfra.settings.checks import at_least, one_of
+from jaxinfra.settings.checks import at_least, knob, one_of
 from jaxinfra.settings.compression import PruneConfig, QuantConfig
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
@@ -39,23 +39,24 @@ DEFAULT_RULES: dict[str, list[str]] = {
 class RunConfig:
     """What to run and where its outputs go."""
 
-    name: str = "default"
-    dir: str = ""  # run folder (a path, s3://bucket/prefix or gs://bucket/prefix); "" means runs/<name>
-    local_dir: str = ""  # with a remote run.dir: where its logs are written before upload; "" = under the temp dir
-    seed: int = 0
-    steps: int = 600
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4  # held-out batches (of data.batch_size windows) per evaluation
-    score_heldout: bool = True  # LM job, at the end: bits per byte over every held-out byte, each scored once
-    sample_tokens: int = 160  # bytes sampled per prompt at the end of the run; 0 = none
-    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class "])
-    sample_temperature: float = 0.8
-    progress: bool = True  # progress: a bar on a terminal, else one plain line every run.log_every steps
-    plot: bool = True  # plots.png of the metrics in the run folder at the end
-    stop_after: int = 0  # end this process after N steps of the run (checkpointed; a restart resumes)
-    peak_flops: float = 0.0  # FLOP/s of the whole mesh, the denominator of MFU; 0 = measure a matmul
-    profile_steps: list[int] = field(default_factory=list)  # [a, b]: jax.profiler trace of steps a..b
+    name: str = knob("default", "the run's name: its folder is runs/<name> when run.dir is empty")
+    dir: str = knob("", "run folder (a path, s3://bucket/prefix or gs://bucket/prefix); \"\" means runs/<name>")
+    local_dir: str = knob("", "with a remote run.dir: where its logs are written before upload; "
+                          "\"\" = under the temp dir")
+    seed: int = knob(0, "seeds the initial weights, the data order, the per-step random streams and the samples")
+    steps: int = knob(600, "optimizer steps of the whole run (the learning-rate schedule spans them)")
+    log_every: int = knob(10, "write metrics (metrics.jsonl, TensorBoard) every N steps and at the last one")
+    eval_every: int = knob(100, "evaluate on held-out batches every N steps and after the last one (0: only then)")
+    eval_batches: int = knob(4, "held-out batches (of data.batch_size windows) per evaluation")
+    score_heldout: bool = knob(True, "LM job, at the end: bits per byte over every held-out byte, each scored once")
+    sample_tokens: int = knob(160, "bytes sampled per prompt at the end of the run; 0 = none")
+    sample_prompts: list[str] = knob(["def ", "import ", "class "], "prompts of the end-of-run samples")
+    sample_temperature: float = knob(0.8, "temperature of the end-of-run samples; 0 = greedy")
+    progress: bool = knob(True, "progress: a bar on a terminal, else one plain line every run.log_every steps")
+    plot: bool = knob(True, "plots.png of the metrics in the run folder at the end")
+    stop_after: int = knob(0, "end this process after N steps of the run (checkpointed; a restart resumes)")
+    peak_flops: float = knob(0.0, "FLOP/s of the whole mesh, the denominator of MFU; 0 = measure a matmul")
+    profile_steps: list[int] = knob([], "[a, b]: jax.profiler trace of steps a..b")
 
     @property
     def path(self) -> str:
@@ -99,16 +100,16 @@ class RunConfig:
 class MeshConfig:
     """Device mesh sizes (one may be -1: filled from the device count) and sharding rules."""
 
-    data: int = 2
-    stage: int = 1  # pipeline stages: the stacked layers split over them (pipeline.* says how)
-    fsdp: int = 2
-    tensor: int = 2
-    cpu_devices: int = 8  # simulated CPU devices in all processes together; 0 = JAX's default
-    dcn_data: int = 1  # hybrid mesh: how much of each axis spans nodes / slices (the slow network)
-    dcn_stage: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    rules: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    data: int = knob(2, "data-parallel ways: replicas of the weights, each fed its share of the batch")
+    stage: int = knob(1, "pipeline stages: the stacked layers split over them (pipeline.* says how)")
+    fsdp: int = knob(2, "FSDP (ZeRO-3) ways: weights and optimizer state split over them, and the batch too")
+    tensor: int = knob(2, "tensor-parallel (Megatron) ways: heads, the MLP hidden dim and the vocab split over them")
+    cpu_devices: int = knob(8, "simulated CPU devices in all processes together; 0 = JAX's default")
+    dcn_data: int = knob(1, "hybrid mesh: how much of each axis spans nodes / slices (the slow network)")
+    dcn_stage: int = knob(1, "as mesh.dcn_data, for the stage axis")
+    dcn_fsdp: int = knob(1, "as mesh.dcn_data, for the fsdp axis")
+    dcn_tensor: int = knob(1, "as mesh.dcn_data, for the tensor axis")
+    rules: dict[str, list[str]] = knob(DEFAULT_RULES, "logical axis -> the mesh axes that split it (docs/mesh.md)")
 
     def sizes(self) -> dict[str, int]:
         """Axis name -> configured size (maybe -1)."""
@@ -148,9 +149,9 @@ class MeshConfig:
 class DistributedConfig:
     """jax.distributed settings; empty values are taken from the environment (TPU, SLURM)."""
 
-    coordinator: str = ""  # host:port of process 0
-    num_processes: int = 0  # 0: from the environment, else 1
-    process_id: int = -1  # -1: from the environment
+    coordinator: str = knob("", "host:port of process 0")
+    num_processes: int = knob(0, "processes of the job; 0: from the environment, else 1")
+    process_id: int = knob(-1, "this process's index; -1: from the environment")
 
     def check(self) -> None:
         """Counts that cannot be negative (the rest is checked when jax.distributed starts)."""
@@ -161,19 +162,19 @@ class DistributedConfig:
 class ModelConfig:
     """Decoder-only transformer sizes and numerics (the LM job's model only)."""
 
-    vocab_size: int = 256  # byte-level tokens
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 384  # hidden size of the gated MLP
-    seq_len: int = 128
-    rope_theta: float = 10000.0
-    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
-    param_dtype: str = "float32"  # master weights
-    remat: str = "none"  # none | full | dots (keep matmul outputs, recompute the rest)
-    attention: str = "xla"  # xla | cudnn (fused flash attention on NVIDIA GPUs, bf16/fp16 compute)
-    scan_layers: bool = False  # one compiled block looped over the layers (flat compile time at depth);
-    # false unrolls the loop: faster steps for a few small layers (1.19x, the default model on CPU)
+    vocab_size: int = knob(256, "vocabulary size (byte-level tokens)")
+    d_model: int = knob(128, "width of the residual stream (the embedding size)")
+    n_layers: int = knob(4, "transformer blocks")
+    n_heads: int = knob(4, "attention heads; model.d_model / model.n_heads is the head size (even, for rotary)")
+    d_ff: int = knob(384, "hidden size of the gated MLP")
+    seq_len: int = knob(128, "context length: bytes per training window (an example holds seq_len + 1)")
+    rope_theta: float = knob(10000.0, "base of the rotary position embedding's frequencies")
+    dtype: str = knob("float32", "compute dtype: float32 | bfloat16 | float16 (bfloat16 on accelerators)")
+    param_dtype: str = knob("float32", "dtype of the master weights: float32 | bfloat16 | float16")
+    remat: str = knob("none", "none | full | dots (keep matmul outputs, recompute the rest)")
+    attention: str = knob("xla", "xla | cudnn (fused flash attention on NVIDIA GPUs, bf16/fp16 compute)")
+    scan_layers: bool = knob(False, "one compiled block looped over the layers (flat compile time at depth); false "
+                             "unrolls the loop: faster steps for a few small layers (1.19x, the default model on CPU)")
 
     @property
     def head_dim(self) -> int:
@@ -209,11 +210,11 @@ class ModelConfig:
 class DataConfig:
     """Corpus and batching."""
 
-    path: str = ""  # "" = the running interpreter's standard-library sources; else file or folder
-    glob: str = "*.py"  # files taken from a folder (recursively)
-    batch_size: int = 32  # global batch, in windows of model.seq_len + 1 bytes
-    eval_batch_size: int = 0  # examples per evaluation batch; 0 = data.batch_size
-    heldout_percent: float = 1.0  # files held out for eval, chosen by a hash of their path
+    path: str = knob("", "\"\" = the running interpreter's standard-library sources; else file or folder")
+    glob: str = knob("*.py", "files taken from a folder (recursively)")
+    batch_size: int = knob(32, "global batch, in windows of model.seq_len + 1 bytes")
+    eval_batch_size: int = knob(0, "examples per evaluation batch; 0 = data.batch_size")
+    heldout_percent: float = knob(1.0, "files held out for eval, chosen by a hash of their path")
 
     @property
     def eval_batch(self) -> int:
@@ -237,18 +238,18 @@ class DataConfig:
 class OptimConfig:
     """Optax optimizer, schedule, clipping and gradient accumulation."""
 
-    name: str = "adamw"  # adamw | sgd | lion | adafactor
-    lr: float = 3e-3
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and linear
-    weight_decay: float = 0.1  # 2-D+ weights only; decoupled (adamw, lion, adafactor), L2 for sgd
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    momentum: float = 0.9  # sgd
-    clip_norm: float = 1.0  # global-norm clipping; 0 = off
-    grad_accum: int = 1  # micro-batches per step (data.batch_size must divide)
+    name: str = knob("adamw", "adamw | sgd | lion | adafactor")
+    lr: float = knob(3e-3, "peak learning rate, reached at the end of the warmup")
+    schedule: str = knob("cosine", "cosine | linear | constant (after warmup)")
+    warmup_steps: int = knob(50, "steps of linear warmup from 0 to optim.lr (at most run.steps - 1)")
+    min_lr_ratio: float = knob(0.1, "final lr / peak lr for cosine and linear")
+    weight_decay: float = knob(0.1, "2-D+ weights only; decoupled (adamw, lion, adafactor), L2 for sgd")
+    b1: float = knob(0.9, "decay of the gradient's moving average (adamw, lion)")
+    b2: float = knob(0.95, "decay of the squared gradient's moving average (adamw; lion: of its momentum)")
+    eps: float = knob(1e-8, "added to adamw's denominator, for numerical stability")
+    momentum: float = knob(0.9, "sgd's momentum (0: none)")
+    clip_norm: float = knob(1.0, "global-norm clipping; 0 = off")
+    grad_accum: int = knob(1, "micro-batches per step (data.batch_size must divide)")
 
     def check(self, batch_size: int) -> None:
         """The optimizer's settings and the micro-batch split of `batch_size`."""
@@ -269,8 +270,8 @@ class OptimConfig:
 class PipelineConfig:
     """How the default Transformer's stacked layers run over mesh.stage > 1 (docs/strategies.md)."""
 
-    microbatches: int = 0  # M: micro-batches per (grad_accum) batch; 0 = one per stage
-    repeats: int = 1  # R: layer groups per stage, visited in a circle (1 = GPipe)
+    microbatches: int = knob(0, "M: micro-batches per (grad_accum) batch; 0 = one per stage")
+    repeats: int = knob(1, "R: layer groups per stage, visited in a circle (1 = GPipe)")
 
     def check(self) -> None:
         """Counts (what they must divide is checked against the mesh, see check_mesh)."""
@@ -296,21 +297,21 @@ class PipelineConfig:
 class CheckpointConfig:
     """Orbax checkpoints in <run.dir>/checkpoints and merged exports in <run.dir>/exports."""
 
-    every: int = 200  # save every N steps (0: only at the end); always at the end and on SIGTERM
-    keep: int = 2  # newest steps kept
-    keep_every: int = 0  # also keep every N-th step for good (0: none)
-    resume: bool = True  # continue from the newest complete step in the run folder
-    restore_step: int = -1  # resume from this step instead of the newest
-    fallback: bool = False  # if the chosen step is unreadable, resume from the previous good one
-    init_from: str = ""  # a fresh run starts from this model: a run folder (its newest step), a step folder
-    # (runs/x/checkpoints/200) or a safetensors export; fresh optimizer, step 0
-    export_every: int = 0  # also save and export exports/model-<step>.safetensors every N steps (0: never);
-    # these saves count towards `keep`
-    export_final: bool = True  # ... and at the end of the run
-    export_dtype: str = "float32"
-    export_format: str = "safetensors"  # safetensors (exports/model-<step>.safetensors) | hf (exports/hf-<step>/:
-    # the Hugging Face Llama layout, for the default Transformer)
-    export_errors: str = "fail"  # fail: a failed export fails the run (exit 1; checkpoints kept) | warn
+    every: int = knob(200, "save every N steps (0: only at the end); always at the end and on SIGTERM")
+    keep: int = knob(2, "newest steps kept")
+    keep_every: int = knob(0, "also keep every N-th step for good (0: none)")
+    resume: bool = knob(True, "continue from the newest complete step in the run folder")
+    restore_step: int = knob(-1, "resume from this step instead of the newest")
+    fallback: bool = knob(False, "if the chosen step is unreadable, resume from the previous good one")
+    init_from: str = knob("", "a fresh run starts from this model: a run folder (its newest step), a step folder "
+                          "(runs/x/checkpoints/200) or a safetensors export; fresh optimizer, step 0")
+    export_every: int = knob(0, "also save and export exports/model-<step>.safetensors every N steps (0: never); "
+                             "these saves count towards checkpoint.keep")
+    export_final: bool = knob(True, "save and export at the end of the run too")
+    export_dtype: str = knob("float32", "dtype of the exported tensors: float32 | bfloat16 | float16")
+    export_format: str = knob("safetensors", "safetensors (exports/model-<step>.safetensors) | hf (exports/hf-<step>/: "
+                              "the Hugging Face Llama layout, for the default Transformer)")
+    export_errors: str = knob("fail", "fail: a failed export fails the run (exit 1; checkpoints kept) | warn")
 
     def check(self) -> None:
         """Frequencies, rotation and the export dtype."""
