@@ -68,7 +68,7 @@ def test_bad_yaml_file(tmp_path):
 def test_no_jax_import_needed():
     import subprocess
     import sys
-    code = "import sys, jaxinfra.settings.sections as c; c.load_config(None, []); print('jax' in sys.modules)"
+    code = "import sys, jaxinfra.settings.loading as c; c.load_config(None, []); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -28,7 +28,7 @@ def trained():
     """(cfg, logical names, host params) of a tiny LM (seq_len 128) trained 120 steps on jaxinfra/models/transformer.py: one
     file, so it learns enough in 6 s that greedy text varies (top two logits at least 1e-3 apart here)."""
     cfg = tiny_config("model.seq_len=128", "run.steps=120", "optim.lr=1e-2")
-    text = open(os.path.join(ROOT, "jaxinfra", "model.py"), "rb").read()
+    text = open(os.path.join(ROOT, "jaxinfra", "models", "transformer.py"), "rb").read()
     data = np.frombuffer(text, np.uint8).astype(np.int32)
     mesh = mesh_of((1, 1, 1))
     with jax.set_mesh(mesh):

@@ -28,7 +28,7 @@ def test_wheel_ships_every_config_and_the_cli_finds_them_outside_a_checkout(tmp_
                    check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import sys, jaxinfra, jaxinfra.cli as cli, jaxinfra.settings.sections as c\n"
+    code = ("import sys, jaxinfra, jaxinfra.cli as cli, jaxinfra.settings.loading as c\n"
             "print(jaxinfra.__file__)\nprint(c.config_path('accelerator'))\n"
             "sys.exit(cli.main(sys.argv[1:]))")
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}

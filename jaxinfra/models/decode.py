@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinfra.compress.quant import QTensor, fake_quant
 from jaxinfra.core.errors import UserError
 from jaxinfra.models.sampling import prompt_bytes as encode
+from jaxinfra.models.transformer import Transformer
 from jaxinfra.parallel import sharding as shd
 
 if TYPE_CHECKING:
@@ -142,7 +143,6 @@ def _weight_shardings(params: Any, cfg: ModelConfig, mesh: Mesh, rules: shd.Rule
     """Decode-time shardings from model.py's own logical names and the rules less the batch axes: each batch
     shard holds whole weights, gathered once before the loop rather than in every layer of every token as
     FSDP training gathers them; the other axes (tensor) still split heads, mlp and vocab."""
-    from jaxinfra.models.transformer import Transformer
     found: dict[str, Any] = {}
 
     def names() -> None:  # traced only: nothing is allocated

@@ -46,16 +46,15 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
 def run_figures(run_dir: str) -> RunFigures:
     """Figures of one run folder: tensors from its newest checkpoint (else its newest export), the rest
     from metrics.jsonl."""
-    from jaxinfra.ckpt import (
-        manager as ckpt_lib,  # JAX and Orbax only once the folder looks like a run
-    )
+    # imported here: the command line's start-up reads metrics.jsonl before JAX and Orbax load
+    from jaxinfra.ckpt import reader as ckpt_reader
     from jaxinfra.export import safetensors as safetensors_lib
     from jaxinfra.export import sparse_writer
     from jaxinfra.export import writer as ex
     rows = read_metrics(run_dir)
-    if ckpt_lib.has_steps(run_dir):
-        step_dir, step = ckpt_lib.locate(run_dir)
-        _, tensors = ckpt_lib.iter_params(step_dir)
+    if ckpt_reader.has_steps(run_dir):
+        step_dir, step = ckpt_reader.locate(run_dir)
+        _, tensors = ckpt_reader.iter_params(step_dir)
         summary = sparse_writer.summarize(tensors, sparse_writer.saved_pattern(step_dir), ex.base_metadata(step))
         source = f"checkpoint {step}"
     elif (found := ex.newest_export(run_dir)) is not None:

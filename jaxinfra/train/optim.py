@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxinfra.compress.pruning import cubic_sparsity, default_include, prune
 from jaxinfra.core.names import lead_of, path_str
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ def with_pruning(tx: optax.GradientTransformation, p: PruneConfig, selection: Se
                  ) -> optax.GradientTransformation:
     """`tx` wrapped in the magnitude pruning prune config `p` describes, of the tensors `selection`
     takes (roles.select: every 2-D+ kernel but the output layer by default) along their input features."""
-    from jaxinfra.compress.pruning import cubic_sparsity, default_include, prune
     end = p.last_update  # N:M masks are set once, at start_step, whatever the schedule
     sparsity = lambda t: cubic_sparsity(t, p.sparsity, p.start_step, end) if p.schedule == "cubic" \
         else jnp.where(t >= p.start_step, p.sparsity, 0.0)

@@ -32,12 +32,18 @@ from jaxinfra.core.errors import Failed, UserError, naming
 from jaxinfra.core.names import layer_names, lead_of, path_str
 from jaxinfra.core.state import TrainState
 from jaxinfra.data import sources as data_lib
+from jaxinfra.hub.hf import check_model
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import describe, make_mesh
 from jaxinfra.settings.loading import to_yaml
 from jaxinfra.settings.sections import DEFAULT_RULES, Config
 from jaxinfra.train import compression, evaluation, perf, warmstart
-from jaxinfra.train.checks import check_batch, check_logical, check_outputs, example_fields
+from jaxinfra.train.checks import (
+    check_batch,
+    check_logical,
+    check_outputs,
+    example_fields,
+)
 from jaxinfra.train.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
 from jaxinfra.train.metrics import METRICS, MetricsWriter, Reporter
 from jaxinfra.train.mirror import Mirror
@@ -148,7 +154,6 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         micro = example_batch(fields, B // cfg.optim.grad_accum)
         check_outputs(loss_fn, model, micro, "loss_fn", train=True)
         if cfg.checkpoint.export_format == "hf":
-            from jaxinfra.hub.hf import check_model
             check_model(model.params, model.stacked)
         eval_fn = eval_fn or loss_eval(loss_fn)
         if eval_host:
