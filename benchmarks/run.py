@@ -75,9 +75,9 @@ def lm_plan(cfg: Config, mesh: Mesh, optimizer: Any = None) -> StepPlan:
     micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
     found = compression.model_roles(model, lm_loss, micro)  # read from the float model, as the trainer reads them
     if cfg.quant.enabled:  # as the trainer does: the forward pass rounds the chosen weights
-        model, _ = compression.quantized_model(cfg.quant, model, found, cfg.model.dtype, say=lambda *_: None)
+        model, _ = compression.quantized_model(cfg.quant, model, found, cfg.model.dtype)
     if cfg.prune.enabled and optimizer is None:
-        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro, say=lambda *_: None, found=found)
+        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro, found=found)
     tx, schedule = optimizer or make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     return plan_step(model_fn, lm_loss, tx, mesh, cfg.mesh.logical_rules, fields, accum=cfg.optim.grad_accum,
                      batch_size=cfg.data.batch_size, schedule=schedule, model=model)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         jaxinfra.setup_devices(cfg)  # 8 simulated CPU devices (and jax.distributed when distributed.* is set)
         batch_axes = {"image": ("batch", None, None, None), "label": ("batch",)}
         result = jaxinfra.train_model(cfg, lambda: make_model(cfg.run.seed), loss_fn, Images(4096, seed=0),
-                                      Images(100, seed=1), batch_axes=batch_axes)
+                                      Images(100, seed=1), options=jaxinfra.TrainOptions(batch_axes=batch_axes))
     except jaxinfra.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

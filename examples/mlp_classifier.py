@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             f"prune.every={max(args.steps // 20, 1)}", "checkpoint.every=20", *args.overrides])
         jaxinfra.setup_devices(cfg)  # 8 simulated CPU devices (and jax.distributed when distributed.* is set)
         result = jaxinfra.train_model(cfg, lambda: make_model(cfg.run.seed), loss_fn, Blobs(4096, seed=0),
-                                      Blobs(256, seed=1), eval_fn=eval_fn)
+                                      Blobs(256, seed=1), options=jaxinfra.TrainOptions(eval_fn=eval_fn))
     except jaxinfra.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

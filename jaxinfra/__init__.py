@@ -33,7 +33,8 @@ _EXPORTS = {
     "UserError": ("core.errors", "UserError"),
     # training
     "train_model": ("train.trainer", "train_model"),
-    "Finished": ("train.trainer", "Finished"),
+    "Finished": ("train.options", "Finished"),
+    "TrainOptions": ("train.options", "TrainOptions"),
     "TrainState": ("core.state", "TrainState"),
     "build_model": ("train.step", "build_model"),
     "Stacked": ("parallel.pipeline", "Stacked"),

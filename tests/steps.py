@@ -48,7 +48,7 @@ def model_plan(cfg, mesh) -> StepPlan:
     selection = None
     if cfg.prune.enabled:  # what the trainer prunes: the kernels the traced forward pass multiplies by
         micro = example_batch(fields, cfg.data.batch_size // cfg.optim.grad_accum)
-        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro, lambda *a: None)
+        selection = compression.pruning_selection(cfg.prune, model, lm_loss, micro)
     tx, schedule = make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     return plan_step(model_fn(cfg, mesh), lm_loss, tx, mesh, cfg.mesh.logical_rules, fields,
                      accum=cfg.optim.grad_accum, batch_size=cfg.data.batch_size, schedule=schedule, model=model)

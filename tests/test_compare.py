@@ -34,7 +34,7 @@ def _write_run(run_dir, params, pruned, seed):
             {"step": STEPS, "config": {"prune": {"pattern": "unstructured"}}})
     ck.close()
     rng = np.random.default_rng(seed)
-    writer = MetricsWriter(str(run_dir), STEPS, progress=False, tensorboard=False)
+    writer = MetricsWriter(str(run_dir), STEPS, progress=False, tensorboard=False).open()
     for step in range(1, STEPS + 1):
         row = {"loss": 5.0 - 0.2 * step + rng.random(), "learning_rate": 1e-3 * step / STEPS,
                "step_time_s": 2.0 if step == 1 else 0.01 + 0.01 * rng.random()}

@@ -219,8 +219,8 @@ def test_quant_params_and_exclude_round_exactly_the_chosen_kernels(overrides, ch
     with jax.set_mesh(mesh):
         model = abstract_model(factory.model_fn(cfg, mesh))
         micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
-        model, kernels = compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro), "float32",
-                                          lambda *a: None)
+        model, kernels = compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro),
+                                                     "float32")
     assert set(kernels) == {p.replace("/", ".") for p in chosen}
     rng = np.random.default_rng(0)
     flat, treedef = jax.tree_util.tree_flatten_with_path(model.params)

@@ -49,7 +49,7 @@ def _train(*overrides, mesh=None):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         result = jaxinfra.train_model(cfg, lambda: cnn.make_model(cfg.run.seed), cnn.loss_fn, TRAIN, EVAL,
-                                      batch_axes=AXES, mesh=mesh)
+                                      options=jaxinfra.TrainOptions(batch_axes=AXES, mesh=mesh))
     return result, out.getvalue()
 
 
@@ -251,7 +251,7 @@ def test_default_selection_of_a_decoder_skips_embeddings_position_table_and_head
     cfg = tiny_config(f"run.dir={tmp_path}", "run.steps=2", "prune.sparsity=0.5", "prune.schedule=oneshot",
                       "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "checkpoint.export_final=false")
     jaxinfra.train_model(cfg, lambda: Decoder(nnx.Rngs(0)), decoder_loss, [{"tokens": t} for t in tokens],
-                         mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+                         options=jaxinfra.TrainOptions(mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1])))
     table = capsys.readouterr().out.split("pruning:\n")[1].split("model:")[0]
     chosen = [line.split()[0] for line in table.splitlines()[1:] if line.strip() and not line.strip()[0].isdigit()
               and not line.strip().startswith("not pruned")]
@@ -354,7 +354,7 @@ def test_more_steps_on_a_finished_run_say_how_the_learning_rate_jumps(dense, tmp
 
 def test_an_optimizer_of_your_own_is_wrapped_in_prune(tmp_path, capsys):
     cfg = tiny_config(*MLP, f"run.dir={tmp_path}", "run.steps=3", "prune.sparsity=0.5", "prune.schedule=oneshot")
-    result = jaxinfra.train_model(cfg, BNNet, xent, blobs(), optimizer=(optax.adam(1e-2), None))
+    result = jaxinfra.train_model(cfg, BNNet, xent, blobs(), options=jaxinfra.TrainOptions(optimizer=(optax.adam(1e-2), None)))
     assert "the optimizer passed to train_model is wrapped in pruning" in capsys.readouterr().out
     w = _state(result["model"], nnx.Param)["l2"]["kernel"]
     assert int((w == 0).sum()) == round(0.5 * w.size)
@@ -407,7 +407,7 @@ def test_dropout_masks_differ_between_steps_and_match_on_every_mesh(tmp_path):
                                     "run.steps=5", f"run.dir={d}", *o)
     jaxinfra.train_model(cfg(tmp_path / "a"), Noisy, noisy_loss, blobs())
     jaxinfra.train_model(cfg(tmp_path / "one", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"), Noisy, noisy_loss,
-                         blobs(), mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+                         blobs(), options=jaxinfra.TrainOptions(mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1])))
     masks = [r["mask"] for r in _rows(tmp_path / "a") if "mask" in r]
     assert len(masks) == 5 and len(set(masks)) == 5  # a new mask every step
     assert masks == [r["mask"] for r in _rows(tmp_path / "one") if "mask" in r]  # the same on one device

@@ -65,7 +65,7 @@ def _qat_model(cfg, mesh):
     """The default model's ModelDef and the rounding quant.* makes the trainer apply, as train_model builds them."""
     model = abstract_model(model_fn(cfg, mesh))
     micro = {"tokens": jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.model.seq_len + 1), jnp.int32)}
-    return compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro), "float32", print)
+    return compression.quantized_model(cfg.quant, model, compression.model_roles(model, lm_loss, micro), "float32")
 
 
 def test_qat_export_holds_the_integers_its_forward_pass_used(qat_run, tmp_path):

@@ -118,7 +118,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
     first = _start([*TINY, f"run.dir={run_dir}", "run.steps=100000", "checkpoint.every=0", "run.log_every=1"])
     with _reaped(first):  # killed on the way out: dies holding the lock
         _wait_for_line(first, "train step compiled")
-        lock = json.loads((run_dir / ".jaxinfra.ckpt.lock").read_text())
+        lock = json.loads((run_dir / ".jaxinfra.lock").read_text())
         assert lock["pid"] == first.pid
         rc = cli.main([*TINY, f"run.dir={run_dir}", "run.steps=3", "optim.lr=1e-4"])
         err = capsys.readouterr().err.strip().splitlines()
@@ -128,7 +128,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path,
     rc = cli.main([*TINY, f"run.dir={run_dir}", "run.steps=2", "checkpoint.every=0"])
     out = capsys.readouterr().out
     assert rc == 0 and f"process {first.pid} on {lock['host']}" in out and "is gone" in out
-    assert not (run_dir / ".jaxinfra.ckpt.lock").exists()  # released at the end
+    assert not (run_dir / ".jaxinfra.lock").exists()  # released at the end
 
 
 @pytest.mark.slow
@@ -282,7 +282,7 @@ def _restored(run, cfg, **kw):
     with jax.set_mesh(mesh):
         ck = ckpt_lib.Checkpointer(str(run / "checkpoints"), read_only=True)
         try:
-            return shd.gather(ckpt_lib.resume(ck, model_plan(cfg, mesh).abstract, say=lambda _: None, **kw))
+            return shd.gather(ckpt_lib.resume(ck, model_plan(cfg, mesh).abstract, **kw))
         finally:
             ck.close()
 
@@ -457,12 +457,12 @@ def test_symlinks_in_the_run_folder_are_refused(tmp_path, capsys):
     assert cli.main([*TINY, "run.steps=2", f"run.dir={run_dir}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics.jsonl is a symbolic link" in err[0], err
-    assert elsewhere.read_text() == "" and not (run_dir / ".jaxinfra.ckpt.lock").exists()
+    assert elsewhere.read_text() == "" and not (run_dir / ".jaxinfra.lock").exists()
 
 
 def test_metrics_stay_strict_json(tmp_path):
     from jaxinfra.train.metrics import MetricsWriter
-    writer = MetricsWriter(str(tmp_path), 3, progress=False, tensorboard=False)
+    writer = MetricsWriter(str(tmp_path), 3, progress=False, tensorboard=False).open()
     writer.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
     writer.close()
     strict = lambda token: (_ for _ in ()).throw(ValueError(token))  # refuse NaN / Infinity literals

@@ -176,7 +176,7 @@ def test_training_on_s3_resumes_bit_exactly_and_the_store_holds_the_run(s3_runs,
         assert name in files, sorted(files)
     assert sum(n.startswith("tensorboard/events.out.tfevents") for n in files) == 2  # one per start
     assert ckpt_reader.complete_steps(f"{root}/split/checkpoints") == [15, 20]  # checkpoint.keep=2 rotation
-    assert ".jaxinfra.ckpt.lock" not in files
+    assert ".jaxinfra.lock" not in files
 
 
 def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
@@ -197,7 +197,7 @@ def test_the_run_lock_is_a_conditional_put_on_the_store(store, capsys):
     mine.release()
     other.acquire()  # free again
     other.release()
-    assert not storage.exists(f"{store}/run/.jaxinfra.ckpt.lock")
+    assert not storage.exists(f"{store}/run/.jaxinfra.lock")
 
 
 @RUNS

@@ -77,7 +77,7 @@ def _fit(cfg, steps, run_dir):
         tokens = make_batch(cfg)
         batches = iter(lambda: {"tokens": jax.device_put(tokens, batch_sh["tokens"])}, None)
         rec = _Recorder(run_dir)
-        writer = MetricsWriter(str(run_dir), steps, progress=False, tensorboard=False)
+        writer = MetricsWriter(str(run_dir), steps, progress=False, tensorboard=False).open()
         reporter = Reporter(writer, log_every=1, last_step=steps, tokens_per_step=tokens.size)
         try:
             state = fit(setup.state, compiled, batches, steps=steps, reporter=reporter,

@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     resumed = jaxinfra.train_model(tiny_config(*BASE, f"run.dir={d / 'b'}"), Net, xent, dataset(), dataset(64, 1))
     one = jaxinfra.train_model(tiny_config(*BASE, f"run.dir={d / 'c'}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
                                Net, xent, dataset(), dataset(64, 1),
-                               mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+                               options=jaxinfra.TrainOptions(mesh=jaxinfra.make_mesh(1, 1, 1, devices=jax.devices()[:1])))
     return d, straight, stopped, resumed, one
 
 
@@ -121,7 +121,7 @@ def test_prune_inside_an_optax_chain_reports_sparsity_like_the_default(runs):
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      jaxinfra.prune(optax.adamw(schedule), sparsity, update_every=2, start=2, end=6, include=hidden))
     mine = jaxinfra.train_model(tiny_config(*BASE, f"run.dir={d / 'chain'}", "prune.sparsity=0"), Net, xent,
-                                dataset(), dataset(64, 1), optimizer=(tx, schedule))
+                                dataset(), dataset(64, 1), options=jaxinfra.TrainOptions(optimizer=(tx, schedule)))
     rows, default_rows = _sparsity_rows(d / "chain"), _sparsity_rows(d / "a")
     assert len(rows) == 10 and rows[-1]["sparsity"] == 0.75 and set(rows[-1]) == set(default_rows[-1])
     assert [r["sparsity"] for r in rows] == [r["sparsity"] for r in default_rows]  # exact counts on both
@@ -157,7 +157,7 @@ def test_wrong_shapes_and_dtypes_in_the_data(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"train_source example 0: 'x' has shape \(12,\) and dtype float32, "
                                          r"expected shape \(8,\)"):
         jaxinfra.train_model(_cfg(tmp_path), Net, xent, dataset(),
-                             example_spec={"x": ((8,), np.float32), "y": ((), np.int32)})
+                             options=jaxinfra.TrainOptions(example_spec={"x": ((8,), np.float32), "y": ((), np.int32)}))
     with pytest.raises(ValueError, match=r"eval_source example 0: 'x' has .* dtype float64, expected .* float32"):
         jaxinfra.train_model(_cfg(tmp_path), Net, xent, dataset(), dataset(32, 1, np.float64))
     assert "compiled" not in capsys.readouterr().out

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
 
-LOCK = ".jaxinfra.ckpt.lock"  # in the run folder
+log = logging.getLogger(__name__)
+
+LOCK = ".jaxinfra.lock"  # in the run folder
 
 
 def _alive(pid: int) -> bool:
@@ -51,7 +58,7 @@ class RunLock:
         except (OSError, ValueError):  # torn or foreign: a holder we cannot name
             return {}
 
-    def acquire(self, say: Callable[[str], None] = print) -> None:
+    def acquire(self) -> None:
         """Take the lock, or raise UserError naming the folder and the holder."""
         storage.makedirs(self.run_dir)
         for _ in range(3):  # a stale lock taken over, or a holder that released it meanwhile
@@ -61,7 +68,7 @@ class RunLock:
                     continue
                 host, pid, since = other.get("host", "?"), other.get("pid", "?"), other.get("since", "?")
                 if host == self.me["host"] and isinstance(pid, int) and not _alive(pid):
-                    say(f"taking over the lock of {self.run_dir}: its holder, process {pid} on {host} "
+                    log.info(f"taking over the lock of {self.run_dir}: its holder, process {pid} on {host} "
                         f"(since {since}), is gone")
                     storage.remove(self.path)
                     continue
@@ -96,21 +103,18 @@ def check_no_links(run_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def held(run_dir: str, *, lead: bool, say: Callable[[str], None]) -> Iterator[None]:
+def held(run_dir: str, *, lead: bool) -> Iterator[None]:
     """Process 0 holds the run folder's lock for the group; every process learns whether it got it,
     so none goes on (and waits in a collective) when it did not."""
     lock, error = RunLock(run_dir), None
     if lead:
         try:
-            lock.acquire(say)
+            lock.acquire()
             check_no_links(run_dir)
         except UserError as e:
             lock.release()
             error = e
-    import jax
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
         if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
             error = error or UserError(f"run.dir={run_dir} is in use by another run (see process 0's error)")
     if error is not None:

@@ -6,13 +6,14 @@ optimizer state: every leaf sharded as in training) and `meta` (JSON: resolved c
 mesh, data position, and the digest of every saved array: see digest.py). Every read (restore,
 export, sampling) checks the digests of what it read and refuses a damaged step. A step is
 complete once Orbax has committed it; an interrupted save is never listed. The data position is the number of global batches consumed, equal to the step, on any
-number of processes (see data.py), so no per-process iterator state is needed to resume exactly.
+number of processes (see data/sources.py), so no per-process iterator state is needed to resume exactly.
 No other module names these folders or items.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import re
 import signal
@@ -21,9 +22,9 @@ import threading
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from omegaconf import OmegaConf
 
 from jaxinfra.ckpt import orbax_store
 from jaxinfra.ckpt.digest import tree_digests
@@ -40,10 +41,13 @@ from jaxinfra.ckpt.reader import (
     saved_stacked_of,
     verify_digests,
 )
+from jaxinfra.ckpt.relayout import check_shapes, relayout
 from jaxinfra.core import storage
 from jaxinfra.core.errors import Failed, UserError, one_line
-from jaxinfra.core.names import path_str, take, whole_layers
+from jaxinfra.core.names import path_str
 from jaxinfra.core.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def digests_of(state: TrainState | dict[str, Any]) -> dict[str, str]:
@@ -59,7 +63,6 @@ def record(cfg: Any, mesh: jax.sharding.Mesh, step: int, data: dict[str, Any], k
     """The metadata record a step carries besides arrays: config, versions, mesh, data position, the
     model's matmul weights with the dims they contract (what an int8 export needs to know), and its
     stacked layers (module path -> leading layer dims: what splits them into whole layers)."""
-    from omegaconf import OmegaConf
     versions = {}
     for pkg in ("jaxinfra", "jax", "flax", "optax", "orbax-checkpoint", "grain"):
         try:
@@ -218,7 +221,6 @@ class Checkpointer:
     def _moved(self) -> None:
         """After process 0 moved step folders: every process waits for it, then rereads the steps."""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("jaxinfra checkpoint steps moved")
         self.manager.reload()
 
@@ -262,9 +264,9 @@ class Checkpointer:
         item = as_dict(target)
         if MODEL_STATE not in saved and not jax.tree.leaves(target.model_state):
             item.pop(MODEL_STATE)  # written before the state carried other variables: nothing is missing
-        relayout = _relayout(saved, item, saved_stacked or {}, stacked or {})
-        if relayout is not None:
-            item, convert = relayout
+        other_layout = relayout(saved, item, saved_stacked or {}, stacked or {})
+        if other_layout is not None:
+            item, convert = other_layout
         else:
             check_shapes(saved, item, step)
         try:
@@ -290,80 +292,8 @@ class Checkpointer:
             self.manager.close()
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
-
-
-def _relayout(saved: Any, item: dict[str, Any], saved_stacked: dict[str, Any], stacked: dict[str, Any]
-              ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]] | None:
-    """When the saved tensors are the target's with layers stacked otherwise ((L, ...), (R, L/R, ...),
-    or one tensor per layer as saved before stacking): (restore target in the saved layout, jitted
-    conversion to the target's); None when the layouts agree or the tensors differ (check_shapes says how).
-    A saved tensor is restored with its layer dims whole and its other dims split as the target's are."""
-    have = {p: shape for p, (shape, _) in _flat_shapes(saved).items()}
-    want = {p: shape for p, (shape, _) in _flat_shapes(item).items()}
-    if have == want:
-        return None
-    saved_layers, target_layers = whole_layers(have, saved_stacked), whole_layers(want, stacked)
-    if set(saved_layers) != set(target_layers) or any(saved_layers[n].shape != target_layers[n].shape
-                                                      for n in target_layers):
-        return None
-    targets = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(item)[0]}
-    spec_of: dict[str, tuple[Any, ...]] = {}
-    for name, t in target_layers.items():
-        dst, src = targets[t.stored], saved_layers[name]
-        spec_of[src.stored] = (None,) * src.lead + tuple(dst.sharding.spec)[t.lead:] if dst.sharding.spec else ()
-    mesh = next(iter(targets.values())).sharding.mesh
-    dtype_of = {saved_layers[n].stored: targets[t.stored].dtype for n, t in target_layers.items()}
-
-    def restore_as(path: tuple, meta: Any) -> jax.ShapeDtypeStruct:
-        name = path_str(path)
-        return jax.ShapeDtypeStruct(tuple(meta.shape), dtype_of[name],
-                                    sharding=NamedSharding(mesh, PartitionSpec(*spec_of[name])))
-    as_saved = jax.tree_util.tree_map_with_path(restore_as, saved, is_leaf=lambda x: hasattr(x, "shape"))
-    parts: dict[str, list[str]] = {}
-    for name, t in target_layers.items():
-        parts.setdefault(t.stored, []).append(name)
-
-    def convert(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        out = {}
-        for path, names in parts.items():
-            pieces = [take(flat[saved_layers[n].stored], saved_layers[n]) for n in names]
-            out[path] = pieces[0] if target_layers[names[0]].index is None \
-                else jnp.stack(pieces).reshape(targets[path].shape)
-        return out
-    shardings = {p: x.sharding for p, x in targets.items()}
-    relayout = jax.jit(convert, out_shardings=shardings)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(item)
-
-    def to_target(restored: dict[str, Any]) -> dict[str, Any]:
-        flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
-        done = relayout(flat)
-        return jax.tree_util.tree_unflatten(treedef, [done[path_str(p)] for p, _ in leaves])
-    return as_saved, to_target
-
-
-def check_shapes(saved: Any, target: Any, step: int) -> None:
-    """The checkpoint must hold the tensors the model expects, in the same shapes (dtypes may be
-    cast): name the first that differs."""
-    have, want = _flat_shapes(saved), _flat_shapes(target)
-    for name, (shape, dtype) in want.items():
-        if name not in have:
-            raise UserError(f"checkpoint step {step} has no tensor {name} (the model, optim or prune config "
-                            f"differs from the saved one, or an older jaxinfra wrote it?); to start from its model "
-                            f"with this config, use another run.dir and checkpoint.init_from=<this run.dir>")
-        if have[name][0] != shape:
-            raise UserError(f"checkpoint step {step}: tensor {name} has shape {have[name][0]}, the model expects "
-                            f"{shape} (the model config differs from the saved one)")
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise UserError(f"checkpoint step {step} holds tensor {extra[0]} that the model does not have "
-                        f"(the model config differs from the saved one)")
-
-
 def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
-           fallback: bool = False, say: Callable[[str], None] = print,
+           fallback: bool = False,
            meta: Callable[[int, dict[str, Any]], None] | None = None,
            stacked: dict[str, Any] | None = None) -> TrainState | None:
     """The newest complete step (or `restore_step`) restored onto target's shardings; None if none.
@@ -389,7 +319,7 @@ def resume(ckpt: Checkpointer, target: TrainState, *, restore_step: int = -1,
         except CorruptCheckpoint as e:
             if not fallback:
                 raise
-            say(f"warning: {str(e).split('; checkpoint.fallback')[0]}; trying the previous step")
+            log.warning(f"warning: {str(e).split('; checkpoint.fallback')[0]}; trying the previous step")
     raise UserError(f"no readable checkpoint in {ckpt.directory} (tried steps {', '.join(map(str, steps))})")
 
 

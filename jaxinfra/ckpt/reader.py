@@ -3,6 +3,7 @@ stacking, digests), and its parameters tensor by tensor, each checked against th
 (exports, inspection, sampling, init_from). Only ckpt/ names these folders and items; manager.py writes them."""
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Iterator
 
@@ -105,7 +106,6 @@ def state_metadata(step_dir: str) -> Any:
 
 def saved_record(step_dir: str) -> dict[str, Any]:
     """A step's metadata record (config, digests, ...), {} if it has none readable."""
-    import json
     try:
         found = json.loads(storage.read_text(storage.join(step_dir, META, "metadata")))
         return found if isinstance(found, dict) else {}

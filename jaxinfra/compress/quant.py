@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 
 if TYPE_CHECKING:
     from jaxinfra.compress.roles import Role
@@ -40,7 +41,6 @@ class QTensor(NamedTuple):
 
 def quantize(w: jax.Array | np.ndarray, in_dims: Sequence[int]) -> QTensor:
     """Symmetric int8 with one scale per channel (every dim but `in_dims`): Qwix's numerics."""
-    import qwix
     w = jnp.asarray(w)
     channels = tuple(d for d in range(w.ndim) if d not in {d % w.ndim for d in in_dims})
     q = qwix.quantize(w, jnp.int8, channelwise_axes=channels, calibration_method="absmax")

@@ -104,8 +104,6 @@ def s3_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-# ---- files ----
-
 def _fs(path: str) -> Any:
     """The fsspec filesystem of a URI (cached per scheme and endpoint), with bounded retries."""
     scheme, endpoint = parse(path).scheme, s3_endpoint()

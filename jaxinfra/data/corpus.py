@@ -3,6 +3,7 @@ gs:// prefixes) read as bytes, split into training and held-out files by a hash 
 seq_len + 1 tokens; and what zlib and xz make of the held-out bytes, the figures a model has to beat."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import lzma
 import os
@@ -93,7 +94,6 @@ class StoredBytes:
 
 def _stored_files(path: str, glob: str) -> list[tuple[str, str, int]]:
     """(relative path, URI, size) of a store's corpus files (one object, or a prefix's matching files)."""
-    import fnmatch
     storage.reachable(path, "data.path")
     if storage.isfile(path):
         return [(storage.basename(path), path, storage.size(path))]

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Iterator
 
 import ml_dtypes
@@ -136,7 +137,6 @@ def iter_file(path: str, dequantize: bool = True) -> Iterator[tuple[str, np.ndar
         storage.reachable(path, "safetensors file")
         if not storage.isfile(path):
             raise UserError(f"{path}: no such safetensors file")
-        import tempfile
         with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
             local = os.path.join(tmp, storage.basename(path))
             storage.download(path, local)

@@ -7,6 +7,7 @@ host holds about the largest tensor, not the model.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -46,7 +47,6 @@ def release_freed_tensors() -> None:
     buffers come from its threads' arenas, which keep them; an export of a 258 MB model then held 6
     to 14 tensors' worth, against about 2 with this (benchmarks/export_memory.py). Process-wide, so
     an entry point's choice; nothing where MALLOC_MMAP_THRESHOLD_ already decided or malloc is not glibc's."""
-    import ctypes
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:

@@ -1,20 +1,20 @@
 """KV-cache decoding for the default Transformer (jaxinfra/models/transformer.py): one jitted call prefills the prompts
 and decodes every new token in a `lax.fori_loop`, with no host round trip per token.
 
-Pure functions of the parameter tree `generate.sample` receives (`nnx.to_pure_dict` of the model's Params;
-any kernel may be a `quant.QTensor`) and the ModelConfig, with model.py's numerics: RMSNorm in float32,
+Pure functions of the parameter tree `sampling.sample` receives (`nnx.to_pure_dict` of the model's Params;
+any kernel may be a `quant.QTensor`) and the ModelConfig, with transformer.py's numerics: RMSNorm in float32,
 rotary (rotate-half) at each token's absolute position, SwiGLU, JAX's causal attention in the compute dtype,
 float32 logits. The cache holds K and V per layer, (batch, heads, seq_len, head_dim): a ring of seq_len
 slots, the token at position p in slot p % seq_len. Within seq_len tokens the output is the model's; beyond,
 each token attends to the last seq_len tokens' cached K and V at their absolute positions (rotary is
-relative, so that is well defined): a rolling cache, not generate.sample's sliding window, which
+relative, so that is well defined): a rolling cache, not sampling.sample's sliding window, which
 recomputes the window's K and V without the tokens that fell out of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -168,10 +168,23 @@ _PROGRAMS: dict[Any, Any] = {}  # the newest few compiled generations: a repeate
 _KEEP = 8
 
 
-def _program(params: Any, cfg: ModelConfig, B: int, Tp: int, n_tokens: int, greedy: bool, keep_logits: bool,
-             dtype: jnp.dtype, mesh: Mesh, rules: shd.Rules, args: tuple, quant_inputs: bool) -> tuple[Any, float]:
+class Shape(NamedTuple):
+    """What one compiled generation is specialised to, besides the weights, the config and the mesh."""
+
+    B: int  # rows, padded to split over the batch axes
+    Tp: int  # prompt length, padded
+    n_tokens: int
+    greedy: bool
+    keep_logits: bool
+    dtype: jnp.dtype
+    quant_inputs: bool  # matmul inputs rounded to int8 per token (W8A8 QAT)
+
+
+def _program(params: Any, cfg: ModelConfig, shape: Shape, mesh: Mesh, rules: shd.Rules, args: tuple
+             ) -> tuple[Any, float]:
     """(compiled generation, compile seconds): prefill the (B, Tp) prompts, then n_tokens - 1 decode steps."""
-    key = (dataclasses.astuple(cfg), B, Tp, n_tokens, greedy, keep_logits, dtype.name, quant_inputs, mesh,
+    B, Tp, n_tokens, greedy, keep_logits, dtype, quant_inputs = shape
+    key = (dataclasses.astuple(cfg), *shape[:5], dtype.name, quant_inputs, mesh,
            tuple(sorted(rules.items())), jax.tree.structure(params),
            tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)))
     if key in _PROGRAMS:
@@ -181,21 +194,21 @@ def _program(params: Any, cfg: ModelConfig, B: int, Tp: int, n_tokens: int, gree
     constrain = shd.LogicalConstraint(mesh, rules)
 
     def pick(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array) -> jax.Array:
-        """Next tokens as generate.sample picks them: argmax, or a categorical draw at `temperature`."""
+        """Next tokens as sampling.sample picks them: argmax, or a categorical draw at `temperature`."""
         # whole rows first: one all-gather, where an argmax over split vocab gathers maxima and indices apart
         logits_BxV = constrain(logits_BxV, ("batch", None))
         if greedy:
             return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, logits_BxV / temperature, axis=-1).astype(jnp.int32)
 
-    def generate(p: Any, prompt_BxT: jax.Array, len_B: jax.Array, key_data: jax.Array, temperature: jax.Array) -> Any:
+    def decode_all(p: Any, prompt_BxT: jax.Array, len_B: jax.Array, key_data: jax.Array, temperature: jax.Array) -> Any:
         p = jax.lax.with_sharding_constraint({**p, "blocks": _blocks(p)}, w_sh)  # before the loop: gathered once
         zeros = lambda: constrain(jnp.zeros((B, cfg.n_heads, cfg.seq_len, cfg.head_dim), dtype), CACHE_NAMES)
         cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
         pos_BxT = jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))
         logits_BxTxV, cache = forward(p, cfg, prompt_BxT, pos_BxT, cache, dtype, constrain, quant_inputs)
         logits_BxV = jnp.take_along_axis(logits_BxTxV, (len_B - 1)[:, None, None], axis=1)[:, 0]
-        rng, sub = jax.random.split(jax.random.wrap_key_data(key_data))  # generate.sample's key chain
+        rng, sub = jax.random.split(jax.random.wrap_key_data(key_data))  # sampling.sample's key chain
         out_BxN = jnp.zeros((B, n_tokens), jnp.int32).at[:, 0].set(pick(logits_BxV, sub, temperature))
         seen_BxNxV = jnp.zeros((B, n_tokens if keep_logits else 0, cfg.vocab_size), jnp.float32)
         seen_BxNxV = seen_BxNxV.at[:, 0].set(logits_BxV) if keep_logits else seen_BxNxV
@@ -215,14 +228,14 @@ def _program(params: Any, cfg: ModelConfig, B: int, Tp: int, n_tokens: int, gree
         return out_BxN, seen_BxNxV
 
     t0 = time.perf_counter()
-    _PROGRAMS[key] = compiled = jax.jit(generate).lower(params, *args).compile()
+    _PROGRAMS[key] = compiled = jax.jit(decode_all).lower(params, *args).compile()
     while len(_PROGRAMS) > _KEEP:
         del _PROGRAMS[next(iter(_PROGRAMS))]
     return compiled, time.perf_counter() - t0
 
 
 def _rows(prompts: Sequence[str | Sequence[int]], vocab_size: int) -> list[list[int]]:
-    """Token rows: a string's UTF-8 bytes (generate.encode's checks), or token ids."""
+    """Token rows: a string's UTF-8 bytes (sampling.prompt_bytes's checks), or token ids."""
     if not len(prompts):
         raise UserError("prompts: give at least one prompt")
     rows = [encode(p, vocab_size) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -244,7 +257,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[str | Sequence[int
     and temporaries: weights, cache and all), compile_s (0 when reused), decode_s (the call),
     tokens_per_s (the prompts' new tokens per second of decode_s), batch (padded to split over the batch
     axes) and, with keep_logits, logits (prompts x n_tokens x vocab, float32: what each token was picked
-    from). A prompt longer than seq_len keeps its last seq_len tokens, as generate.sample's window does.
+    from). A prompt longer than seq_len keeps its last seq_len tokens, as sampling.sample's window does.
     """
     if n_tokens < 1:
         raise UserError(f"n_tokens={n_tokens}: generate at least 1 token")
@@ -271,8 +284,8 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[str | Sequence[int
     if not all(map(on_mesh, jax.tree.leaves(params))):  # host arrays, or another device's: onto the mesh
         params = jax.device_put({**params, "blocks": _blocks(params)}, _weight_shardings(params, cfg, mesh, rules))
     with jax.set_mesh(mesh):
-        compiled, compile_s = _program(params, cfg, B, Tp, n_tokens, temperature == 0, keep_logits, dtype, mesh,
-                                       rules, args, quant_inputs)
+        compiled, compile_s = _program(params, cfg, Shape(B, Tp, n_tokens, temperature == 0, keep_logits, dtype,
+                                                          quant_inputs), mesh, rules, args)
         t0 = time.perf_counter()
         out_BxN, logits_BxNxV = shd.gather(compiled(params, *args))
         decode_s = time.perf_counter() - t0

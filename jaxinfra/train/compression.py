@@ -3,6 +3,7 @@ forward pass), the QAT forward pass that rounds weights to int8, and what a chec
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -21,6 +22,8 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import path_str
 from jaxinfra.settings.compression import PruneConfig, QuantConfig
 from jaxinfra.train.step import ModelDef, split_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,8 +45,8 @@ class RoundedWeights:
         return jax.tree_util.tree_map_with_path(one, params)
 
 
-def quantized_model(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compute_dtype: str,
-               say: Callable[..., None]) -> tuple[ModelDef, dict[str, tuple[int, ...]]]:
+def quantized_model(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], compute_dtype: str
+                    ) -> tuple[ModelDef, dict[str, tuple[int, ...]]]:
     """The model whose forward pass rounds what quant.* chooses (its parameters stay float), and the
     quantized tensors with the dims they contract."""
         # the output layer too (unlike pruning's default): int8 costs it little, and it is a tenth of a
@@ -57,7 +60,7 @@ def quantized_model(q: QuantConfig, model: ModelDef, found: Mapping[str, Role], 
     kernels = kernel_dims(found, selection.chosen)
     what = "int8 weights" + (" and matmul inputs" if q.activations == "int8" else "")
     layers = dict.fromkeys("/".join("*" if part.isdigit() else part for part in p.split("/")) for p in selection.chosen)
-    say(f"quantization-aware training ({what}, one scale per output channel): {len(kernels)} tensors "
+    log.info(f"quantization-aware training ({what}, one scale per output channel): {len(kernels)} tensors "
         f"({', '.join(layers)})")
     rounded = RoundedWeights(tuple((p, kernels[p.replace("/", ".")]) for p in selection.chosen), compute_dtype)
     return dataclasses.replace(model, forward=rounded), kernels
@@ -77,7 +80,7 @@ def model_roles(model: ModelDef, loss_fn: Callable, micro: Any) -> dict[str, Rol
                       model.params, model.state, micro)
 
 
-def pruning_selection(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any, say: Callable[..., None],
+def pruning_selection(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro: Any,
                found: Mapping[str, Role] | None = None) -> Selection:
     """The tensors prune.* takes, read from the traced forward pass (or `found`, its roles), and the
     start-up table of them."""
@@ -92,5 +95,5 @@ def pruning_selection(p: PruneConfig, model: ModelDef, loss_fn: Callable, micro:
     else:
         targets = {k: f"{p.sparsity:.1%}" + (" (global threshold)" if p.scope == "global" else "")
                    for k in selection.chosen}
-    say("pruning:\n  " + "\n  ".join(selection_report(selection, model.params, targets)))
+    log.info("pruning:\n  " + "\n  ".join(selection_report(selection, model.params, targets)))
     return selection

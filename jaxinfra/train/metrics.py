@@ -4,6 +4,7 @@ line per logged step when stdout is a file: CI and SLURM logs get lines, not car
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -14,6 +15,8 @@ import jax
 from tqdm import tqdm
 
 from jaxinfra.core.errors import Diverged, naming
+
+log = logging.getLogger(__name__)
 
 
 def _strict(value: Any) -> Any:
@@ -34,30 +37,35 @@ METRICS = "metrics.jsonl"  # in the run folder: one JSON row per logged step
 class MetricsWriter:
     """Writes rows from process 0 only; other processes keep quiet."""
 
-    def __init__(self, run_dir: str, total_steps: int, *, initial_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True):
-        self.enabled, self.total_steps = enabled, total_steps
+    def __init__(self, run_dir: str, total_steps: int, *, enabled: bool = True, progress: bool = True,
+                 tensorboard: bool = True):
+        self.run_dir, self.total_steps, self.enabled = run_dir, total_steps, enabled
+        self.progress_on, self.tensorboard = progress, tensorboard
         self._jsonl = self._tb = self._bar = None
         self._lines = False  # progress as plain lines (stdout is not a terminal)
-        if not enabled:
-            return
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, METRICS)
+
+    def open(self, initial_step: int = 0) -> MetricsWriter:
+        """Start writing at `initial_step`: a resumed run's rows past it are dropped (they are redone)."""
+        if not self.enabled:
+            return self
+        os.makedirs(self.run_dir, exist_ok=True)
+        path = os.path.join(self.run_dir, METRICS)
         kept = []
-        if initial_step and os.path.exists(path):  # a resumed run: rows past the restored step are redone
+        if initial_step and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if _step_of(line) <= initial_step]
         self._jsonl = open(path, "w")
         self._jsonl.writelines(kept)
-        if tensorboard:
+        if self.tensorboard:
             from tensorboardX import (
-                SummaryWriter,  # imported here: optional at import time of the package
+                SummaryWriter,  # imported here: tensorboardX loads slowly, and only writers need it
             )
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        self._lines = progress and not sys.stdout.isatty()
-        if progress and not self._lines:
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        self._lines = self.progress_on and not sys.stdout.isatty()
+        if self.progress_on and not self._lines:
+            self._bar = tqdm(total=self.total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              mininterval=1.0)
+        return self
 
     def write(self, step: int, row: dict[str, Any]) -> None:
         """One JSON line (and TensorBoard scalars) for a step."""
@@ -76,15 +84,10 @@ class MetricsWriter:
     def progress(self, step: int, logged: bool = True, **postfix: str) -> None:
         """Move the bar to `step` and show the latest figures (without a terminal: a line when `logged`)."""
         if self._lines and logged:
-            print(f"step {step}/{self.total_steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
+            log.info(f"step {step}/{self.total_steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()))
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(postfix, refresh=False)
-
-    def print(self, line: str) -> None:
-        """A console line that does not break the progress bar."""
-        if self.enabled:
-            (self._bar.write if self._bar is not None else print)(line)
 
     def flush(self) -> None:
         """Put what was written on disk (before the run folder's files are uploaded)."""
@@ -161,10 +164,5 @@ class Reporter:
             self.final.update(row)
             if self.writer is not None:
                 self.writer.write(step, row)
-                self.writer.print(f"step {step}: eval " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in row.items()))
+                log.info(f"step {step}: eval " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in row.items()))
         self._clock = time.perf_counter()
-
-    def print(self, line: str) -> None:
-        """A console line that does not break the progress bar."""
-        if self.writer is not None:
-            self.writer.print(line)

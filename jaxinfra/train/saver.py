@@ -7,7 +7,8 @@ a step the exporter has still to read. It also owns the resume at start-up (`res
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import logging
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -21,6 +22,8 @@ from jaxinfra.settings.sections import CheckpointConfig
 from jaxinfra.train import exporter
 from jaxinfra.train.step import all_finite
 
+log = logging.getLogger(__name__)
+
 _all_finite = jax.jit(all_finite)  # on the device: no host pass over the state
 
 
@@ -28,8 +31,8 @@ class Saver:
     """The run's checkpointer and exporter, asked once per step what is due."""
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig, *, stop_after: int,
-                 record: Callable[[int], dict[str, Any]], say: Callable[[str], None], lead: bool):
-        self.cfg, self.stop_after, self.record, self.say = cfg, stop_after, record, say
+                 record: Callable[[int], dict[str, Any]], lead: bool, on_save: Sequence[Callable[[], Any]] = ()):
+        self.cfg, self.stop_after, self.record, self.on_save = cfg, stop_after, record, tuple(on_save)
         self.ckpt = ckpt_lib.Checkpointer(ckpt_reader.checkpoints_dir(run_dir), keep=cfg.keep, keep_every=cfg.keep_every)
         self.exporter = exporter.BackgroundExporter(self.ckpt, run_dir, cfg.export_dtype, enabled=lead,
                                                       fmt=cfg.export_format)
@@ -38,7 +41,6 @@ class Saver:
         self.first_saved: int | None = None  # the first step this run saved
         self.stopped_at: int | None = None  # the step a preemption or run.stop_after ended the run at
         self.resumed_record: dict[str, Any] = {}  # the metadata record of the step restore() resumed from
-        self.on_save: Callable[[], None] = lambda: None  # after each save: the trainer uploads its logs
 
     def restore(self, target: TrainState, data: Mapping[str, Any], names: Mapping[str, str],
                 stacked: Mapping[str, Any] | None = None) -> TrainState | None:
@@ -50,7 +52,7 @@ class Saver:
         c, ckpt = self.cfg, self.ckpt
         back = ckpt.put_back()
         if back:
-            self.say(f"put back checkpoint steps {', '.join(map(str, back))}, set aside by an earlier run that "
+            log.info(f"put back checkpoint steps {', '.join(map(str, back))}, set aside by an earlier run that "
                      f"resumed from an older step and stopped before saving one of its own")
         if not c.resume and ckpt.steps():
             raise UserError(f"checkpoint.resume=false but {ckpt.directory} holds steps "
@@ -67,14 +69,14 @@ class Saver:
                                     f"the data position would not carry over (start fresh in another run.dir)")
 
         state = ckpt_lib.resume(ckpt, target, restore_step=c.restore_step, fallback=c.fallback,
-                                say=self.say, meta=same_data, stacked=dict(stacked or {})) if c.resume else None
+                                meta=same_data, stacked=dict(stacked or {})) if c.resume else None
         if state is None:
             return None
         step = int(state.step)
-        self.say(f"resumed from step {step} of {ckpt.directory}")
+        log.info(f"resumed from step {step} of {ckpt.directory}")
         self.aside = ckpt.set_aside(step)
         if self.aside:
-            self.say(f"set aside newer checkpoint steps {', '.join(map(str, self.aside))}: removed once this run "
+            log.info(f"set aside newer checkpoint steps {', '.join(map(str, self.aside))}: removed once this run "
                      f"commits a step (training writes them again)")
         self.start = step
         return state
@@ -89,7 +91,7 @@ class Saver:
         """Once this run has committed a step, the steps set aside at the resume go for good."""
         if self.aside and self.first_saved is not None and self.ckpt.committed(self.first_saved):
             self.ckpt.drop_aside()
-            self.say(f"removed newer checkpoint steps {', '.join(map(str, self.aside))} (set aside at the resume) "
+            log.info(f"removed newer checkpoint steps {', '.join(map(str, self.aside))} (set aside at the resume) "
                      f"now that step {self.first_saved} is committed")
             self.aside = []
 
@@ -110,7 +112,7 @@ class Saver:
             if export_now:
                 self.exporter.request(step)
         if stop:
-            self.say(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
+            log.info(f"stopping at step {step} ({'SIGTERM' if preempted else 'run.stop_after'}); "
                      f"checkpoint saved, a restart resumes from it")
             self.stopped_at = step
         return stop
@@ -131,7 +133,8 @@ class Saver:
         self.ckpt.save(step, state, self.record(step))
         if self.first_saved is None:
             self.first_saved = step
-        self.on_save()
+        for hook in self.on_save:  # after each save: the trainer flushes and uploads its logs
+            hook()
 
     def finish(self) -> tuple[list[str], list[str]]:
         """Wait for the last save, write the exports still owed: (files written, one line per failure)."""

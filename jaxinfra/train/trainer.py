@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxinfra.ckpt import lock as lock_lib
@@ -29,6 +30,7 @@ from jaxinfra.compress import roles
 from jaxinfra.compress.pruning import find_prune_state
 from jaxinfra.core import storage
 from jaxinfra.core.errors import Failed, UserError, naming
+from jaxinfra.core.log import console
 from jaxinfra.core.names import layer_names, lead_of, path_str
 from jaxinfra.core.state import TrainState
 from jaxinfra.data import sources as data_lib
@@ -48,6 +50,7 @@ from jaxinfra.train.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
 from jaxinfra.train.metrics import METRICS, MetricsWriter, Reporter
 from jaxinfra.train.mirror import Mirror
 from jaxinfra.train.optim import make_optimizer, schedule_change, with_pruning
+from jaxinfra.train.options import Finished, TrainOptions
 from jaxinfra.train.saver import Saver
 from jaxinfra.train.step import (
     LossFn,
@@ -60,16 +63,7 @@ from jaxinfra.train.step import (
     plan_step,
 )
 
-
-class Finished(NamedTuple):
-    """What `on_finish` receives after the last step (inside the mesh scope)."""
-
-    graphdef: nnx.GraphDef  # the model in eval mode (nnx.merge with state.params when it has no other variables)
-    state: TrainState
-    mesh: Mesh
-    rules: dict[str, tuple[str, ...]]
-    final: dict[str, Any]  # the figures train_model returns; on_finish may add to them
-    model: ModelDef  # model.module(state.params, state.model_state) rebuilds the trained module
+log = logging.getLogger(__name__)
 
 
 def fit(state: TrainState, compiled: Callable, batches: Iterator[Any], *, steps: int, reporter: Reporter,
@@ -91,41 +85,27 @@ def fit(state: TrainState, compiled: Callable, batches: Iterator[Any], *, steps:
 
 
 def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: data_lib.Source,
-                eval_source: data_lib.Source | None = None, *, mesh: Mesh | None = None,
-                example_spec: Mapping[str, tuple[Sequence[int], Any]] | None = None,
-                batch_axes: Mapping[str, Sequence[str | None]] | None = None, eval_fn: EvalFn | None = None,
-                optimizer: tuple[optax.GradientTransformation, optax.Schedule | None] | None = None,
-                tokens_per_example: int = 1, flops_per_token: float = 0.0, compute_dtype: str = "float32",
-                resume_keys: Mapping[str, tuple[str, Any]] | None = None,
-                on_finish: Callable[[Finished], None] | None = None) -> dict[str, Any]:
+                eval_source: data_lib.Source | None = None, options: TrainOptions = TrainOptions()) -> dict[str, Any]:
     """Train any NNX model on cfg's mesh: init or resume, compile, fit, evaluate, checkpoint, export.
 
     model_fn() builds the model (parameters annotated with logical axis names that cfg.mesh.rules
     maps; any other nnx.Variable, e.g. BatchNorm statistics, is carried and checkpointed; nnx.Dropout's
     RNG streams are reseeded from (run.seed, step) every step); loss_fn(model, batch) returns a scalar
     or (scalar, {name: scalar}) whose metrics are logged beside it; train_source / eval_source are random-access
-    sources (len, [i]) of examples, dicts of numpy arrays, batched to cfg.data.batch_size.
-    example_spec: {key: (shape, dtype)} every example must match (default: the first example's).
-    batch_axes: logical names of each batch entry's dimensions (default: ("batch", None, ...)).
-    eval_fn(model, batch) -> dict of means over the batch, averaged over every eval example (default:
-    loss_fn's loss and metrics); the model is in eval mode (running averages, no dropout).
-    optimizer: (tx, schedule) instead of the one built from cfg.optim and cfg.prune.
-    tokens_per_example and flops_per_token give tokens_per_sec and MFU (logged when flops are known),
-    against the matmul peak in compute_dtype unless cfg.run.peak_flops gives it.
-    resume_keys: {meta key: (config name, value)} a resumed run must keep (batch size and seed always).
-    optimizer with prune.* set is wrapped in pruning unless it prunes already.
-    Returns the final figures (loss, step, eval_*, ...) and "model", the trained module (eval mode).
-    Raises UserError (a ValueError) for bad input before compiling the train step.
+    sources (len, [i]) of examples, dicts of numpy arrays, batched to cfg.data.batch_size; `options`
+    (TrainOptions) the rest. Returns the final figures (loss, step, eval_*, ...) and "model", the trained
+    module (eval mode). Raises UserError (a ValueError) for bad input before compiling the train step.
     """
     t_start = time.perf_counter()
+    o = options
     cfg.check_train()
     storage.reachable(cfg.run.path, "run.dir")
     lead = jax.process_index() == 0
-    say = print if lead else (lambda *a, **k: None)
+    console(lead)
     data_lib.check_source(train_source, "train_source")
     first = data_lib.spec_of(train_source[0], "train_source example 0")
-    if example_spec is not None:
-        spec = {str(k): (tuple(s), np.dtype(d)) for k, (s, d) in example_spec.items()}
+    if o.example_spec is not None:
+        spec = {str(k): (tuple(s), np.dtype(d)) for k, (s, d) in o.example_spec.items()}
         data_lib.check_example(train_source[0], spec, "train_source", 0, "as example_spec declares")
     else:
         spec = first
@@ -133,17 +113,17 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
     eval_host = data_lib.fixed_batches(eval_source, cfg.data.eval_batch, cfg.run.eval_batches, "eval_source", spec) \
         if eval_source is not None and cfg.run.eval_batches else []
     m, rules = cfg.mesh, cfg.mesh.logical_rules
-    mesh = mesh if mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
+    mesh = o.mesh if o.mesh is not None else make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
     check_batch(cfg, shd.batch_divisor(mesh, rules))
-    fields = example_fields(spec, batch_axes)
+    fields = example_fields(spec, o.batch_axes)
     # outside the mesh scope: a one-device matmul
-    peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, compute_dtype) if flops_per_token else 0.0)
+    peak = cfg.run.peak_flops or (perf.mesh_peak(mesh, o.compute_dtype) if o.flops_per_token else 0.0)
     with contextlib.ExitStack() as scope:
-        scope.enter_context(lock_lib.held(cfg.run.path, lead=lead, say=say))  # before anything is written there
-        mirror = _mirror(cfg, lead, say)
+        scope.enter_context(lock_lib.held(cfg.run.path, lead=lead))  # before anything is written there
+        mirror = _mirror(cfg, lead)
         scope.callback(mirror.push)  # what the run wrote reaches the store, also after a failure
         scope.enter_context(jax.set_mesh(mesh))
-        say(describe(mesh))
+        log.info(describe(mesh))
         model = abstract_model(model_fn)
         if mesh.shape.get("stage", 1) > 1 and not model.stacked:
             raise UserError(f"mesh.stage={mesh.shape['stage']}: the model has no jaxinfra.Stacked block to split into "
@@ -155,72 +135,71 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         check_outputs(loss_fn, model, micro, "loss_fn", train=True)
         if cfg.checkpoint.export_format == "hf":
             check_model(model.params, model.stacked)
-        eval_fn = eval_fn or loss_eval(loss_fn)
+        eval_fn = o.eval_fn or loss_eval(loss_fn)
         if eval_host:
             check_outputs(eval_fn, model, micro, "eval_fn", train=False)
         found = compression.model_roles(model, loss_fn, micro)  # pruning, quantization and int8 exports read them
-        kernels = compression.kernels_record(found, compute_dtype)
-        if cfg.quant.activations != "none" and not getattr(model_fn, "rounds_inputs", False):
+        kernels = compression.kernels_record(found, o.compute_dtype)
+        if cfg.quant.activations != "none" and not o.rounds_inputs:
             raise UserError(f"quant.activations={cfg.quant.activations}: the model rounds its own matmul inputs, "
-                            f"and only the default Transformer does (a model_fn with rounds_inputs=True); a model of "
+                            f"and only the default Transformer does (TrainOptions(rounds_inputs=True)); a model of "
                             f"your own trains with quant.weights=int8 alone")
         if cfg.quant.enabled:  # the same float parameters; the forward pass rounds them to int8
-            model, kernels["quantized"] = compression.quantized_model(cfg.quant, model, found, compute_dtype, say)
-        selection = compression.pruning_selection(cfg.prune, model, loss_fn, micro, say, found) if cfg.prune.enabled else None
-        tx, schedule = _optimizer(cfg, optimizer, model, selection, say)
+            model, kernels["quantized"] = compression.quantized_model(cfg.quant, model, found, o.compute_dtype)
+        selection = compression.pruning_selection(cfg.prune, model, loss_fn, micro, found) if cfg.prune.enabled \
+            else None
+        tx, schedule = _optimizer(cfg, o.optimizer, model, selection)
         plan = plan_step(model_fn, loss_fn, tx, mesh, rules, fields, accum=cfg.optim.grad_accum, batch_size=B,
                          schedule=schedule, allowed_unused=list(DEFAULT_RULES), seed=cfg.run.seed, model=model)
         roles.check_nm(cfg.prune, plan.abstract.params, selection)
         data_meta = {"batch_size": B, "seed": cfg.run.seed,
                      "example": {k: [list(s), str(np.dtype(d))] for k, (s, d) in spec.items()},
-                     **{k: v for k, (_, v) in (resume_keys or {}).items()}}
+                     **{k: v for k, (_, v) in (o.resume_keys or {}).items()}}
         names = {"batch_size": "data.batch_size", "seed": "run.seed", "example": "the data source's example shapes",
-                 **{k: name for k, (name, _) in (resume_keys or {}).items()}}
+                 **{k: name for k, (name, _) in (o.resume_keys or {}).items()}}
         recorded = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, peak_flops=peak))  # the caller's stays
+        writer = MetricsWriter(cfg.run.logs, cfg.run.steps, enabled=lead, progress=cfg.run.progress)
         saver = Saver(cfg.run.path, cfg.checkpoint, stop_after=cfg.run.stop_after,
-                      record=lambda step: ckpt_lib.record(recorded, mesh, step, data_meta, kernels, model.stacked),
-                      say=say, lead=lead)
+                      record=functools.partial(ckpt_lib.record, recorded, mesh, data=data_meta, kernels=kernels,
+                                               stacked=model.stacked),
+                      lead=lead, on_save=(writer.flush, mirror.push))  # the logs reach the store with each step
         scope.callback(saver.close)  # waits for the last save to be committed, also after a failure
-        saver.on_save = mirror.push
         scope.callback(saver.watch_sigterm())  # from here on (compiling too) SIGTERM saves and stops
         restored = saver.restore(plan.abstract, data_meta, names, plan.model.stacked)
-        state = _start(cfg, plan, saver, restored, known=optimizer is None, say=say)
-        run = _Run(cfg=recorded, plan=plan, saver=saver, say=say, lead=lead, t_start=t_start,
-                   tokens_per_example=tokens_per_example, flops_per_token=flops_per_token,
-                   compute_dtype=compute_dtype, eval_fn=eval_fn, on_finish=on_finish,
-                   eval_examples=len(eval_source) if eval_source is not None else 0)
+        state = _start(cfg, plan, saver, restored, known=o.optimizer is None)
+        run = _Run(cfg=recorded, plan=plan, saver=saver, writer=writer, options=o, eval_fn=eval_fn, lead=lead,
+                   t_start=t_start, eval_examples=len(eval_source) if eval_source is not None else 0)
         return _train(run, state, train_source, spec, eval_host)
 
 
-def _start(cfg: Config, plan: StepPlan, saver: Saver, restored: TrainState | None, *, known: bool,
-           say: Callable[..., None]) -> TrainState:
+def _start(cfg: Config, plan: StepPlan, saver: Saver, restored: TrainState | None, *, known: bool) -> TrainState:
     """The first state: the run's own resumed step (saying what a changed run.steps does to the
     schedule), else the model of checkpoint.init_from with a fresh optimizer, else a fresh init."""
     if restored is not None:
         step = int(restored.step)
         line = schedule_change(cfg.optim, saver.saved_steps(), cfg.run.steps, step, known=known)
         if line:
-            say(line)
+            log.info(line)
         if cfg.checkpoint.init_from:
-            say(f"checkpoint.init_from={cfg.checkpoint.init_from} is not used: this run resumes its own step")
+            log.info(f"checkpoint.init_from={cfg.checkpoint.init_from} is not used: this run resumes its own step")
         return restored
     if cfg.checkpoint.init_from:
         params, model_state, source = warmstart.load(cfg.checkpoint.init_from, plan.model, plan.shardings)
-        say(f"initialised the model from {source}; fresh optimizer state, step 0")
+        log.info(f"initialised the model from {source}; fresh optimizer state, step 0")
         return plan.start_from(params, model_state)
     return plan.init()[0]
 
 
 def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Schedule | None] | None,
-               model: ModelDef, selection: roles.Selection | None, say: Callable[..., None]
+               model: ModelDef, selection: roles.Selection | None
                ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
     """cfg's optimizer, or the caller's, wrapped in prune.* unless it prunes already (never silently dense)."""
     if given is None:
         return make_optimizer(cfg.optim, cfg.run.steps, cfg.prune, selection, model.stacked)
     tx, schedule = given
     if cfg.prune.enabled and find_prune_state(jax.eval_shape(tx.init, model.params)) is None:
-        say("prune.* is set: the optimizer passed to train_model is wrapped in pruning (jaxinfra.with_pruning; "
-            "pass an optimizer that already prunes to place it yourself)")
+        log.info("prune.* is set: the optimizer passed to train_model is wrapped in pruning (jaxinfra.with_pruning; "
+                 "pass an optimizer that already prunes to place it yourself)")
         tx = with_pruning(tx, cfg.prune, selection)
     return tx, schedule
 
@@ -228,28 +207,25 @@ def _optimizer(cfg: Config, given: tuple[optax.GradientTransformation, optax.Sch
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What the loop needs besides the state and the data: the run's config (with its measured peak),
-    the step's plan, the saver, the model's cost and the caller's hooks."""
+    the step's plan, the saver, the metrics writer and the caller's options."""
 
     cfg: Config
     plan: StepPlan
     saver: Saver
-    say: Callable[..., None]
+    writer: MetricsWriter
+    options: TrainOptions
+    eval_fn: EvalFn
     lead: bool
     t_start: float
-    tokens_per_example: int
-    flops_per_token: float
-    compute_dtype: str
-    eval_fn: EvalFn
     eval_examples: int  # len(eval_source): what evaluation leaves out is said
-    on_finish: Callable[[Finished], None] | None
 
 
-def _mirror(cfg: Config, lead: bool, say: Callable[..., None]) -> Mirror:
+def _mirror(cfg: Config, lead: bool) -> Mirror:
     """The local folder of a remote run folder's logs (process 0 uploads it), its metrics fetched."""
     mirror = Mirror(cfg.run.path, cfg.run.logs if lead else "")
     if mirror.active and lead:
-        say(f"run folder {cfg.run.path}: logs are written to {cfg.run.logs} and uploaded at each checkpoint "
-            f"and at the end")
+        log.info(f"run folder {cfg.run.path}: logs are written to {cfg.run.logs} and uploaded at each checkpoint "
+                 f"and at the end")
         mirror.pull(METRICS)  # a restart on another machine continues the store's metrics
     return mirror
 
@@ -278,70 +254,66 @@ def _row_block(mesh: Mesh, rules: Mapping[str, Any], rows: int) -> tuple[int, in
 
 def _train(run: _Run, state: TrainState, train_source: data_lib.Source, spec: dict, eval_host: list) -> dict:
     """Report the plan, compile, train, evaluate and finish (inside the mesh scope): the run top to bottom."""
-    cfg, plan, saver, say = run.cfg, run.plan, run.saver, run.say
+    cfg, plan, saver, writer, o = run.cfg, run.plan, run.saver, run.writer, run.options
     start, B = int(state.step), cfg.data.batch_size
-    if run.flops_per_token:
-        say(f"MFU is taken against {cfg.run.peak_flops / 1e9:,.1f} GFLOP/s ({run.compute_dtype} matmul peak of the "
-            f"mesh); the model costs {run.flops_per_token / 1e6:,.2f} MFLOP per token")
+    if o.flops_per_token:
+        log.info(f"MFU is taken against {cfg.run.peak_flops / 1e9:,.1f} GFLOP/s ({o.compute_dtype} matmul peak of "
+                 f"the mesh); the model costs {o.flops_per_token / 1e6:,.2f} MFLOP per token")
     _write(run, "config.yaml", to_yaml(cfg))
     for line in cfg.prune.warnings(cfg.run.steps):
-        say(line)
+        log.info(line)
     _report_sharding(run)
 
     t0 = time.perf_counter()
     compiled = plan.compile()
-    say(f"train step compiled in {time.perf_counter() - t0:.1f}s")
+    log.info(f"train step compiled in {time.perf_counter() - t0:.1f}s")
     block, blocks = _row_block(plan.mesh, cfg.mesh.logical_rules, B // cfg.optim.grad_accum)
     loader = data_lib.train_batches(train_source, B, cfg.run.seed, start=start, spec=spec,
                                     process_index=block, process_count=blocks)
     batches = data_lib.global_batches(iter(loader), plan.batch_shardings, cfg.optim.grad_accum)
-    writer = MetricsWriter(cfg.run.logs, cfg.run.steps, initial_step=start, enabled=run.lead,
-                           progress=cfg.run.progress)
+    writer.open(initial_step=start)
     reporter = Reporter(writer, log_every=cfg.run.log_every, last_step=cfg.run.steps,
-                        tokens_per_step=B * run.tokens_per_example, tokens_per_example=run.tokens_per_example,
-                        flops_per_token=run.flops_per_token, peak_flops=cfg.run.peak_flops)
+                        tokens_per_step=B * o.tokens_per_example, tokens_per_example=o.tokens_per_example,
+                        flops_per_token=o.flops_per_token, peak_flops=cfg.run.peak_flops)
     evaluator = None
     if eval_host:
         eval_set = evaluation.place(eval_host, plan.micro_shardings, plan.mesh,
                                     shd.batch_divisor(plan.mesh, cfg.mesh.logical_rules))
-        say(evaluation.eval_summary(eval_host, run.eval_examples, cfg))
+        log.info(evaluation.eval_summary(eval_host, run.eval_examples, cfg))
         evaluator = Evaluator(mean_eval(make_eval_step(plan.model, run.eval_fn, plan.mesh), eval_set),
                               cfg.run.eval_every, cfg.run.steps)
-    saver.say = reporter.print  # lines during the loop must not break the progress bar
-    on_save, saver.on_save = saver.on_save, lambda: (writer.flush(), on_save())
     profile = perf.ProfileWindow(os.path.join(cfg.run.logs, "profile"), list(cfg.run.profile_steps))
     try:
         state = fit(state, compiled, batches, steps=cfg.run.steps, reporter=reporter, evaluator=evaluator,
                     profile=profile, saver=saver)
         if start == cfg.run.steps:  # restarted when already done: it may have died before finishing
-            say(f"step {start} is the last one: completing the final evaluation and export it still owes")
+            log.info(f"step {start} is the last one: completing the final evaluation and export it still owes")
             if evaluator is not None:
                 reporter.evaluated(start, evaluator.run(state))
             saver.owe_final_export(start)
     finally:
         profile.close()
         writer.close()
-        saver.say, saver.on_save = say, on_save
 
     final = {"start_step": start, **reporter.final, "model": plan.model.module(state.params, state.model_state)}
     if run.lead and cfg.run.plot:
-        _plot(cfg.run.logs, say)
+        _plot(cfg.run.logs)
     if saver.stopped_at is not None:
         return {**final, "stopped_at": saver.stopped_at}
     _report_sparsity(run, state)
-    if run.on_finish is not None:
-        run.on_finish(Finished(plan.graphdef, state, plan.mesh, dict(cfg.mesh.logical_rules), final, plan.model))
+    if o.on_finish is not None:
+        o.on_finish(Finished(plan.graphdef, state, plan.mesh, dict(cfg.mesh.logical_rules), final, plan.model))
     written, failed = saver.finish()
     for path in written:
-        say(f"exported {path}")
+        log.info(f"exported {path}")
     if failed and cfg.checkpoint.export_errors == "fail":
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise Failed(f"{failed[0]}{more}; the checkpoints are saved: export them with scripts/export.py "
                      f"(or set checkpoint.export_errors=warn)")
     for line in failed:
-        say(f"warning: {line}")
+        log.warning(f"warning: {line}")
     final["wall_s"] = time.perf_counter() - run.t_start
-    say(f"done in {final['wall_s']:.0f}s; run folder {cfg.run.path}")
+    log.info(f"done in {final['wall_s']:.0f}s; run folder {cfg.run.path}")
     return final
 
 
@@ -352,9 +324,9 @@ def _report_sharding(run: _Run) -> None:
     lines, warning = shd.report(plan.abstract.params, plan.logical, plan.shardings.params,
                                 plan.abstract.opt_state, plan.shardings.opt_state,
                                 meant_to_shard=mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1)
-    run.say(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
+    log.info(f"model: {n_params:,} parameters; sharding:\n  " + "\n  ".join(lines))
     if warning:
-        run.say(warning)
+        log.info(warning)
     _write(run, "sharding.txt", "\n".join(lines + ([warning] if warning else [])) + "\n")
 
 
@@ -389,14 +361,14 @@ def _report_sparsity(run: _Run, state: TrainState) -> None:
             total[0], total[1] = total[0] + int(z), total[1] + size
             rows.append(f"{name:32s} {int(z):10,d} {size:10,d} {int(k) / size:8.2%}")
     rows.append(f"{'all pruned tensors':32s} {total[0]:10,d} {total[1]:10,d} {total[0] / max(total[1], 1):8.2%}")
-    run.say("sparsity per pruned tensor:\n  " + "\n  ".join(rows))
+    log.info("sparsity per pruned tensor:\n  " + "\n  ".join(rows))
     _write(run, "sparsity.txt", "\n".join(rows) + "\n")
 
 
-def _plot(run_dir: str, say: Callable[..., None]) -> None:
+def _plot(run_dir: str) -> None:
     """plots.png in the run folder; a failure to plot never fails the run."""
     from jaxinfra.train.plots import plot_run  # matplotlib only when plotting
     try:
-        say(f"plots: {plot_run(run_dir)}")
+        log.info(f"plots: {plot_run(run_dir)}")
     except Exception as e:  # noqa: BLE001 (a plot is a convenience: report and carry on)
-        say(f"warning: no plots ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        log.warning(f"warning: no plots ({str(e).splitlines()[0] if str(e) else type(e).__name__})")

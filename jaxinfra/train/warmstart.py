@@ -1,5 +1,5 @@
 """Starting a fresh run from a trained model (`checkpoint.init_from`): a checkpoint step of any run,
-a safetensors export or a Hugging Face Llama folder (hf.py), read a tensor at a time (digests checked), every shape checked, and placed
+a safetensors export or a Hugging Face Llama folder (hub/hf.py), read a tensor at a time (digests checked), every shape checked, and placed
 onto this run's mesh. The optimizer starts fresh at step 0: prune a dense pretrained model, or
 fine-tune an export."""
 from __future__ import annotations
