@@ -275,7 +275,7 @@ class Checkpointer:
             raise CorruptCheckpoint(step, self.directory, e) from None
         if digests:
             verify_digests(digests_of(out), digests, step, self.directory)
-        if relayout is not None:
+        if other_layout is not None:
             out = convert(out)
         return TrainState(**{MODEL_STATE: {}, **out})
 
