@@ -501,3 +501,16 @@ def test_disk_full_during_saves_is_one_line_and_keeps_the_last_good_step(small_d
     flat, step = jaxinfra.read_params(str(kept))  # the newest committed step reads back, digests checked
     assert step >= 1 and flat
     assert not list(run_dir.rglob("*.partial"))
+
+
+def test_export_onto_a_full_disk_is_one_line_and_exit_1(saved_run, small_disk, capsys):
+    run, _, _ = saved_run
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb", buffering=0) as f:
+        while True:  # the disk full before the export starts
+            f.write(b"\0" * (1 << 16))
+    out = small_disk / "model.safetensors"
+    code = cli.export_main([str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: ") and "No space left on device" in err[0] and str(small_disk) in err[0]
+    assert not out.exists() and not list(small_disk.glob("*.partial"))  # nothing half-written is left

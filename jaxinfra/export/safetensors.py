@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxinfra.core import storage
-from jaxinfra.core.errors import UserError, one_line
+from jaxinfra.core.errors import UserError, naming, one_line
 from jaxinfra.export import int8, sparse
 from jaxinfra.settings.sections import DTYPES
 
@@ -97,7 +97,7 @@ def partial_file(path: str) -> Iterator[Any]:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".partial"
     try:
-        with open(tmp, "wb") as f:
+        with naming(tmp), open(tmp, "wb") as f:  # a full disk names the file, not just the errno
             yield f
         os.replace(tmp, path)
     except BaseException:
