@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def setup_devices(cfg: Config) -> None:
     """Simulated CPU devices and jax.distributed, both before JAX's backend starts."""
+    # JAX only once the config is valid: --help, --print-config and config errors never start it
     from jaxinfra.parallel.mesh import init_distributed, process_count, use_cpu_devices
     d = cfg.distributed
     n_proc, source = process_count(d.num_processes)  # mesh.cpu_devices counts all processes: explicit or srun's
@@ -82,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("absl", "asyncio"):  # "Task exception was never retrieved" repeats the failed save
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         sys.unraisablehook = _quiet_closed_loops
-        from jaxinfra.lm.job import (
-            run,  # imports JAX-heavy modules only after the config is valid
-        )
+        # the JAX-heavy modules only after the config is valid (--help and config errors stay instant)
+        from jaxinfra.lm.job import run
         run(cfg)
         return 0
     return _guard(body)
@@ -123,6 +123,7 @@ def export_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
+        # each command's backend (JAX, Orbax) only once its arguments parsed: --help and usage errors stay instant
         from jaxinfra.export.sparse_writer import export_sparse
         from jaxinfra.export.writer import export, release_freed_tensors
         release_freed_tensors()  # this process only exports: host memory stays near two tensors

@@ -119,7 +119,7 @@ def _follow_endpoint(endpoint: str | None) -> None:
     """Orbax opens s3:// through etils.epath, which keeps one s3fs per process (its lru_cache over
     fsspec's instance cache) built from the endpoint in the environment at first use: when the endpoint
     changes in a process, drop both, so Orbax's reads and writes go where ours do."""
-    try:
+    try:  # the cloud extra's clients: optional
         import s3fs
         from etils.epath import backend
     except ImportError:  # no cloud extra: _filesystem says so
@@ -131,7 +131,7 @@ def _follow_endpoint(endpoint: str | None) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _filesystem(scheme: str, endpoint: str | None, region: str) -> Any:
-    import fsspec
+    import fsspec  # the cloud extra's clients register with it: imported when a URI is first used
     try:
         if scheme == "gs":
             return fsspec.filesystem("gcs", timeout=TIMEOUT_S)

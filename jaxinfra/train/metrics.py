@@ -57,9 +57,8 @@ class MetricsWriter:
         self._jsonl = open(path, "w")
         self._jsonl.writelines(kept)
         if self.tensorboard:
-            from tensorboardX import (
-                SummaryWriter,  # imported here: tensorboardX loads slowly, and only writers need it
-            )
+            # tensorboardX loads slowly, and only an opened writer needs it
+            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
         self._lines = self.progress_on and not sys.stdout.isatty()
         if self.progress_on and not self._lines:

@@ -5,6 +5,7 @@ plotting neither needs a display nor changes any process-wide backend.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any
@@ -48,6 +49,7 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
 
 def new_figure(n_panels: int) -> tuple[Any, list[Any]]:
     """A figure of n panels (2 x 2 for four) on matplotlib's Agg canvas."""
+    # matplotlib (a second to import) only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     cols = 2 if n_panels == 4 else n_panels
@@ -60,7 +62,6 @@ def new_figure(n_panels: int) -> tuple[Any, list[Any]]:
 
 def save_png(fig: Any, out: str) -> str:
     """Write the figure as a PNG at `out` (whole or not at all); returns the path."""
-    import io
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     storage.write_bytes(out, png.getvalue())  # whole or not at all, on a disk or a store
