@@ -168,7 +168,7 @@ def main() -> None:
         if not args.no_s3:
             server, endpoint = moto_server()
             env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, **AWS)
-            subprocess.run([sys.executable, "-c", f"from jaxinfra import storage; storage._fs('s3://{BUCKET}').call_s3("
+            subprocess.run([sys.executable, "-c", f"from jaxinfra.core import storage; storage._fs('s3://{BUCKET}').call_s3("
                             f"'create_bucket', Bucket='{BUCKET}')"], env=env, check=True, cwd=ROOT)
             dests["s3"] = (f"s3://{BUCKET}/{os.getpid()}", env)
         rows = {}

@@ -56,31 +56,42 @@ def _describe(x: Any) -> str:
     return f"shape {shape}" if shape is not None else type(x).__name__
 
 
-def check_outputs(fn: Callable, model: ModelDef, micro: Any, what: str, *, train: bool) -> None:
-    """Trace fn(model, micro-batch) abstractly: loss_fn returns a scalar or (scalar, {name: scalar});
-    eval_fn a dict of scalars."""
-    out = jax.eval_shape(lambda p, s, b: fn(model.module(p, s, train=train), b), model.params, model.state, micro)
-    if what == "loss_fn":
-        if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], Mapping)):
-            raise UserError(f"loss_fn returned a tuple of {len(out)} ({', '.join(map(_describe, out))}): return the "
-                            f"loss, or (loss, {{name: scalar}}) to log metrics beside it")
-        loss, aux = split_loss(out)
-        items = [("", loss)] + [(f"[1][{k!r}]", v) for k, v in aux.items()]
-        taken = [k for k in aux if k in RESERVED or str(k).startswith("sparsity/")]
-        if taken:
-            raise UserError(f"loss_fn's metric {taken[0]!r} has the name of a metric the trainer logs itself "
-                            f"({', '.join(RESERVED)}, sparsity/*): rename it")
-    elif isinstance(out, Mapping):
-        items = [(f"[{k!r}]", v) for k, v in out.items()]
-    else:
-        raise UserError(f"eval_fn returned {_describe(out)}, expected a dict of scalars such as {{'loss': ...}}")
+def _traced(fn: Callable, model: ModelDef, micro: Any, *, train: bool) -> Any:
+    """fn(model, micro-batch)'s output, traced abstractly (nothing computed)."""
+    return jax.eval_shape(lambda p, s, b: fn(model.module(p, s, train=train), b), model.params, model.state, micro)
+
+
+def _scalars(items: list[tuple[str, Any]], what: str) -> None:
+    """Each (label, output) is a scalar; UserError naming the first that is not."""
     for label, leaf in items:
         if getattr(leaf, "shape", None) != ():
             raise UserError(f"{what}{label} returned {_describe(leaf)}, expected a scalar")
 
 
+def check_loss_fn(loss_fn: Callable, model: ModelDef, micro: Any) -> None:
+    """loss_fn(model in train mode, batch) returns a scalar, or (scalar, {name: scalar}) under names of its own."""
+    out = _traced(loss_fn, model, micro, train=True)
+    if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], Mapping)):
+        raise UserError(f"loss_fn returned a tuple of {len(out)} ({', '.join(map(_describe, out))}): return the "
+                        f"loss, or (loss, {{name: scalar}}) to log metrics beside it")
+    loss, aux = split_loss(out)
+    taken = [k for k in aux if k in RESERVED or str(k).startswith("sparsity/")]
+    if taken:
+        raise UserError(f"loss_fn's metric {taken[0]!r} has the name of a metric the trainer logs itself "
+                        f"({', '.join(RESERVED)}, sparsity/*): rename it")
+    _scalars([("", loss)] + [(f"[1][{k!r}]", v) for k, v in aux.items()], "loss_fn")
+
+
+def check_eval_fn(eval_fn: Callable, model: ModelDef, micro: Any) -> None:
+    """eval_fn(model in eval mode, batch) returns a dict of scalars."""
+    out = _traced(eval_fn, model, micro, train=False)
+    if not isinstance(out, Mapping):
+        raise UserError(f"eval_fn returned {_describe(out)}, expected a dict of scalars such as {{'loss': ...}}")
+    _scalars([(f"[{k!r}]", v) for k, v in out.items()], "eval_fn")
+
+
 def example_fields(spec: Mapping[str, tuple[tuple[int, ...], Any]],
-            batch_axes: Mapping[str, Sequence[str | None]] | None) -> dict[str, Field]:
+                   batch_axes: Mapping[str, Sequence[str | None]] | None) -> dict[str, Field]:
     """Each example entry with the logical names of a batch of it (default: batch, then unsharded)."""
     out = {}
     for key, (shape, dtype) in spec.items():

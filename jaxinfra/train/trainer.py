@@ -40,12 +40,7 @@ from jaxinfra.parallel.mesh import describe, make_mesh
 from jaxinfra.settings.loading import to_yaml
 from jaxinfra.settings.sections import DEFAULT_RULES, Config
 from jaxinfra.train import compression, evaluation, perf, warmstart
-from jaxinfra.train.checks import (
-    check_batch,
-    check_logical,
-    check_outputs,
-    example_fields,
-)
+from jaxinfra.train.checks import check_batch, check_eval_fn, check_logical, check_loss_fn, example_fields
 from jaxinfra.train.evaluation import EvalFn, Evaluator, loss_eval, mean_eval
 from jaxinfra.train.metrics import METRICS, MetricsWriter, Reporter
 from jaxinfra.train.mirror import Mirror
@@ -132,12 +127,12 @@ def train_model(cfg: Config, model_fn: ModelFn, loss_fn: LossFn, train_source: d
         check_logical(model.logical, rules)  # checked here to name the parameter
         check_logical(model.state_logical, rules, "variable")
         micro = example_batch(fields, B // cfg.optim.grad_accum)
-        check_outputs(loss_fn, model, micro, "loss_fn", train=True)
+        check_loss_fn(loss_fn, model, micro)
         if cfg.checkpoint.export_format == "hf":
             check_model(model.params, model.stacked)
         eval_fn = o.eval_fn or loss_eval(loss_fn)
         if eval_host:
-            check_outputs(eval_fn, model, micro, "eval_fn", train=False)
+            check_eval_fn(eval_fn, model, micro)
         found = compression.model_roles(model, loss_fn, micro)  # pruning, quantization and int8 exports read them
         kernels = compression.kernels_record(found, o.compute_dtype)
         if cfg.quant.activations != "none" and not o.rounds_inputs:
