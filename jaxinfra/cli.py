@@ -10,7 +10,7 @@ from jaxinfra.core import storage
 from jaxinfra.core.errors import Failed, UserError
 from jaxinfra.settings.help import config_help
 from jaxinfra.settings.loading import load_config, shipped_configs, to_yaml
-from jaxinfra.settings.sections import Config
+from jaxinfra.settings.sections import EXPORT_FORMATS, Config
 
 
 class _TrainParser(argparse.ArgumentParser):
@@ -109,7 +109,7 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("directory", help="a run folder, its checkpoints/ folder, or one step's folder")
     p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
     p.add_argument("--out", required=True, help="the .safetensors file to write (--format hf: a folder)")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "hf"],
+    p.add_argument("--format", default="safetensors", choices=EXPORT_FORMATS,
                    help="hf: a Hugging Face Llama folder (config.json, model.safetensors, tokenizer) of the default "
                         "Transformer, for transformers and vLLM")
     p.add_argument("--dtype", default=None, help="cast floating tensors: f32, bf16 or f16 (default: as saved)")

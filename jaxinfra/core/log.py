@@ -17,6 +17,7 @@ class _Console(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stdout)  # sys.stdout at the time of the record (captures)
+            sys.stdout.flush()  # as logging.StreamHandler does: a piped log (SLURM's, tail -f) shows each line now
         except Exception:  # noqa: BLE001 (logging's own rule: a failing handler reports, never raises)
             self.handleError(record)
 

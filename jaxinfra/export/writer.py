@@ -25,7 +25,6 @@ from jaxinfra.settings.sections import DTYPES
 
 ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16"}
 EXPORTS = "exports"  # the folder of a run that holds exports/model-<step>.safetensors
-FORMATS = ("safetensors", "hf")  # checkpoint.export_format and export.py --format
 
 
 def export_path(run_dir: str, step: int, fmt: str = "safetensors") -> str:

@@ -17,6 +17,7 @@ from jaxinfra.settings.compression import PruneConfig, QuantConfig
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
 DTYPES = ("float32", "bfloat16", "float16")  # compute, master-weight and export dtypes
+EXPORT_FORMATS = ("safetensors", "hf")  # checkpoint.export_format and export.py --format (train/exporter.py writes each)
 
 # Logical axis -> mesh axes. Models name logical axes only; this table is the one place that
 # decides what is split across devices. A mesh axis is used at most once per array: when two
@@ -316,7 +317,7 @@ class CheckpointConfig:
     def check(self) -> None:
         """Frequencies, rotation and the export dtype."""
         one_of("checkpoint.export_dtype", self.export_dtype, DTYPES)
-        one_of("checkpoint.export_format", self.export_format, ("safetensors", "hf"))
+        one_of("checkpoint.export_format", self.export_format, EXPORT_FORMATS)
         one_of("checkpoint.export_errors", self.export_errors, ("fail", "warn"))
         at_least({"checkpoint.every": self.every, "checkpoint.keep_every": self.keep_every,
                    "checkpoint.export_every": self.export_every}, 0, "not be negative")

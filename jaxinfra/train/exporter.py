@@ -18,7 +18,7 @@ def _safetensors(directory: str, out: str, step: int, dtype: str | None) -> list
     return export(directory, out, step=step, dtype=dtype, force=True)
 
 
-# checkpoint.export_format -> the writer of one step: (checkpoints folder, out, step, dtype) -> paths written
+# settings' EXPORT_FORMATS -> the writer of one step: (checkpoints folder, out, step, dtype) -> paths written
 WRITERS: dict[str, Callable[[str, str, int, str | None], list[str]]] = {"safetensors": _safetensors, "hf": _hf}
 
 
