@@ -214,10 +214,11 @@ def step_times(model: str, workdir: str, rounds: int = 5, steps: int = 10) -> di
 def prompts_of(model: str, workdir: str) -> tuple[Any, list[bytes]]:
     """The held-out bytes, and 8 prompts of 32 held-out bytes for timing the decoder."""
     from jaxinfra.data import corpus as corpus_lib
+    from jaxinfra.data import tokenizer as tok_lib
     base = run_config(model, "dense", workdir)
-    corpus = corpus_lib.load_corpus(base.data.path, base.data.glob, base.data.heldout_percent)
-    text = corpus.heldout.tobytes()
-    return corpus.heldout, [text[i * 997:i * 997 + 32] for i in range(8)]
+    corpus = corpus_lib.load_corpus(base.data, tok_lib.load("bytes"), os.path.join(workdir, "cache"))
+    text = corpus.heldout_text
+    return corpus.heldout.tokens, [text[i * 997:i * 997 + 32] for i in range(8)]
 
 
 def measure_quality(model: str, workdir: str, variants: list[str], result: dict[str, Any]) -> dict[str, Any]:

@@ -5,10 +5,19 @@ import pytest
 
 from jaxinfra.core.errors import UserError
 from jaxinfra.data import sources as data
+from jaxinfra.data import cache as cache_lib
 from jaxinfra.data import corpus as corpus_lib
+from jaxinfra.data import packing
+from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
-from jaxinfra.settings.sections import DEFAULT_RULES
+from jaxinfra.settings.sections import DEFAULT_RULES, DataConfig
+
+
+def _load(cache, path="", glob="*.py", heldout_percent=1.0, tokenizer="bytes"):
+    """The LM job's corpus of a data section, tokenized into `cache`."""
+    data = DataConfig(path=path, glob=glob, heldout_percent=heldout_percent)
+    return corpus_lib.load_corpus(data, tok_lib.load(tokenizer), str(cache))
 
 
 def _folder(tmp_path, n=200):
@@ -20,43 +29,45 @@ def _folder(tmp_path, n=200):
 
 def test_heldout_is_deterministic_by_path_and_about_one_percent():
     names = [f"pkg/mod{i}.py" for i in range(20000)]
-    held = [n for n in names if corpus_lib.is_heldout(n, 1.0)]
+    held = [n for n in names if cache_lib.is_heldout(n, 1.0)]
     assert 0.008 < len(held) / len(names) < 0.012
-    assert held == [n for n in names if corpus_lib.is_heldout(n, 1.0)]
+    assert held == [n for n in names if cache_lib.is_heldout(n, 1.0)]
 
 
-def test_stdlib_corpus_split():
-    corpus = corpus_lib.load_corpus()
-    assert corpus.train.size > 20_000_000 and 100_000 < corpus.heldout.size < 1_000_000
-    assert 0.005 < corpus.n_heldout_files / (corpus.n_train_files + corpus.n_heldout_files) < 0.02
-    assert corpus.train.dtype == np.uint8
+def test_stdlib_corpus_split(tmp_path):
+    corpus = _load(tmp_path)
+    assert corpus.train.tokens.size > 20_000_000 and corpus.heldout.tokens.size == corpus.heldout.n_bytes == 297_251
+    assert 0.005 < corpus.n_heldout_docs / (corpus.n_train_docs + corpus.n_heldout_docs) < 0.02
+    assert corpus.train.tokens.dtype == np.uint8 and corpus.heldout_text == corpus.heldout.tokens.tobytes()
 
 
 def test_folder_and_single_file_corpora(tmp_path):
     path = _folder(tmp_path)
-    corpus = corpus_lib.load_corpus(path, "*.txt", heldout_percent=10)
-    assert corpus.n_train_files + corpus.n_heldout_files == 200 and corpus.n_heldout_files > 5
-    one = corpus_lib.load_corpus(str(tmp_path / "f199.txt"), heldout_percent=10)
-    assert one.train.size + one.heldout.size == (tmp_path / "f199.txt").stat().st_size
+    corpus = _load(tmp_path / "c1", path, "*.txt", heldout_percent=10)
+    assert corpus.n_train_docs + corpus.n_heldout_docs == 200 and corpus.n_heldout_docs > 5
+    one = _load(tmp_path / "c2", str(tmp_path / "f199.txt"), heldout_percent=10)
+    # one file: its tail is held out, as the byte corpus always did
+    raw = (tmp_path / "f199.txt").read_bytes()
+    assert one.train.tokens[0:one.train.tokens.size].tobytes() + one.heldout_text == raw
 
 
 def test_missing_and_empty_corpora(tmp_path):
     with pytest.raises(UserError, match="data.path=.*no such"):
-        corpus_lib.load_corpus(str(tmp_path / "nope"))
+        _load(tmp_path, str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no files matching data.glob"):
-        corpus_lib.load_corpus(str(tmp_path / "empty"), "*.txt")
+        _load(tmp_path, str(tmp_path / "empty"), "*.txt")
     (tmp_path / "empty" / "a.txt").write_text("")
     with pytest.raises(UserError, match="empty"):
-        corpus_lib.load_corpus(str(tmp_path / "empty"), "*.txt")
-    corpus = corpus_lib.load_corpus(_folder(tmp_path, 3), "*.txt")
+        _load(tmp_path, str(tmp_path / "empty"), "*.txt")
+    corpus = _load(tmp_path, _folder(tmp_path, 3), "*.txt")
     with pytest.raises(UserError, match="data.batch_size=64 windows of model.seq_len=128"):
         corpus_lib.check_corpus(corpus, 128, 64, 1)
 
 
 def test_windows_and_loader_are_deterministic_from_the_seed():
     tokens = np.arange(10_000, dtype=np.int64) % 251
-    src = corpus_lib.Windows(tokens.astype(np.uint8), 16, "t")
+    src = packing.Windows(tokens.astype(np.uint8), 16, "t")
     assert len(src) == (10_000 - 1) // 16
     np.testing.assert_array_equal(src[3]["tokens"], tokens[48:65])
     first = [next(iter(data.train_batches(src, 8, seed=s)))["tokens"] for s in (0, 0, 1)]
@@ -67,7 +78,7 @@ def test_windows_and_loader_are_deterministic_from_the_seed():
 
 def test_global_order_is_independent_of_the_process_count():
     tokens = np.random.default_rng(0).integers(0, 256, 5_000).astype(np.uint8)
-    src = corpus_lib.Windows(tokens, 8, "t")  # 624 distinct windows: 60 batches of 12 wrap an epoch
+    src = packing.Windows(tokens, 8, "t")  # 624 distinct windows: 60 batches of 12 wrap an epoch
     one = data.train_batches(src, 12, seed=3, process_index=0, process_count=1)
     whole = [b["tokens"] for b, _ in zip(one, range(60))]
     for P in (2, 3, 4):
@@ -96,9 +107,9 @@ def test_global_batches_are_sharded_over_batch_axes():
 
 def test_eval_windows_fixed_and_compression_yardsticks():
     tokens = np.frombuffer(b"def f(x):\n    return x\n" * 200, np.uint8)
-    a = corpus_lib.eval_windows(tokens, 32, 8, 2)
+    a = packing.eval_windows(tokens, 32, 8, 2)
     assert len(a) == 2 and a[0]["tokens"].shape == (8, 33)
-    np.testing.assert_array_equal(a[1]["tokens"], corpus_lib.eval_windows(tokens, 32, 8, 2)[1]["tokens"])
+    np.testing.assert_array_equal(a[1]["tokens"], packing.eval_windows(tokens, 32, 8, 2)[1]["tokens"])
     bpb = corpus_lib.compression_bpb(tokens)
     assert 0 < bpb["xz_bpb"] < 8 and 0 < bpb["zlib_bpb"] < 8
 

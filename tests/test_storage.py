@@ -26,8 +26,11 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.state import TrainState
 from jaxinfra.data import sources as data_lib
 from jaxinfra.data import corpus as corpus_lib
+from jaxinfra.data import packing
+from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.lm import job
+from jaxinfra.settings.sections import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = pytest.mark.xdist_group("s3-runs")  # the tests that share the module's runs stay on one worker
@@ -242,18 +245,28 @@ def test_a_damaged_object_on_the_store_is_refused(bucket):
 
 
 @RUNS
-def test_data_on_s3_gives_the_same_global_batches_as_on_disk(s3_runs, s3_server):
+def test_data_on_s3_gives_the_same_tokens_and_batches_as_on_disk(s3_runs, s3_server, tmp_path):
     root, corpus = s3_runs[0], s3_runs[1]
-    on_disk = corpus_lib.load_corpus(str(corpus), "*.py", 25)
-    stored = corpus_lib.load_corpus(f"{root}/corpus", "*.py", 25)
-    assert isinstance(stored.train, corpus_lib.StoredBytes) and stored.n_heldout_files > 0
-    assert (stored.n_train_files, stored.n_heldout_files) == (on_disk.n_train_files, on_disk.n_heldout_files)
-    np.testing.assert_array_equal(stored.heldout, on_disk.heldout)
-    batches = [iter(data_lib.train_batches(corpus_lib.Windows(c.train, 16, "train"), 8, 0)) for c in (on_disk, stored)]
-    seen = [next(batches[0])["tokens"] for _ in range(3)]
-    for want in seen:
-        np.testing.assert_array_equal(next(batches[1])["tokens"], want)
-    assert not np.array_equal(seen[0], seen[1])
+    for spec in ("bytes", "bpe:300"):
+        loaded = []
+        for path in (str(corpus), f"{root}/corpus"):
+            data = DataConfig(path=path, glob="*.py", heldout_percent=25)
+            tokenizer = tok_lib.train_bpe(corpus_lib.bpe_sample(corpus_lib.plan_of(data)[1], 0), 300) \
+                if spec != "bytes" else tok_lib.load(spec)
+            loaded.append(corpus_lib.load_corpus(data, tokenizer, str(tmp_path / "cache")))
+        on_disk, stored = loaded
+        assert on_disk.tokenizer.json_text == stored.tokenizer.json_text  # trained on the same sample
+        assert stored.folder != on_disk.folder and stored.n_heldout_docs > 0
+        assert (stored.n_train_docs, stored.n_heldout_docs) == (on_disk.n_train_docs, on_disk.n_heldout_docs)
+        np.testing.assert_array_equal(stored.heldout.tokens, on_disk.heldout.tokens)
+        np.testing.assert_array_equal(stored.train.tokens[0:stored.train.tokens.size],
+                                      on_disk.train.tokens[0:on_disk.train.tokens.size])
+        batches = [iter(data_lib.train_batches(packing.Windows(c.train.tokens, 16, "train"), 8, 0))
+                   for c in (on_disk, stored)]
+        seen = [next(batches[0])["tokens"] for _ in range(3)]
+        for want in seen:
+            np.testing.assert_array_equal(next(batches[1])["tokens"], want)
+        assert not np.array_equal(seen[0], seen[1])
 
 
 def _sigkill_trials(run_dir, trials, seed):

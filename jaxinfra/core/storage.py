@@ -1,18 +1,17 @@
 """The one module that knows URIs: local paths, `s3://bucket/prefix` and `gs://bucket/prefix` alike.
 
-Files go through fsspec (s3fs, gcsfs: the clients Orbax's own `etils.epath` uses for the same URIs,
-so one client, configured one way, serves both); arrays through TensorStore kvstore specs
-(jaxinfra/ckpt/orbax_store.py). Object stores are configured the way their users already configure them: the standard AWS_*
-variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for S3-compatible stores such as MinIO, R2, Ceph;
-AWS_REGION / AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE), and
-Google's application default credentials for gs://. No jaxinfra-specific setting.
+Files go through fsspec (s3fs, gcsfs: the clients Orbax's own `etils.epath` uses for the same URIs, so one client,
+configured one way, serves both); arrays through TensorStore kvstore specs (ckpt/orbax_store.py). Object stores are
+configured as their users already configure them: the standard AWS_* variables (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL
+for S3-compatible stores such as MinIO, R2, Ceph; AWS_REGION, AWS_DEFAULT_REGION; AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY or AWS_PROFILE), and Google's application default credentials for gs://. No jaxinfra setting.
 
-An object store has no atomic rename and no O_EXCL: a step is committed by Orbax's commit file
-(ckpt/orbax_store.py's `atomicity`), a file appears whole by a single PUT, and `create_exclusive` is a conditional
-PUT (If-None-Match: *).
+An object store has no atomic rename and no O_EXCL: a step is committed by Orbax's commit file (ckpt/orbax_store.py's
+`atomicity`), a file appears whole by a single PUT, and `create_exclusive` is a conditional PUT (If-None-Match: *).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -27,6 +26,7 @@ SCHEMES = ("s3", "gs")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")  # S3's and GCS's common bucket-name rule
 ATTEMPTS = 3  # client attempts per request of our own calls: their defaults retry for minutes
 TIMEOUT_S = 8  # connect / read timeout of our own calls
+_epath_endpoint: list[str | None] = [None]  # the S3 endpoint Orbax's epath was last pointed at
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,6 @@ def _fs(path: str) -> Any:
     return _filesystem(scheme, endpoint, s3_region())
 
 
-_epath_endpoint: list[str | None] = [None]  # the S3 endpoint Orbax's epath was last pointed at
-
-
 def _follow_endpoint(endpoint: str | None) -> None:
     """Orbax opens s3:// through etils.epath, which keeps one s3fs per process (its lru_cache over
     fsspec's instance cache) built from the endpoint in the environment at first use: when the endpoint
@@ -158,10 +155,9 @@ def isdir(path: str) -> bool:
     """Whether a folder exists (on a store: whether any object has this prefix)."""
     if not is_remote(path):
         return os.path.isdir(path)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         return bool(_fs(path).ls(_key(path), detail=False, refresh=True))
-    except FileNotFoundError:
-        return False
+    return False
 
 
 def isfile(path: str) -> bool:
@@ -173,33 +169,50 @@ def listdir(path: str) -> list[str]:
     """Names directly inside a folder ([] if there is none)."""
     if not is_remote(path):
         return os.listdir(path) if os.path.isdir(path) else []
-    try:
-        return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in _fs(path).ls(_key(path), detail=False,
-                                                                              refresh=True)})
-    except FileNotFoundError:
-        return []
+    with contextlib.suppress(FileNotFoundError):
+        return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in _fs(path).ls(_key(path), detail=False, refresh=True)})
+    return []
+
+
+def walk_stamped(path: str) -> list[tuple[str, int, str]]:
+    """(relative path, size, stamp) of every file under a folder, sorted by path (the stamp: see `stat`)."""
+    if not is_remote(path):
+        found = [(f, os.stat(f)) for root, _, names in os.walk(path) for f in (os.path.join(root, n) for n in names)]
+        return sorted((os.path.relpath(f, path).replace(os.sep, "/"), st.st_size, str(st.st_mtime_ns))
+                      for f, st in found)
+    base, found = _key(path).rstrip("/") + "/", {}
+    with contextlib.suppress(FileNotFoundError):
+        found = _fs(path).find(base, detail=True)
+    return sorted((k[len(base):], int(v.get("size") or 0), _stamp(v)) for k, v in found.items()
+                  if v.get("type") != "directory")
 
 
 def walk_files(path: str) -> list[tuple[str, int]]:
     """(relative path, size) of every file under a folder, sorted by path."""
-    if not is_remote(path):
-        out = []
-        for root, _, names in os.walk(path):
-            for n in names:
-                full = os.path.join(root, n)
-                out.append((os.path.relpath(full, path).replace(os.sep, "/"), os.path.getsize(full)))
-        return sorted(out)
-    base = _key(path).rstrip("/") + "/"
-    try:
-        found = _fs(path).find(base, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted((k[len(base):], int(v.get("size") or 0)) for k, v in found.items() if v.get("type") != "directory")
+    return [(rel, n) for rel, n, _ in walk_stamped(path)]
+
+
+def _stamp(info: dict) -> str:
+    """A store's fingerprint of an object's content (ETag on S3, etag on GCS), else its mtime or MD5."""
+    return next((str(info[k]).strip('"') for k in ("ETag", "etag", "mtime", "md5Hash") if info.get(k)), "")
+
+
+def stat(path: str) -> tuple[int, str]:
+    """(size, stamp) of a file; the stamp changes with its content: mtime in ns locally, the store's ETag."""
+    if is_remote(path):
+        info = _fs(path).info(_key(path))
+        return int(info.get("size") or 0), _stamp(info)
+    return (st := os.stat(path)).st_size, str(st.st_mtime_ns)
 
 
 def size(path: str) -> int:
     """Bytes of a file."""
     return int(_fs(path).size(_key(path))) if is_remote(path) else os.path.getsize(path)
+
+
+def open_read(path: str) -> BinaryIO:
+    """A file opened for streaming reads (on a store: buffered ranged GETs, never the whole object at once)."""
+    return _fs(path).open(_key(path), "rb") if is_remote(path) else open(path, "rb")
 
 
 def read_bytes(path: str, start: int = 0, end: int | None = None) -> bytes:
@@ -234,9 +247,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def open_write(path: str) -> BinaryIO:
-    """A file opened for streaming writes: a multipart upload on a store, of 5 MiB parts (S3's least:
-    the client's buffer stays near that; the object appears only when the file is closed whole), a
-    plain file locally."""
+    """A file opened for streaming writes: a multipart upload on a store, of 5 MiB parts (S3's least: the client's
+    buffer stays near that; the object appears only when the file is closed whole), a plain file locally."""
     if is_remote(path):
         return _fs(path).open(_key(path), "wb", block_size=5 << 20)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -245,19 +257,14 @@ def open_write(path: str) -> BinaryIO:
 
 def abort(f: BinaryIO) -> None:
     """Drop a streaming write without leaving an object (S3's multipart upload is aborted)."""
-    if hasattr(f, "discard"):
-        f.discard()
-    else:
-        f.close()
+    (f.discard if hasattr(f, "discard") else f.close)()
 
 
 def remove(path: str) -> None:
     """Delete a file if it exists."""
     if is_remote(path):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             _fs(path).rm_file(_key(path))
-        except FileNotFoundError:
-            pass
     elif os.path.lexists(path):
         os.remove(path)
 
@@ -267,10 +274,8 @@ def rmtree(path: str) -> None:
     if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
         return
-    try:
+    with contextlib.suppress(FileNotFoundError):
         _fs(path).rm(_key(path), recursive=True)
-    except FileNotFoundError:
-        pass
 
 
 def move(src: str, dst: str) -> None:
@@ -296,10 +301,8 @@ def makedirs(path: str) -> None:
 
 
 def create_exclusive(path: str, data: bytes) -> bool:
-    """Create a file only if it does not exist: True if this call created it.
-
-    O_EXCL locally; a conditional PUT (If-None-Match: *) on S3, which S3 and moto honour.
-    """
+    """Create a file only if it does not exist (O_EXCL locally; a conditional PUT on a store:
+    If-None-Match: * on S3, ifGenerationMatch=0 on GCS): True if this call created it."""
     if not is_remote(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         try:
@@ -309,16 +312,15 @@ def create_exclusive(path: str, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
-    loc = parse(path)
+    loc, fs = parse(path), _fs(path)
     if loc.scheme == "gs":  # gcsfs's mode="create" is the upload with ifGenerationMatch=0
         try:
-            _fs(path).pipe_file(_key(path), data, mode="create")
+            fs.pipe_file(_key(path), data, mode="create")
             return True
         except Exception as e:  # 412 Precondition Failed, in gcsfs's words
             if re.search(r"FileExistsError|PreconditionFailed|[Pp]recondition|\b412\b", f"{e!r} {e}"):
                 return False
             raise
-    fs = _fs(path)
     try:
         fs.call_s3("put_object", Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
         return True
@@ -360,7 +362,6 @@ def reachable(path: str, key: str) -> None:
     if not is_remote(path):
         return
     loc = parse(path, key)
-    where = f"{key}={path}"
     try:
         fs = _fs(path)
         if loc.scheme == "s3":
@@ -370,7 +371,7 @@ def reachable(path: str, key: str) -> None:
     except UserError:
         raise
     except Exception as e:  # the clients' errors, named by what the user can fix
-        raise UserError(f"{where}: {_cause(e, loc)}") from None
+        raise UserError(f"{key}={path}: {_cause(e, loc)}") from None
 
 
 def _cause(e: BaseException, loc: Location) -> str:
@@ -389,8 +390,8 @@ def _cause(e: BaseException, loc: Location) -> str:
 
 
 def must_exist(path: str, key: str, what: str) -> None:
-    """A config value naming something to read: a valid, reachable URI or path that exists
-    (UserError `key=path: no such <what>` otherwise)."""
+    """A config value naming something to read: a valid, reachable URI or path that exists (UserError
+    `key=path: no such <what>` otherwise)."""
     check(path, key)
     reachable(path, key)
     if not exists(path) and not isdir(path):

@@ -1,5 +1,6 @@
 """Bits per byte over every held-out byte, the figure to set beside zlib and xz: sliding windows with
-context, each byte scored exactly once (the periodic evaluations sample windows; this reads them all)."""
+context, each token scored exactly once, the summed bits over the held-out text's bytes (the periodic
+evaluations sample windows; this reads them all)."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxinfra.data import packing
 from jaxinfra.data import sources as data_lib
 from jaxinfra.parallel import sharding as shd
 
@@ -37,26 +39,35 @@ def windows(n: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bits_per_byte(graphdef: nnx.GraphDef, params: Any, tokens: np.ndarray, seq_len: int, mesh: Mesh,
-                  rules: shd.Rules) -> float:
-    """Mean bits per byte of `tokens` under the model (nnx.merge(graphdef, params)), windows of seq_len
-    with seq_len // 2 bytes of context at least; the first byte, which nothing predicts, counts 8 bits."""
-    starts, weight_WxL = windows(len(tokens), seq_len, max(1, seq_len // 2))
+                  rules: shd.Rules, *, n_bytes: int = 0, starts: np.ndarray | None = None) -> float:
+    """Bits per byte of the held-out text under the model (nnx.merge(graphdef, params)): the summed negative
+    log-likelihood of every token, each scored once in windows of seq_len with seq_len // 2 tokens of context
+    at least, over n_bytes (default: one byte a token, the `bytes` tokenizer); the first token, which nothing
+    predicts, costs log2(vocab) bits. With `starts` (data.packing=documents) context restarts at each document."""
+    starts_W, weight_WxL = windows(len(tokens), seq_len, max(1, seq_len // 2))
     divisor = shd.batch_divisor(mesh, rules)
     B = max(divisor, TOKENS_PER_CALL // seq_len // divisor * divisor)
     sharding = NamedSharding(mesh, shd.batch_spec(rules, 2))
+    keys = ("tokens",) + (packing.FIELDS if starts is not None else ())
 
     @jax.jit
-    def bits(p: Any, tokens_BxL1: jax.Array, weight_BxL: jax.Array) -> jax.Array:
-        logits_BxLxV = nnx.merge(graphdef, p)(tokens_BxL1[:, :-1])
-        nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), tokens_BxL1[:, 1:])
-        return jnp.sum(nll_BxL * weight_BxL) / math.log(2)
+    def bits(p: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        fields = [batch[k][:, :-1] for k in packing.FIELDS if k in batch]
+        logits_BxLxV = nnx.merge(graphdef, p)(batch["tokens"][:, :-1], *fields)
+        nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
+                                                                  batch["tokens"][:, 1:])
+        return jnp.sum(nll_BxL * batch["weight"]) / math.log(2), jnp.float32(logits_BxLxV.shape[-1])
 
-    total = 8.0
-    for first in range(0, len(starts), B):
-        rows = starts[first:first + B]
-        batch = {"tokens": np.zeros((B, seq_len + 1), np.int32), "weight": np.zeros((B, seq_len), np.float32)}
-        batch["tokens"][:len(rows)] = tokens[rows[:, None] + np.arange(seq_len + 1)]
+    total = None
+    for first in range(0, len(starts_W), B):
+        rows = starts_W[first:first + B]
+        batch = {k: np.zeros((B, seq_len + 1), np.int32) for k in keys}
+        for i, s in enumerate(rows):
+            for k, v in packing.window(tokens, starts, int(s), seq_len + 1).items():
+                batch[k][i] = v
+        batch["weight"] = np.zeros((B, seq_len), np.float32)
         batch["weight"][:len(rows)] = weight_WxL[first:first + B]  # padding rows weigh nothing
-        placed = data_lib.from_host(batch, {"tokens": sharding, "weight": sharding})
-        total += float(shd.gather(bits(params, placed["tokens"], placed["weight"])))
-    return total / len(tokens)
+        placed = data_lib.from_host(batch, {k: sharding for k in batch})
+        got, vocab = bits(params, placed)
+        total = (math.log2(float(vocab)) if total is None else total) + float(shd.gather(got))
+    return total / (n_bytes or len(tokens))

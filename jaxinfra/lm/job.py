@@ -1,4 +1,4 @@
-"""The default job: a byte-level transformer LM on a text corpus, a thin user of the generic
+"""The default job: a transformer LM on a text corpus (bytes or a tokenizer), a thin user of the generic
 trainer (`jaxinfra.train.trainer.train_model`): corpus, model, loss and the LM's end-of-run report."""
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.log import console
 from jaxinfra.data import corpus as corpus_lib
-from jaxinfra.lm import heldout
+from jaxinfra.data import packing
+from jaxinfra.lm import heldout, text
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.sampling import sample
 from jaxinfra.models.transformer import lm_loss, train_flops_per_token
@@ -27,10 +29,20 @@ from jaxinfra.train.trainer import train_model
 log = logging.getLogger(__name__)
 
 
-def lm_eval(model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Held-out loss in nats and bits per byte (one forward pass)."""
-    loss = lm_loss(model, batch)
-    return {"loss": loss, "bpb": loss / math.log(2)}
+@dataclass(frozen=True, eq=False)
+class LMEval:
+    """Held-out loss in nats and bits per byte (one forward pass): the summed loss over ln 2 x the bytes of
+    text the targets stand for (`token_bytes` per id; None: one byte a token, the bytes tokenizer)."""
+
+    token_bytes: np.ndarray | None = None
+
+    def __call__(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        loss = lm_loss(model, batch)
+        if self.token_bytes is None:
+            return {"loss": loss, "bpb": loss / math.log(2)}
+        targets_BxL = batch["tokens"][:, 1:]
+        n_bytes = jnp.sum(jnp.asarray(self.token_bytes)[targets_BxL])
+        return {"loss": loss, "bpb": loss * targets_BxL.size / math.log(2) / jnp.maximum(n_bytes, 1)}
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class EndOfRun:
 
     cfg: Config
     corpus: corpus_lib.Corpus
-    held: corpus_lib.HeldOutWindows | None  # the windows the periodic evaluations sample
+    held: packing.HeldOutWindows | None  # the windows the periodic evaluations sample
     lead: bool
 
     def __call__(self, done: Finished) -> None:
@@ -48,22 +60,24 @@ class EndOfRun:
         # what the forward pass computes with: under QAT the int8-rounded weights, as an export holds them
         params = jax.jit(done.model.forward)(done.state.params) if done.model.forward else done.state.params
         if cfg.run.eval_batches and corpus.name == "stdlib" and self.lead:
-            final.update(corpus_lib.compression_bpb(corpus.heldout))
+            final.update(corpus_lib.compression_bpb(corpus.heldout_text))
         yard = f"zlib -9: {final['zlib_bpb']:.3f}, xz -9e: {final['xz_bpb']:.3f}" if "zlib_bpb" in final else ""
+        held = corpus.heldout
         if cfg.run.eval_batches and cfg.run.score_heldout:  # like for like with the compressors: every byte
-            final["heldout_bpb"] = heldout.bits_per_byte(done.graphdef, params, corpus.heldout, cfg.model.seq_len,
-                                                         done.mesh, done.rules)
-            log.info(f"final held-out bits per byte over all {corpus.heldout.size:,} held-out bytes: "
+            final["heldout_bpb"] = heldout.bits_per_byte(
+                done.graphdef, params, held.tokens, cfg.model.seq_len, done.mesh, done.rules, n_bytes=held.n_bytes,
+                starts=held.starts if cfg.data.packing == "documents" else None)
+            log.info(f"final held-out bits per byte over all {held.n_bytes:,} held-out bytes: "
                      f"{final['heldout_bpb']:.3f}" + (f" ({yard} on the same bytes)" if yard else "")
-                     + f"; the evaluations above sample {len(self.held):,} windows")
+                     + f"; {held.tokens.size:,} tokens of {corpus.tokenizer.name}; the evaluations above sample "
+                     f"{len(self.held):,} windows")
         elif "eval_bpb" in final:
             log.info(f"final held-out bits per byte on {len(self.held):,} sampled windows: {final['eval_bpb']:.3f}"
-                     + (f" ({yard} on all {corpus.heldout.size:,} held-out bytes)" if yard else ""))
+                     + (f" ({yard} on all {held.n_bytes:,} held-out bytes)" if yard else ""))
         if cfg.run.sample_tokens and cfg.run.sample_prompts:
-            texts = sample(done.graphdef, params, cfg.run.sample_prompts,
-                           n_tokens=cfg.run.sample_tokens, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                           temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=done.mesh,
-                           rules=done.rules)
+            texts = sample(done.graphdef, params, cfg.run.sample_prompts, n_tokens=cfg.run.sample_tokens,
+                           seq_len=cfg.model.seq_len, tokenizer=corpus.tokenizer,
+                           temperature=cfg.run.sample_temperature, seed=cfg.run.seed, mesh=done.mesh, rules=done.rules)
             log.info("samples:")
             for text in texts:
                 log.info("  | " + "\n  | ".join(text.splitlines()[:6]))
@@ -77,10 +91,10 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg.check_lm()
     lead = jax.process_index() == 0
     console(lead)
-    corpus = corpus_lib.load_corpus(cfg.data.path, cfg.data.glob, cfg.data.heldout_percent)
-    corpus_lib.check_corpus(corpus, cfg.model.seq_len, cfg.data.batch_size, cfg.run.eval_batches)
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
+    corpus = text.prepare(cfg)
+    cfg = text.with_vocab(cfg, corpus.tokenizer, mesh)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
     cfg.pipeline.check_mesh(mesh.shape["stage"], cfg.model.n_layers, cfg.data.batch_size // cfg.optim.grad_accum,
                             shd.batch_divisor(mesh, m.logical_rules))
@@ -88,15 +102,23 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
                         f"use model.attention=xla")
-    log.info(f"corpus {corpus.name}: {corpus.n_train_files} train files ({corpus.train.size:,} bytes), "
-             f"{corpus.n_heldout_files} held out ({corpus.heldout.size:,} bytes)")
-    L = cfg.model.seq_len
-    held = corpus_lib.HeldOutWindows(corpus.heldout, L, cfg.data.eval_batch * cfg.run.eval_batches) \
-        if cfg.run.eval_batches else None
+    train, held = corpus.train, corpus.heldout
+    log.info(f"corpus {corpus.name}: {corpus.n_train_docs:,} train documents ({train.n_bytes:,} bytes, "
+             f"{train.tokens.size:,} tokens), {corpus.n_heldout_docs:,} held out ({held.n_bytes:,} bytes, "
+             f"{held.tokens.size:,} tokens); tokenizer {corpus.tokenizer.name}, {corpus.tokenizer.vocab_size:,} ids")
+    L, docs = cfg.model.seq_len, cfg.data.packing == "documents"
+    evals = packing.HeldOutWindows(held.tokens, L, cfg.data.eval_batch * cfg.run.eval_batches,
+                                   held.starts if docs else None) if cfg.run.eval_batches else None
     build = model_fn(cfg, mesh)
-    options = TrainOptions(mesh=mesh, example_spec={"tokens": ((L + 1,), np.int32)},
-                           batch_axes={"tokens": ("batch", "seq")}, eval_fn=lm_eval, tokens_per_example=L,
-                           flops_per_token=train_flops_per_token(cfg.model), compute_dtype=cfg.model.dtype,
-                           rounds_inputs=build.rounds_inputs, resume_keys={"seq_len": ("model.seq_len", L)},
-                           on_finish=EndOfRun(cfg, corpus, held, lead))
-    return train_model(cfg, build, lm_loss, corpus_lib.Windows(corpus.train, L, "train"), held, options)
+    keys = ("tokens",) + (packing.FIELDS if docs else ())
+    options = TrainOptions(mesh=mesh, example_spec={k: ((L + 1,), np.int32) for k in keys},
+                           batch_axes={k: ("batch", "seq") for k in keys},
+                           eval_fn=LMEval(corpus.tokenizer.token_bytes() if corpus.tokenizer.impl else None),
+                           tokens_per_example=L, flops_per_token=train_flops_per_token(cfg.model),
+                           compute_dtype=cfg.model.dtype, rounds_inputs=build.rounds_inputs,
+                           resume_keys={"seq_len": ("model.seq_len", L),
+                                        "tokenizer": ("data.tokenizer", corpus.tokenizer.fingerprint),
+                                        "packing": ("data.packing", cfg.data.packing)},
+                           on_finish=EndOfRun(cfg, corpus, evals, lead))
+    windows = packing.Windows(train.tokens, L, "train", train.starts if docs else None)
+    return train_model(cfg, build, lm_loss, windows, evals, options)

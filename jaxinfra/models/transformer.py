@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from jaxinfra.compress.quant import fake_quant
+from jaxinfra.core.errors import UserError
 from jaxinfra.parallel.pipeline import Stacked
 
 if TYPE_CHECKING:
@@ -45,16 +46,25 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x_BxTxD.dtype)
 
 
-def rotary(x_BxTxHxK: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (rotate-half form) over positions 0..T-1."""
-    T, K = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
-    half = K // 2
+def rotary_at(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) at each token's position (pos_BxT: (B, T) or (1, T))."""
+    half = x_BxTxHxK.shape[-1] // 2
     freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_TxF = jnp.arange(T, dtype=jnp.float32)[:, None] * freq_F[None, :]
-    sin, cos = jnp.sin(angle_TxF)[None, :, None, :], jnp.cos(angle_TxF)[None, :, None, :]
+    angle_BxTxF = pos_BxT.astype(jnp.float32)[:, :, None] * freq_F
+    sin, cos = jnp.sin(angle_BxTxF)[:, :, None, :], jnp.cos(angle_BxTxF)[:, :, None, :]
     x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
+
+
+def rotary(x_BxTxHxK: jax.Array, theta: float) -> jax.Array:
+    """rotary_at positions 0..T-1, the same for every row."""
+    return rotary_at(x_BxTxHxK, jnp.arange(x_BxTxHxK.shape[1], dtype=jnp.float32)[None], theta)
+
+
+def same_document(segments_BxT: jax.Array) -> jax.Array:
+    """(B, 1, T, T) boolean: query t may see key s of the same segment id (causality is applied apart)."""
+    return (segments_BxT[:, :, None] == segments_BxT[:, None, :])[:, None]
 
 
 class Attention(nnx.Module):
@@ -68,19 +78,33 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (D, H, K), ("embed", "heads", "kv"), D ** -0.5, pdt)
         self.wo = _param(rngs, (H, K, D), ("heads", "kv", "embed"), (D * 2 * cfg.n_layers) ** -0.5, pdt)
         self.dtype, self.theta, self.constrain = jnp.dtype(cfg.dtype), cfg.rope_theta, constrain
-        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory.
+        # "cudnn": a fused (flash) kernel that never writes the T x T scores to memory. A document mask reaches
+        # it as an additive bias (B, 1, T, T) in the compute dtype (0 or -2^41 in bf16) that is written, and
+        # read by every layer's forward and backward kernels; its gradient is dropped (zeros from cuDNN for B > 1).
         self.impl = None if cfg.attention == "xla" else cfg.attention
         self.quant_inputs = quant_inputs  # W8A8 training: round each projection's input to int8 per token
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, segments_BxT: jax.Array | None = None,
+                 positions_BxT: jax.Array | None = None) -> jax.Array:
         names = ("batch", "seq", "heads", "kv")
         if self.quant_inputs:
             x_BxTxD = fake_quant(x_BxTxD, (2,))
         proj = lambda w: self.constrain(jnp.einsum("btd,dhk->bthk", x_BxTxD, w[...].astype(self.dtype)), names)
-        q_BxTxHxK = rotary(proj(self.wq), self.theta)
-        k_BxTxHxK = rotary(proj(self.wk), self.theta)
+        rope = ((lambda x: rotary(x, self.theta)) if positions_BxT is None
+                else (lambda x: rotary_at(x, positions_BxT, self.theta)))
+        q_BxTxHxK = rope(proj(self.wq))
+        k_BxTxHxK = rope(proj(self.wk))
         v_BxTxHxK = proj(self.wv)
-        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+        mask_Bx1xTxT = None
+        if segments_BxT is not None:
+            T = x_BxTxD.shape[1]
+            if self.impl == "cudnn" and T % 2:  # else a NotImplementedError once the step is differentiated
+                raise UserError(f"model.attention=cudnn with document masking (a mask is a bias to cuDNN) needs an "
+                                f"even sequence length in training, got {T}: make model.seq_len even")
+            # rebuilt in every layer: a compare of (B, T) ids, cheaper than carrying a (B, T, T) side input.
+            # Batch split as q's, sequence whole: what cuDNN's partitioner requires of a bias.
+            mask_Bx1xTxT = self.constrain(same_document(segments_BxT), ("batch", None, None, None))
+        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask_Bx1xTxT, is_causal=True,
                                                  implementation=self.impl)
         o_BxTxHxK = self.constrain(o_BxTxHxK, names)
         if self.quant_inputs:
@@ -126,8 +150,9 @@ class Block(nnx.Module):
         self.mlp = GatedMLP(cfg, rngs=rngs, constrain=constrain, quant_inputs=quant_inputs)
         self.constrain = constrain
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD))
+    def __call__(self, x_BxTxD: jax.Array, segments_BxT: jax.Array | None = None,
+                 positions_BxT: jax.Array | None = None) -> jax.Array:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), segments_BxT, positions_BxT)
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return self.constrain(x_BxTxD, ("batch", "seq", "embed"))
 
@@ -151,13 +176,22 @@ class Transformer(nnx.Module):
         self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
         self.dtype, self.constrain = jnp.dtype(cfg.dtype), constrain
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, segments_BxT: jax.Array | None = None,
+                 positions_BxT: jax.Array | None = None) -> jax.Array:
+        """Logits; with segments_BxT (document ids, packed windows) a token attends only within its document,
+        and positions_BxT (each token's place in its document) replaces 0..T-1 in rotary."""
+        for name, side in (("segments", segments_BxT), ("positions", positions_BxT)):
+            if side is not None and side.shape != tokens_BxT.shape:
+                raise UserError(f"batch[{name!r}] has shape {tuple(side.shape)}, the tokens "
+                                f"{tuple(tokens_BxT.shape)}: give one id per token")
         # Look rows up in the whole table (FSDP gathers weights anyway): a lookup into a sharded table makes
         # GSPMD replicate the result ("involuntary full rematerialization").
         table_VxD = self.constrain(self.embed[...], (None, None))
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.dtype)
         x_BxTxD = self.constrain(x_BxTxD, ("batch", "seq", "embed"))
-        x_BxTxD = self.blocks(x_BxTxD)
+        # no side inputs at all without packing: the blocks then trace exactly as they always have
+        side = () if segments_BxT is None and positions_BxT is None else (segments_BxT, positions_BxT)
+        x_BxTxD = self.blocks(x_BxTxD, *side)
         x_BxTxD = self.final_norm(x_BxTxD)
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.head[...].astype(self.dtype))
         return self.constrain(logits_BxTxV.astype(jnp.float32), ("batch", "seq", "vocab"))
@@ -173,7 +207,9 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def lm_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean next-token cross-entropy (nats) over windows of seq_len + 1 tokens."""
+    """Mean next-token cross-entropy (nats) over windows of seq_len + 1 tokens; with `segments` and
+    `positions` in the batch (packed documents, same shape as `tokens`) the model gets them too."""
     tokens_BxL = batch["tokens"]
-    logits_BxTxV = model(tokens_BxL[:, :-1])
+    side = {f"{k}_BxT": batch[k][:, :-1] for k in ("segments", "positions") if k in batch}
+    logits_BxTxV = model(tokens_BxL[:, :-1], **side)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxL[:, 1:]).mean()

@@ -86,8 +86,7 @@ def check_divisible(abstract: Any, shardings: Any, logical: Any | None = None) -
 def check_logical_sizes(sizes: Mapping[str, tuple[str, int]], rules: Rules, mesh: Mesh) -> None:
     """Config-level check: each logical size divides by the mesh axes its rule names."""
     for name, (key, size) in sizes.items():
-        axes = [a for a in rules.get(name, ()) if a in mesh.shape]
-        n = math.prod(mesh.shape[a] for a in axes)
+        axes, n = [a for a in rules.get(name, ()) if a in mesh.shape], ways(mesh, rules, name)
         if size % n:
             split = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
             raise UserError(f"{key}={size} is not divisible by {split} = {n} (mesh.rules.{name}={list(axes)})")
@@ -100,9 +99,14 @@ def batch_spec(rules: Rules, ndim: int = 2, leading: int = 0) -> P:
     return logical_to_spec(names, rules)
 
 
+def ways(mesh: Mesh, rules: Rules, name: str) -> int:
+    """How many ways a logical axis is split: the product of the mesh axes its rule names."""
+    return math.prod(mesh.shape[a] for a in rules.get(name, ()) if a in mesh.shape)
+
+
 def batch_divisor(mesh: Mesh, rules: Rules) -> int:
     """How many ways the batch dimension is split (data x fsdp by default)."""
-    return math.prod(mesh.shape[a] for a in rules.get("batch", ()) if a in mesh.shape)
+    return ways(mesh, rules, "batch")
 
 
 def shard(tree: Any, shardings: Any) -> Any:

@@ -135,6 +135,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e) from None
+    out.model.vocab_size = out.model.vocab_size or out.data.tokenizer_vocab  # a tokenizer.json's: once it is read
     out.check_train()
     out.check_lm()  # a config file is the LM job's too: its sections must be valid even when unused
     return out

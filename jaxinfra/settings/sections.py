@@ -50,7 +50,7 @@ class RunConfig:
     eval_every: int = knob(100, "evaluate on held-out batches every N steps and after the last one (0: only then)")
     eval_batches: int = knob(4, "held-out batches (of data.batch_size windows) per evaluation")
     score_heldout: bool = knob(True, "LM job, at the end: bits per byte over every held-out byte, each scored once")
-    sample_tokens: int = knob(160, "bytes sampled per prompt at the end of the run; 0 = none")
+    sample_tokens: int = knob(160, "tokens sampled per prompt at the end of the run; 0 = none")
     sample_prompts: list[str] = knob(["def ", "import ", "class "], "prompts of the end-of-run samples")
     sample_temperature: float = knob(0.8, "temperature of the end-of-run samples; 0 = greedy")
     progress: bool = knob(True, "progress: a bar on a terminal, else one plain line every run.log_every steps")
@@ -83,14 +83,14 @@ class RunConfig:
             raise UserError(f"run.peak_flops={self.peak_flops} must not be negative")
 
     def check_sampling(self, vocab_size: int) -> None:
-        """The LM job's end-of-run samples: prompts must be bytes of the model's vocabulary."""
+        """The LM job's end-of-run samples: prompts must be non-empty (and, for bytes, of the vocabulary)."""
         at_least({"run.sample_tokens": self.sample_tokens}, 0, "not be negative")
         for prompt in self.sample_prompts:
             if not isinstance(prompt, str):  # OmegaConf lets a nested list through a list[str]
                 raise UserError(f"run.sample_prompts: {prompt!r} is not a string (give prompts as "
                                 f"run.sample_prompts=['def ', 'class '])")
             data = prompt.encode("utf-8")
-            if not data or max(data) >= vocab_size:
+            if not data or max(data) >= (vocab_size or 256):
                 raise UserError(f"run.sample_prompts: {prompt!r} is empty or holds a byte outside "
                                 f"model.vocab_size={vocab_size}")
         if self.sample_temperature < 0:
@@ -163,12 +163,13 @@ class DistributedConfig:
 class ModelConfig:
     """Decoder-only transformer sizes and numerics (the LM job's model only)."""
 
-    vocab_size: int = knob(256, "vocabulary size (byte-level tokens)")
+    vocab_size: int = knob(0, "vocabulary size; 0 = data.tokenizer's (bytes: 256, bpe:N: N), padded to a multiple "
+                           "of the mesh axes the vocabulary is split over")
     d_model: int = knob(128, "width of the residual stream (the embedding size)")
     n_layers: int = knob(4, "transformer blocks")
     n_heads: int = knob(4, "attention heads; model.d_model / model.n_heads is the head size (even, for rotary)")
     d_ff: int = knob(384, "hidden size of the gated MLP")
-    seq_len: int = knob(128, "context length: bytes per training window (an example holds seq_len + 1)")
+    seq_len: int = knob(128, "context length: tokens per training window (an example holds seq_len + 1)")
     rope_theta: float = knob(10000.0, "base of the rotary position embedding's frequencies")
     dtype: str = knob("float32", "compute dtype: float32 | bfloat16 | float16 (bfloat16 on accelerators)")
     param_dtype: str = knob("float32", "dtype of the master weights: float32 | bfloat16 | float16")
@@ -197,8 +198,9 @@ class ModelConfig:
         one_of("model.param_dtype", self.param_dtype, DTYPES)
         one_of("model.remat", self.remat, ("none", "full", "dots"))
         one_of("model.attention", self.attention, ("xla", "cudnn"))
-        at_least({f"model.{k}": getattr(self, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len",
-                                                             "vocab_size")}, 1, "be at least 1")
+        at_least({f"model.{k}": getattr(self, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len")}, 1,
+                 "be at least 1")
+        at_least({"model.vocab_size": self.vocab_size}, 0, "not be negative (0: the tokenizer's)")
         if self.d_model % self.n_heads:
             raise UserError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.attention == "cudnn" and self.dtype == "float32":
@@ -211,16 +213,34 @@ class ModelConfig:
 class DataConfig:
     """Corpus and batching."""
 
-    path: str = knob("", "\"\" = the running interpreter's standard-library sources; else file or folder")
+    path: str = knob("", "\"\" = the running interpreter's standard-library sources; else file or folder: "
+                     ".jsonl(.gz/.zst) and .parquet hold a document per row, any other file is one")
     glob: str = knob("*.py", "files taken from a folder (recursively)")
-    batch_size: int = knob(32, "global batch, in windows of model.seq_len + 1 bytes")
+    text_key: str = knob("text", "the field of each JSONL or Parquet row that holds its document")
+    tokenizer: str = knob("bytes", "bytes | bpe:N (a byte-level BPE of N ids trained on the training split) | a "
+                          "tokenizer.json or a folder holding one")
+    tokenizer_sample: int = knob(100_000_000, "bpe:N trains on at most this many bytes of training documents "
+                                 "(a fixed, hash-chosen sample); 0 = all")
+    packing: str = knob("concat", "concat (documents back to back, attention across them) | documents (attention "
+                        "masked to each document, positions restarting)")
+    cache: str = knob("", "folder of token caches (shareable between runs); \"\" = <run folder>/cache")
+    heldout_path: str = knob("", "held-out documents of your own (file or folder, data.glob applies); \"\" = "
+                             "data.heldout_percent of the corpus")
+    batch_size: int = knob(32, "global batch, in windows of model.seq_len + 1 tokens")
     eval_batch_size: int = knob(0, "examples per evaluation batch; 0 = data.batch_size")
-    heldout_percent: float = knob(1.0, "files held out for eval, chosen by a hash of their path")
+    heldout_percent: float = knob(1.0, "documents held out for eval, chosen by a hash of their path (and row)")
 
     @property
     def eval_batch(self) -> int:
         """Examples per evaluation batch."""
         return self.eval_batch_size or self.batch_size
+
+    @property
+    def tokenizer_vocab(self) -> int:
+        """Ids of data.tokenizer when its name says (bytes: 256, bpe:N: N); 0 for a file, known once it is read."""
+        if self.tokenizer == "bytes":
+            return 256
+        return int(self.tokenizer[4:]) if self.tokenizer.startswith("bpe:") and self.tokenizer[4:].isdigit() else 0
 
     def check(self) -> None:
         """The batch, which every trainer reads."""
@@ -231,8 +251,15 @@ class DataConfig:
         """The LM job's corpus settings."""
         if not 0 <= self.heldout_percent < 100:
             raise UserError(f"data.heldout_percent={self.heldout_percent} must lie in [0, 100)")
-        if self.path:
-            storage.must_exist(self.path, "data.path", "file or folder")
+        one_of("data.packing", self.packing, ("concat", "documents"))
+        at_least({"data.tokenizer_sample": self.tokenizer_sample}, 0, "not be negative (0: all)")
+        if self.tokenizer.startswith("bpe:") and not (self.tokenizer[4:].isdigit() and int(self.tokenizer[4:]) >= 258):
+            raise UserError(f"data.tokenizer={self.tokenizer}: bpe:N needs N >= 258 (256 bytes, end-of-text and a merge)")
+        if not self.text_key:
+            raise UserError("data.text_key is empty: name the field that holds each row's text")
+        for key, value in (("data.path", self.path), ("data.heldout_path", self.heldout_path)):
+            if value:
+                storage.must_exist(value, key, "file or folder")
 
 
 @dataclass
@@ -358,5 +385,12 @@ class Config:
         self.pipeline.check()
         self.data.check_corpus()
         self.run.check_sampling(self.model.vocab_size)
+        if self.model.attention == "cudnn" and self.data.packing == "documents" and self.model.seq_len % 2:
+            raise UserError(f"model.attention=cudnn with data.packing=documents needs an even model.seq_len (cuDNN's "
+                            f"masked attention differentiates only even lengths), got {self.model.seq_len}")
+        need = self.data.tokenizer_vocab
+        if self.model.vocab_size and need and self.model.vocab_size < need:
+            raise UserError(f"model.vocab_size={self.model.vocab_size} is smaller than data.tokenizer={self.data.tokenizer}'s "
+                            f"{need} ids: set model.vocab_size=0 (the tokenizer's) or at least {need}")
 
 
