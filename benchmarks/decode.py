@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import TINY, host_kind, meta, parse, results_path, write  # noqa: E402
 from benchmarks.run import lm_plan  # noqa: E402
+from jaxinfra.data.tokenizer import bytes_tokenizer  # noqa: E402
 from jaxinfra.models import (
     decode,  # noqa: E402
     sampling,
@@ -47,7 +48,7 @@ def measure(shape: tuple[int, int, int], batch: int, tokens: int, rounds: int,
     with jax.set_mesh(mesh):
         plan = lm_plan(cfg, mesh)
         params, graphdef = plan.init()[0].params, plan.graphdef  # random weights, born on their shardings
-    kw = dict(seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size, temperature=0.0, seed=0, mesh=mesh,
+    kw = dict(seq_len=cfg.model.seq_len, tokenizer=bytes_tokenizer(), temperature=0.0, seed=0, mesh=mesh,
               rules=rules)
 
     def sampler(k: int) -> float:
@@ -59,7 +60,7 @@ def measure(shape: tuple[int, int, int], batch: int, tokens: int, rounds: int,
     def decoder() -> tuple[float, dict[str, Any]]:
         t0 = time.perf_counter()
         _, info = decode.generate(params, cfg.model, prompts, n_tokens=tokens, temperature=0.0, seed=0, mesh=mesh,
-                                  rules=rules)
+                                  rules=rules, tokenizer=bytes_tokenizer())
         return time.perf_counter() - t0, info
 
     _, first = decoder()  # compiles

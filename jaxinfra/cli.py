@@ -172,9 +172,9 @@ def inspect_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     """jaxinfra-generate / scripts/generate.py: text from a trained run's newest checkpoint (KV-cache decoding)."""
     p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a trained run.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder, or a safetensors export of a run (RUN/exports/model-N.safetensors)")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: 'def '")
-    p.add_argument("--tokens", type=int, default=200, help="bytes to generate per prompt")
+    p.add_argument("--tokens", type=int, default=200, help="tokens (of the run's tokenizer) to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--step", type=int, default=None, help="default: the newest complete step")
     p.add_argument("--seed", type=int, default=0)

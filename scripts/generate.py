@@ -1,5 +1,5 @@
-"""Sample text from a trained run, on the devices available:
-python scripts/generate.py RUN_DIR --prompt "def " [--tokens N] [--temperature T] [--step N]"""
+"""Sample text from a trained run (or a safetensors export of one), on the devices available, through the run's
+tokenizer: python scripts/generate.py RUN_DIR --prompt "def " [--tokens N] [--temperature T] [--step N]"""
 import os
 import sys
 

@@ -55,7 +55,7 @@ def test_launch_script_end_to_end(tmp_path):
     (["mesh.data=3"], ["mesh", "data=3", "12 devices", "8"]),
     (["model.n_heads=3", "model.d_model=48"], ["model.n_heads=3", "mesh.tensor=2"]),
     (["model.d_ff=63"], ["model.d_ff=63", "mesh.tensor=2"]),
-    (["model.vocab_size=255"], ["model.vocab_size=255", "mesh.tensor=2"]),
+    (["model.vocab_size=257"], ["model.vocab_size=257", "mesh.tensor=2"]),
     (["model.d_model=36", "model.n_heads=2", "mesh.tensor=1", "mesh.fsdp=8", "mesh.data=1"],
      ["model.d_model=36", "mesh.fsdp=8"]),
     (["data.batch_size=18"], ["data.batch_size=18", "= 4"]),

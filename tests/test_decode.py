@@ -10,6 +10,7 @@ from conftest import tiny_config
 
 from jaxinfra.compress import quant
 from jaxinfra.core.errors import UserError
+from jaxinfra.data.tokenizer import bytes_tokenizer
 from jaxinfra.models import decode
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.sampling import sample
@@ -52,7 +53,7 @@ def _on(trained, shape):
 
 def _decode(trained, prompts, shape=(1, 1, 1), params=None, **kw):
     placed, mesh, rules = _on(trained, shape)
-    kw = {"n_tokens": 100, "temperature": 0.0, "seed": 0, **kw}
+    kw = {"n_tokens": 100, "temperature": 0.0, "seed": 0, "tokenizer": bytes_tokenizer(), **kw}
     return decode.generate(placed if params is None else params, trained[0].model, prompts, mesh=mesh, rules=rules,
                            **kw)
 
@@ -62,10 +63,10 @@ def test_greedy_equals_the_sliding_window_sampler_within_seq_len(trained):
     params, mesh, rules = _on(trained, (2, 2, 2))
     with jax.set_mesh(mesh):
         graphdef = abstract_model(model_fn(cfg, mesh)).eval_def  # its activation constraints name this mesh
-        ref = sample(graphdef, params, PROMPTS, n_tokens=108, seq_len=128, vocab_size=256, temperature=0.0, seed=0,
+        ref = sample(graphdef, params, PROMPTS, n_tokens=108, seq_len=128, tokenizer=bytes_tokenizer(), temperature=0.0, seed=0,
                      mesh=mesh, rules=rules)
     new, info = decode.generate(params, cfg.model, PROMPTS, n_tokens=108, temperature=0.0, seed=0, mesh=mesh,
-                                rules=rules)
+                                rules=rules, tokenizer=bytes_tokenizer())
     assert [bytes(list(p.encode()) + t).decode("utf-8", "replace") for p, t in zip(PROMPTS, new)] == ref
     assert len(set(map(tuple, new))) == 3  # the prompts lead different ways
     # 4 rows (the batch pads to data x fsdp = 4), 2 layers, 128 slots, 4 heads of 8, float32
@@ -130,7 +131,7 @@ def test_temperature_sampling_is_reproducible_per_seed(trained):
     params, mesh, rules = _on(trained, (1, 1, 1))
     with jax.set_mesh(mesh):  # the sampler's key chain: its draws, on the same logits up to rounding
         ref = sample(abstract_model(model_fn(trained[0], mesh)).eval_def, params, PROMPTS, n_tokens=40, seq_len=128,
-                     vocab_size=256, temperature=1.0, seed=1, mesh=mesh, rules=rules)
+                     tokenizer=bytes_tokenizer(), temperature=1.0, seed=1, mesh=mesh, rules=rules)
     assert [bytes(list(p.encode()) + t[:40]).decode("utf-8", "replace") for p, t in zip(PROMPTS, a)] == ref
     assert _decode(trained, PROMPTS, temperature=1.0, seed=1)[0] == a
     assert _decode(trained, PROMPTS, temperature=1.0, seed=2)[0] != a

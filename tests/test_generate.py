@@ -2,12 +2,10 @@
 import jax
 import pytest
 from conftest import tiny_config
-from flax import nnx
 
 from jaxinfra.core.errors import UserError
-from jaxinfra.models.sampling import prompt_bytes as encode
-from jaxinfra.models.sampling import sample
-from jaxinfra.parallel import sharding as shd
+from jaxinfra.data.tokenizer import bytes_tokenizer
+from jaxinfra.models.sampling import prompt_ids, sample
 from steps import make_setup, mesh_of
 
 
@@ -17,7 +15,7 @@ def test_greedy_continuation_does_not_depend_on_the_other_prompts():
     rules = {k: tuple(v) for k, v in cfg.mesh.rules.items()}
     with jax.set_mesh(mesh):
         setup, _, _ = make_setup(cfg, mesh)
-        kw = dict(n_tokens=12, seq_len=16, vocab_size=256, temperature=0.0, seed=0, mesh=mesh, rules=rules)
+        kw = dict(n_tokens=12, seq_len=16, tokenizer=bytes_tokenizer(), temperature=0.0, seed=0, mesh=mesh, rules=rules)
         alone = sample(setup.graphdef, setup.state.params, ["def "], **kw)
         batch = sample(setup.graphdef, setup.state.params, ["def ", "import ", "class "], **kw)
     assert batch[0] == alone[0]  # padding rows are copies, never aliases of prompt 0
@@ -25,9 +23,9 @@ def test_greedy_continuation_does_not_depend_on_the_other_prompts():
         [b"def ", b"import ", b"class "]
 
 
-def test_prompt_bytes_must_fit_the_vocabulary():
-    assert encode("ab", 256) == [97, 98]
-    with pytest.raises(UserError, match="vocab_size=64"):
-        encode("ab", 64)
+def test_prompt_ids_must_fit_the_vocabulary():
+    assert prompt_ids("ab", bytes_tokenizer(), 256) == [97, 98]
+    with pytest.raises(UserError, match="byte 97, outside the model's vocab_size=64"):
+        prompt_ids("ab", bytes_tokenizer(), 64)
     with pytest.raises(UserError, match="empty"):
-        encode("", 256)
+        prompt_ids("", bytes_tokenizer(), 256)

@@ -15,6 +15,7 @@ from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import take, whole_layers
 from jaxinfra.core.state import TrainState
+from jaxinfra.data.tokenizer import bytes_tokenizer
 from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.models import factory
 from jaxinfra.models.sampling import sample
@@ -149,7 +150,7 @@ def test_transformers_loads_it_with_equal_logits_and_greedy_decoding(exported):
         ours = np.asarray(forward(params, tokens))[0]
         # their greedy path fed to our model: at each step, the logits it predicts the next byte from
         path = np.asarray(forward(params, np.asarray([greedy[:-1]] * 8, np.int32)))[0, len(prompt) - 1:]
-        text = sample(md.eval_def, params, ["def "], n_tokens=n, seq_len=64, vocab_size=256, temperature=0.0,
+        text = sample(md.eval_def, params, ["def "], n_tokens=n, seq_len=64, tokenizer=bytes_tokenizer(), temperature=0.0,
                       seed=0, mesh=mesh, rules=cfg.mesh.logical_rules)[0]
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
     # Greedy choices are compared where their top-2 margin is clear: logits agree to ~1e-5, so a step whose two

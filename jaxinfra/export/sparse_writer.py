@@ -28,7 +28,7 @@ from jaxinfra.export.safetensors import (
     partial_file,
     write_file,
 )
-from jaxinfra.export.writer import base_metadata, prepare, quantizing
+from jaxinfra.export.writer import base_metadata, prepare, quantizing, tokenizer_metadata
 
 
 def saved_pattern(step_dir: str) -> tuple[int, int] | None:
@@ -113,7 +113,7 @@ def export_sparse(directory: str, out: str, *, step: int | None = None, dtype: s
     """
     step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
     pattern = pattern or saved_pattern(step_dir)
-    base = base_metadata(step)
+    base = {**base_metadata(step), **tokenizer_metadata(step_dir)}  # the run's tokenizer travels with it
     entries, read = quantizing(step_dir, entries, saved, base, quant)
     if storage.is_remote(out):
         return _sparse_to_store(out, read, entries, base, pattern)

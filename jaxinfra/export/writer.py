@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
-from jaxinfra.core.errors import UserError
+from jaxinfra.core.errors import UserError, one_line
+from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.export import int8
 from jaxinfra.export.safetensors import SAFETENSORS, TAGS, write_tensors
 from jaxinfra.settings.sections import DTYPES
@@ -110,8 +111,37 @@ def export(directory: str, out: str, *, step: int | None = None, dtype: str | No
     """Write the parameters of a checkpoint step as whole tensors (quant=int8: matmul weights as int8
     values and per-channel scales); returns the files written."""
     step_dir, step, saved, entries = prepare(directory, out, step, dtype, force)
-    metadata = base_metadata(step)
+    metadata = {**base_metadata(step), **tokenizer_metadata(step_dir)}
     entries, read = quantizing(step_dir, entries, saved, metadata, quant)
     return write_tensors(out, entries, read, metadata, max_shard_bytes)
 
 
+def tokenizer_metadata(step_dir: str) -> dict[str, str]:
+    """The `__metadata__` entry that carries the run's tokenizer: its tokenizer.json text (none for `bytes`)."""
+    tokenizer = tok_lib.run_tokenizer(step_dir, ckpt_reader.saved_config(step_dir))
+    return {} if tokenizer.impl is None else {tok_lib.FILE: tokenizer.json_text}
+
+
+def export_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors export (a sharded one's: its first shard's), read from the header alone."""
+    if path.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(storage.read_text(path))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}: not a safetensors index ({one_line(e, 200)})") from None
+        path = storage.join(storage.dirname(path), shards[0]) if shards else path
+    if not storage.isfile(path):
+        raise UserError(f"{path}: no such safetensors file")
+    try:
+        n = int.from_bytes(storage.read_bytes(path, 0, 8), "little")
+        found = json.loads(storage.read_bytes(path, 8, 8 + n)).get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{path}: not a safetensors file ({one_line(e, 200)})") from None
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def export_tokenizer(path: str) -> tok_lib.Tokenizer | None:
+    """The tokenizer a safetensors export carries; None when it carries none (`bytes`, or an export written
+    before exports carried their tokenizer: its run folder's tokenizer.json is the one then)."""
+    text = export_metadata(path).get(tok_lib.FILE)
+    return None if text is None else tok_lib.from_json(text, f"{path} ({tok_lib.FILE} in its __metadata__)")

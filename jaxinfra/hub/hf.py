@@ -1,6 +1,6 @@
 """The Hugging Face Llama layout of the default Transformer: export a checkpoint step as a folder
 `LlamaForCausalLM.from_pretrained` loads (config.json, model.safetensors or its shards and index,
-generation_config.json, a byte-level tokenizer), and read such a folder back (`checkpoint.init_from`).
+generation_config.json, the run's tokenizer), and read such a folder back (`checkpoint.init_from`).
 
 The default model is a Llama: RMSNorm (eps 1e-6), rotary positions in the rotate-half form with
 inverse frequencies theta^(-2i/head_dim) (HF's `rotate_half` and `inv_freq` exactly, so q and k
@@ -25,6 +25,7 @@ from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import tensor_name, whole_layers
+from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.export import int8
 from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.export import writer as export_lib
@@ -99,30 +100,6 @@ def llama_config(model: dict[str, Any], dtype: str) -> dict[str, Any]:
             "eos_token_id": None, "pad_token_id": None}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the alphabet of a ByteLevel pre-tokenizer."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def byte_tokenizer() -> dict[str, Any]:
-    """tokenizer.json: byte i is token i (a BPE with no merges over GPT-2's byte alphabet)."""
-    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    vocab = {c: b for b, c in _bytes_to_unicode().items()}
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": level, "post_processor": None, "decoder": level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": []}}
-
-
 def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str | None = None,
               max_shard_bytes: int = 0, force: bool = False, quant: str | None = None) -> list[str]:
     """A checkpoint step of the default Transformer as a Hugging Face Llama folder (quant=int8: the
@@ -136,6 +113,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if not isinstance(model, dict):
         raise UserError(f"{step_dir}: its record holds no model config (a user's own model?): --format hf exports "
                         f"the default Transformer only")
+    tokenizer = tok_lib.run_tokenizer(step_dir, recorded or None)  # before any tensor is written
     # the folder appears under its name only once whole: renamed from .partial on a disk; on a store
     # (no rename) written in place, config.json last, which is what marks a folder as an export
     remote = storage.is_remote(out)
@@ -164,13 +142,15 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
         ignored = [hf_name(n)[0].removesuffix(".weight") for n in linear if n not in quantized]
         act = (recorded.get("quant") or {}).get("activations", "none")
         config["quantization_config"] = int8.compressed_tensors_config(ignored, act)
-    sidecars = {"generation_config.json": {"do_sample": False, "max_length": int(model["seq_len"])},
-                "tokenizer.json": byte_tokenizer(),
-                "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
-                                          int(model["seq_len"]), "clean_up_tokenization_spaces": False},
-                CONFIG: config}  # last
-    for name, content in sidecars.items():
-        storage.write_text(storage.join(tmp, name), json.dumps(content, indent=1, ensure_ascii=False))
+    generation: dict[str, Any] = {"do_sample": False, "max_length": int(model["seq_len"])}
+    if tokenizer.eot is not None:  # every document began with it, and generation stops at it
+        config["bos_token_id"] = config["eos_token_id"] = generation["bos_token_id"] = \
+            generation["eos_token_id"] = tokenizer.eot
+    sidecars = {"generation_config.json": json.dumps(generation, indent=1),
+                **tokenizer.files(int(model["seq_len"])),
+                CONFIG: json.dumps(config, indent=1, ensure_ascii=False)}  # last
+    for name, text in sidecars.items():
+        storage.write_text(storage.join(tmp, name), text)
         files.append(storage.join(tmp, name))
     if not remote:
         shutil.rmtree(out, ignore_errors=True)

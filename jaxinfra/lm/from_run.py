@@ -1,5 +1,5 @@
-"""Text from a trained run: its newest (or given) checkpoint loaded onto the local devices and each prompt continued
-with the KV-cache decoder (jaxinfra.models.decode)."""
+"""Text from a trained run: its newest (or given) checkpoint, or a safetensors export of it, loaded onto the local
+devices and each prompt continued with the KV-cache decoder (jaxinfra.models.decode), through the run's tokenizer."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +14,17 @@ from jaxinfra.compress import quant
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import layer_names, tensor_name
+from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.export import int8
+from jaxinfra.export import safetensors as safetensors_lib
+from jaxinfra.export import writer as export_lib
 from jaxinfra.models import decode
 from jaxinfra.models.factory import model_fn
-from jaxinfra.models.sampling import prompt_bytes
+from jaxinfra.models.sampling import prompt_ids
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
 from jaxinfra.settings.loading import load_config
+from jaxinfra.settings.sections import Config
 from jaxinfra.train.step import abstract_model
 
 
@@ -29,25 +33,37 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     """Load a run's newest (or given) checkpoint onto all local devices (data parallel) and continue each
     prompt with the KV-cache decoder (jaxinfra.models.decode; `sample` is the sliding-window reference).
 
+    run_dir may also name a safetensors export of the run (exports/model-<step>.safetensors, or its shards'
+    index); a run folder with exports but no checkpoint left decodes its newest export. Prompts are encoded and
+    the texts decoded with the run's tokenizer (the export's own, when it carries one).
+
     Returns (texts, step, info): info as decode.generate's (cache_bytes, tokens_per_s, compile_s, ...).
     The model is rebuilt from the run's config.yaml; a QAT run decodes as it trained: its int8 kernels
     as int8 values and scales (quant.quantize of the saved float weights) and, for quant.activations=int8,
     matmul inputs rounded per token.
     """
-    path = storage.join(run_dir, "config.yaml")
-    storage.check(run_dir, "run folder")
-    storage.reachable(run_dir, "run folder")
-    if not storage.isfile(path):
-        raise UserError(f"{run_dir}: no config.yaml (is it a run folder?)")
-    if storage.is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
-            storage.download(path, os.path.join(tmp, "config.yaml"))
-            cfg = load_config(os.path.join(tmp, "config.yaml"))
+    export = run_dir if run_dir.endswith((".safetensors", ".safetensors.index.json")) else None
+    if export is not None:
+        run_dir = storage.dirname(export)
+        run_dir = storage.dirname(run_dir) if storage.basename(run_dir) == export_lib.EXPORTS else run_dir
+    cfg = _run_config(run_dir)
+    if export is None and not ckpt_reader.has_steps(run_dir) and export_lib.newest_export(run_dir) is not None:
+        export = export_lib.newest_export(run_dir)[0]  # the checkpoints are gone, the export is what is left
+    if export is not None:
+        if cfg.quant.enabled:
+            raise UserError(f"{export}: a QAT run decodes from its checkpoints (they hold its int8 plan), not an "
+                            f"export")
+        tokenizer = export_lib.export_tokenizer(export) or tok_lib.run_tokenizer(
+            run_dir, {"data": {"tokenizer": cfg.data.tokenizer}})
+        found = export_lib.export_metadata(export).get("step", "")
+        if step is not None and str(step) != found:
+            raise UserError(f"--step {step} does not match the export {export} (step {found or 'unknown'})")
+        step_dir, step = None, int(found) if found.isdigit() else 0
     else:
-        cfg = load_config(path)
-    for p in prompts:
-        prompt_bytes(p, cfg.model.vocab_size)
-    flat, step = ckpt_reader.read_params(run_dir, step)
+        step_dir, step = ckpt_reader.locate(run_dir, step)
+        tokenizer = tok_lib.run_tokenizer(step_dir, ckpt_reader.saved_config(step_dir))
+    rows = [prompt_ids(p, tokenizer, cfg.model.vocab_size) for p in prompts]  # before anything is read
+    flat = safetensors_lib.load(export) if export is not None else ckpt_reader.read_params(step_dir)[0]
     mesh = make_mesh(-1, 1, 1)
     # the decoder walks the layers in order: a circular run's (repeats, layers) stack reads back as one
     cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, repeats=1))
@@ -57,12 +73,24 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
         params = shd.to_params(flat, model.params, shd.tree_shardings(model.logical, mesh, rules),
                                    stacked=model.stacked)
         if cfg.quant.enabled:
-            params = _as_trained(params, ckpt_reader.locate(run_dir, step)[0], model.stacked)
-        new, info = decode.generate(params, cfg.model, prompts, n_tokens=n_tokens, temperature=temperature,
+            params = _as_trained(params, step_dir, model.stacked)
+        new, info = decode.generate(params, cfg.model, rows, n_tokens=n_tokens, temperature=temperature,
                                     seed=seed, mesh=mesh, rules=rules, quant_inputs=cfg.quant.activations == "int8")
-    texts = [bytes(prompt_bytes(p, cfg.model.vocab_size) + t).decode("utf-8", errors="replace")
-             for p, t in zip(prompts, new)]
-    return texts, step, info
+    return [tokenizer.decode(r + t) for r, t in zip(rows, new)], step, info
+
+
+def _run_config(run_dir: str) -> Config:
+    """The config a run folder was trained with (its config.yaml)."""
+    path = storage.join(run_dir, "config.yaml")
+    storage.check(run_dir, "run folder")
+    storage.reachable(run_dir, "run folder")
+    if not storage.isfile(path):
+        raise UserError(f"{run_dir}: no config.yaml (is it a run folder?)")
+    if not storage.is_remote(path):
+        return load_config(path)
+    with tempfile.TemporaryDirectory(prefix="jaxinfra-read-") as tmp:
+        storage.download(path, os.path.join(tmp, "config.yaml"))
+        return load_config(os.path.join(tmp, "config.yaml"))
 
 
 def _as_trained(params: Any, step_dir: str, stacked: Any) -> Any:

@@ -25,8 +25,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfra.compress.quant import QTensor, fake_quant
 from jaxinfra.core.errors import UserError
-from jaxinfra.models.sampling import prompt_bytes as encode
-from jaxinfra.models.transformer import Transformer
+from jaxinfra.data.tokenizer import Tokenizer
+from jaxinfra.models.sampling import prompt_ids
+from jaxinfra.models.transformer import Transformer, rotary_at  # the model's own rotary, at given positions
 from jaxinfra.parallel import sharding as shd
 
 if TYPE_CHECKING:
@@ -36,17 +37,6 @@ if TYPE_CHECKING:
 # backend wrote a transposed copy of every layer's K and V each token (decoding batch 8 ran 2x slower).
 CACHE_NAMES = ("batch", "heads", "seq", "kv")
 Cache = tuple[tuple[jax.Array, jax.Array], ...]  # (K, V) per layer, each (B, H, seq_len, K)
-
-
-def rotary_at(x_BxTxHxK: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
-    """model.rotary at the given absolute positions (model.rotary is this at positions 0..T-1)."""
-    half = x_BxTxHxK.shape[-1] // 2
-    freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BxTxF = pos_BxT.astype(jnp.float32)[:, :, None] * freq_F
-    sin, cos = jnp.sin(angle_BxTxF)[:, :, None, :], jnp.cos(angle_BxTxF)[:, :, None, :]
-    x = x_BxTxHxK.astype(jnp.float32)
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
 
 
 def dot(x: jax.Array, w: jax.Array | QTensor, n_in: int, dtype: jnp.dtype) -> jax.Array:
@@ -234,11 +224,13 @@ def _program(params: Any, cfg: ModelConfig, shape: Shape, mesh: Mesh, rules: shd
     return compiled, time.perf_counter() - t0
 
 
-def _rows(prompts: Sequence[str | Sequence[int]], vocab_size: int) -> list[list[int]]:
-    """Token rows: a string's UTF-8 bytes (sampling.prompt_bytes's checks), or token ids."""
+def _rows(prompts: Sequence[str | Sequence[int]], vocab_size: int, tokenizer: Tokenizer | None) -> list[list[int]]:
+    """Token rows: a string's ids from the tokenizer (sampling.prompt_ids's checks), or token ids."""
     if not len(prompts):
         raise UserError("prompts: give at least one prompt")
-    rows = [encode(p, vocab_size) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise TypeError("decode.generate: text prompts need tokenizer= (the run's, data.tokenizer.run_tokenizer)")
+    rows = [prompt_ids(p, tokenizer, vocab_size) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     for p, row in zip(prompts, rows):
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad or not row:
@@ -248,9 +240,10 @@ def _rows(prompts: Sequence[str | Sequence[int]], vocab_size: int) -> list[list[
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[str | Sequence[int]], *, n_tokens: int,
-             temperature: float, seed: int, mesh: Mesh, rules: shd.Rules, dtype: Any = None,
-             keep_logits: bool = False, quant_inputs: bool = False) -> tuple[list[list[int]], dict[str, Any]]:
-    """n_tokens new tokens after each prompt (a str: its bytes; or token ids), in one compiled call
+             temperature: float, seed: int, mesh: Mesh, rules: shd.Rules, tokenizer: Tokenizer | None = None,
+             dtype: Any = None, keep_logits: bool = False, quant_inputs: bool = False
+             ) -> tuple[list[list[int]], dict[str, Any]]:
+    """n_tokens new tokens after each prompt (a str: its ids from `tokenizer`; or token ids), in one compiled call
     (quant_inputs: matmul inputs rounded to int8 per token, for a W8A8 QAT run).
 
     Returns (new tokens per prompt, info): cache_bytes, peak_bytes (the compiled call's arguments, outputs
@@ -263,7 +256,7 @@ def generate(params: Any, cfg: ModelConfig, prompts: Sequence[str | Sequence[int
         raise UserError(f"n_tokens={n_tokens}: generate at least 1 token")
     if temperature < 0:
         raise UserError(f"temperature={temperature} must not be negative (0 = greedy)")
-    rows = [r[-cfg.seq_len:] for r in _rows(prompts, cfg.vocab_size)]
+    rows = [r[-cfg.seq_len:] for r in _rows(prompts, cfg.vocab_size, tokenizer)]
     rules = {k: tuple(v) for k, v in rules.items()}
     divisor = shd.batch_divisor(mesh, rules)
     B = -(-len(rows) // divisor) * divisor  # pad the batch so it splits over the batch axes
