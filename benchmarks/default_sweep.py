@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["run.progress=false", "run.plot=false", "run.sample_tokens=0", "checkpoint.export_final=false"]
 ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.cpu_devices=1"]
 
-# name -> overrides of configs/default.yaml
+# name -> overrides of configs/default.yaml, on bytes (the tokenizer's sweep: tokenizer_sweep.py)
+BYTES = "data.tokenizer=bytes"
 CANDIDATES = {
     "d128-s128-b32 (old default)": [],
     "d128-s128-b32 lr6e-3": ["optim.lr=6e-3"],
@@ -64,6 +65,7 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
     from jaxinfra.train.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
+    overrides = [BYTES, *overrides]
     _train([*overrides, *QUIET, f"run.steps={probe}", f"run.log_every={max(probe // 10, 1)}", "run.eval_batches=0"],
            probe_dir, 600)
     tok_s = statistics.median(r["tokens_per_sec"] for r in read_metrics(probe_dir)[3:] if "tokens_per_sec" in r)

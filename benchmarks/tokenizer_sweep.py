@@ -6,7 +6,7 @@ token cache, as a user starts it.
 python benchmarks/tokenizer_sweep.py [--budget SECONDS] [--only NAME ...]: for each candidate, a probe run
 (30 steps, cold) measures the fixed cost (start-up, tokenizer, cache, compile) and the step time; a second
 cold run gets as many steps as fill the budget. Rows go to benchmarks/results/tokenizer-sweep-<host>.json.
-python benchmarks/tokenizer_sweep.py --smoke: the first candidate on the tiny model, a few steps (a check).
+python benchmarks/tokenizer_sweep.py --smoke: bpe:512 on the tiny model, a few steps (a check).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=540.0, help="wall seconds per candidate, start to finish")
     p.add_argument("--only", nargs="*", default=None, help="candidate names (default: all)")
     from benchmarks import TINY, parse, results_path, write
-    args = parse(p, None, only=[next(iter(CANDIDATES))], budget=60.0)
+    args = parse(p, None, only=["bpe:512"], budget=60.0)
     out_path = results_path(args, f"tokenizer-sweep-cpu-{os.cpu_count()}core-{platform.machine()}.json")
     results = json.load(open(out_path)) if os.path.exists(out_path) else {"runs": []}
     scratch = tempfile.mkdtemp(prefix="jaxinfra-tokenizer-sweep-")
@@ -81,7 +81,8 @@ def main() -> None:
         for name, overrides in CANDIDATES.items():
             if args.only and name not in args.only:
                 continue
-            row = {**measure(name, overrides + (TINY if args.smoke else []), args.budget, scratch,
+            smoke = [*TINY, "data.tokenizer_sample=2000000"] if args.smoke else []
+            row = {**measure(name, overrides + smoke, args.budget, scratch,
                              probe=8 if args.smoke else PROBE),
                    "budget_s": args.budget, "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
             print(f"{name:16s} steps {row['steps']:5d}  {row['tokens_per_sec']:8,.0f} tok/s  "

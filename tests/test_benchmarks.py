@@ -76,7 +76,7 @@ def test_a_smoke_run_never_writes_into_benchmarks_results(tmp_path):
 def test_every_benchmark_script_has_a_smoke_test():
     tests = [name + "_" for name in globals() if name.startswith("test_smoke_")]  # test_smoke_SCRIPT[_MODE]
     untested = [s for s in SCRIPTS if not any(t.startswith(f"test_smoke_{s}_") for t in tests)]
-    assert len(SCRIPTS) == 11 and not untested, untested
+    assert len(SCRIPTS) == 13 and not untested, untested
 
 
 # --- the smoke runs (slow lane) ---
@@ -260,6 +260,25 @@ def test_smoke_default_sweep(tmp_path):
     positive(row, "probe_tokens_per_sec", "tokens_per_sec", "mfu", "wall_s", "train_s", "heldout_bpb")
     assert 0 < row["zlib_bpb"] < 8 and 0 < row["xz_bpb"] < row["zlib_bpb"]
     assert row["sampled_eval_bpb"] and all(0 < bpb < 16 for _, bpb in row["sampled_eval_bpb"])
+
+
+@pytest.mark.slow
+def test_smoke_tokenizer_sweep(tmp_path):
+    (row,) = smoke(tmp_path, "tokenizer_sweep")["runs"]
+    assert row["smoke"] is True and row["name"] == "bpe:512" and row["budget_s"] == 60 and row["steps"] >= 50
+    assert row["trained_tokenizer"] and 2 < row["bytes_per_token"] < 4  # a BPE packs bytes; 512 ids, about 2.1
+    positive(row, "tokens_per_sec", "wall_s", "step_s", "fixed_s", "tokenize_s", "heldout_bpb")
+    assert 0 < row["xz_bpb"] < row["zlib_bpb"] < 8
+
+
+@pytest.mark.slow
+def test_smoke_data(tmp_path):
+    (row,) = smoke(tmp_path, "data", "--tokenizer", "bpe:300")["rows"]
+    assert row["tokenizer"] == "bpe:300" and row["tokens"] > row["documents"] > 100
+    positive(row, "cache_tokens_per_sec", "encode_batch_tokens_per_sec", "ratio", "read_tokens_per_sec",
+             "train_tokens_per_sec", "batch_s", "step_s")
+    assert math.isclose(row["read_over_train"], row["read_tokens_per_sec"] / row["train_tokens_per_sec"])
+    assert math.isclose(row["wait_fraction_bound"], row["batch_s"] / row["step_s"])
 
 
 @pytest.mark.slow

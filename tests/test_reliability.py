@@ -490,7 +490,7 @@ def small_disk(tmp_path):
 def test_disk_full_during_saves_is_one_line_and_keeps_the_last_good_step(small_disk, tmp_path):
     run_dir = small_disk / "run"
     proc = _start([*TINY, f"run.dir={run_dir}", "run.steps=1000", "checkpoint.every=1", "checkpoint.keep=1000",
-                   "run.eval_batches=0"])
+                   "run.eval_batches=0", f"data.cache={tmp_path / 'cache'}"])  # the saves fill the disk, not the tokens
     with _reaped(proc):
         out, err = proc.communicate(timeout=300)
     lines = err.strip().splitlines()

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxinfra.core.errors import UserError
+from jaxinfra.core.errors import UserError, naming
 from jaxinfra.data.documents import DocFile, documents
 from jaxinfra.data.tokenizer import Tokenizer
 
@@ -273,9 +273,10 @@ def build(plan: Plan, tokenizer: Tokenizer, root: str) -> Cache:
         os.makedirs(tmp)
     _sync(f"jaxinfra token cache {fp} begun")
     t0 = time.perf_counter()
-    counts = _write_part(plan, shares(plan.files + plan.heldout_files, P)[p], tokenizer, tmp, p, show=p == 0)
-    with open(os.path.join(tmp, f"{p}.json"), "w") as f:
-        json.dump(counts, f)
+    with naming(tmp):  # a full disk names the cache folder
+        counts = _write_part(plan, shares(plan.files + plan.heldout_files, P)[p], tokenizer, tmp, p, show=p == 0)
+        with open(os.path.join(tmp, f"{p}.json"), "w") as f:
+            json.dump(counts, f)
     _sync(f"jaxinfra token cache {fp} parts")
     if p == 0:
         parts = [json.load(open(os.path.join(tmp, f"{q}.json"))) for q in range(P)]
