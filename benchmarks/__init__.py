@@ -16,10 +16,10 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-# Widths that compile in a second or two (tests/conftest.py's TINY model); later overrides win, so these
-# go after a script's own
+# Widths that compile in a second or two (tests/conftest.py's TINY model, on bytes: 256 ids); later overrides
+# win, so these go after a script's own (a tokenizer a script sweeps goes after them)
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
-        "data.batch_size=16"]
+        "data.batch_size=16", "data.tokenizer=bytes"]
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None = None, **smoke: Any) -> argparse.Namespace:

@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30, help="steps of the training run that times the step")
     args = parse(p, argv, rounds=1, steps=10)
     small = [f"data.path={os.path.join(ROOT, 'jaxinfra')}", "data.heldout_percent=10"] if args.smoke else []
-    overrides = [*small, *([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []),
-                 *(TINY if args.smoke else [])]
+    overrides = [*small, *(TINY if args.smoke else []),
+                 *([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else [])]
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), overrides)
     scratch = tempfile.mkdtemp(prefix="jaxinfra-data-bench-")
     try:

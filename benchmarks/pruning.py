@@ -35,12 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
 BIG = 10 ** 6
 BATCH = "data.batch_size=32"  # the documented figures' batch (the default job's was 32 until 2026-12-05)
+BYTES = "data.tokenizer=bytes"  # and their vocabulary (the default job's until 2026-12-06)
 
 
 def cost(steps: int, rounds: int, extra: list[str] = ()) -> dict[str, Any]:
     """Median step time of dense / update-every-step / masks-held steps, alternating in one process (`extra`
     overrides on top)."""
-    cfg = load_config(DEFAULT, [BATCH, f"run.steps={BIG}", *extra])
+    cfg = load_config(DEFAULT, [BATCH, BYTES, f"run.steps={BIG}", *extra])
     mesh = make_mesh(2, 2, 2)
     B, L = cfg.data.batch_size, cfg.model.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, (B, L + 1), dtype=np.int32)
@@ -52,7 +53,7 @@ def cost(steps: int, rounds: int, extra: list[str] = ()) -> dict[str, Any]:
     loops, times = {}, {name: [] for name in variants}
     with jax.set_mesh(mesh):
         for name, overrides in variants.items():
-            plan = lm_plan(load_config(DEFAULT, [BATCH, f"run.steps={BIG}", *extra] + overrides), mesh)
+            plan = lm_plan(load_config(DEFAULT, [BATCH, BYTES, f"run.steps={BIG}", *extra] + overrides), mesh)
             loops[name] = (plan.compile(), plan.init()[0])
         batch = {"tokens": jax.device_put(tokens, plan.batch_shardings["tokens"])}
         for r in range(rounds + 1):  # round 0 warms up
@@ -89,7 +90,7 @@ def quality(seeds: int, steps: int, only: list[str] | None, window: tuple[float,
     from jaxinfra.lm.job import run
     start, end = round(steps * window[0]), round(steps * window[1])
     # (4, 2, 1): with tensor=2 the 4 heads of wo split 2 per device, and 2:4 groups need 4 per device
-    common = [BATCH, "mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", f"run.steps={steps}", "run.eval_every=0",
+    common = [BATCH, BYTES, "mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", f"run.steps={steps}", "run.eval_every=0",
               "run.eval_batches=8", "run.progress=false",
               "run.sample_tokens=0", "checkpoint.every=0", "checkpoint.export_final=false",
               f"prune.start_step={start}", f"prune.end_step={end}", "prune.every=10"] + list(extra or [])

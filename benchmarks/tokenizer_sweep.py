@@ -82,7 +82,7 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             smoke = [*TINY, "data.tokenizer_sample=2000000"] if args.smoke else []
-            row = {**measure(name, overrides + smoke, args.budget, scratch,
+            row = {**measure(name, smoke + overrides, args.budget, scratch,
                              probe=8 if args.smoke else PROBE),
                    "budget_s": args.budget, "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
             print(f"{name:16s} steps {row['steps']:5d}  {row['tokens_per_sec']:8,.0f} tok/s  "

@@ -30,7 +30,7 @@ from jaxinfra.settings.loading import load_config
 from jaxinfra.settings.sections import Config  # noqa: E402
 
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.seq_len=16",
-        "data.batch_size=16", "run.steps=5", "optim.warmup_steps=1", "run.progress=false",
+        "data.batch_size=16", "data.tokenizer=bytes", "run.steps=5", "optim.warmup_steps=1", "run.progress=false",
         "run.sample_tokens=0", "run.eval_every=0", "run.eval_batches=1", "run.plot=false",
         "run.score_heldout=false"]  # scoring all 297K held-out bytes adds 3 s a run; test_cli's end-to-end run does it
 

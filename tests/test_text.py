@@ -258,3 +258,20 @@ def test_a_1gb_jsonl_file_is_tokenized_in_bounded_memory(tmp_path):
     path.unlink()
     assert n_bytes > 1_000_000_000
     assert (peak_kb - base_kb) * 1024 < 1 << 30, (base_kb, peak_kb)
+
+
+def test_a_run_keeps_its_tokenizer_and_init_from_reuses_it(tmp_path, capsys):
+    paths = _write(tmp_path / "data", _docs(200))
+    args = [*TINY, "data.tokenizer=bpe:300", f"data.path={paths['jsonl']}", "data.heldout_percent=10",
+            "run.steps=2", "checkpoint.export_final=false", "checkpoint.every=2"]
+    assert cli.main([*args, f"run.dir={tmp_path / 'a'}"]) == 0
+    trained = (tmp_path / "a" / "tokenizer.json").read_text()
+    # a fresh run that starts from run a reads a's tokenizer instead of training its own (its sample differs)
+    assert cli.main([*args, "data.tokenizer_sample=5000", f"checkpoint.init_from={tmp_path / 'a'}",
+                     f"run.dir={tmp_path / 'b'}"]) == 0
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == trained
+    capsys.readouterr()
+    # resuming run a with another tokenizer is refused in one line
+    code = cli.main([*args, "data.tokenizer=bytes", "run.steps=4", f"run.dir={tmp_path / 'a'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.tokenizer=bpe:300" in err[0], err
