@@ -44,7 +44,7 @@ def test_help_lists_every_key_with_type_default_and_meaning(tmp_path):
     lines = out.stdout.splitlines()
     assert any(line.startswith("  --config") for line in lines) and "key.sub=value" in out.stdout
     assert any(line.startswith("  --print-config") for line in lines)
-    for head in ("run.steps: int = 600 (--config default: 3000)", "mesh.fsdp: int = 2", "prune.sparsity: float = 0.0",
+    for head in ("run.steps: int = 600 (--config default: 3050)", "mesh.fsdp: int = 2", "prune.sparsity: float = 0.0",
                  "data.glob: str = '*.py'", "run.profile_steps: list[int] = []"):
         i = lines.index(f"  {head}")
         assert lines[i + 1].startswith("      ") and lines[i + 1].strip(), (head, lines[i + 1])  # its meaning

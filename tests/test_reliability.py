@@ -224,7 +224,7 @@ def saved_run(tmp_path_factory):
 
 # The model: arrays large enough that OCDBT stores them out of line in the per-process data
 # files, which carry no checksum of their own (smaller ones sit inline in CRC-checked b-tree nodes)
-LM = ["model.n_layers=1", "model.d_model=64", "model.d_ff=128", "model.seq_len=32", "data.batch_size=16",
+LM = ["data.tokenizer=bytes", "model.n_layers=1", "model.d_model=64", "model.d_ff=128", "model.seq_len=32", "data.batch_size=16",
       "run.steps=10", "checkpoint.every=5", "run.eval_batches=0", "run.sample_tokens=0", "run.progress=false",
       "run.plot=false", "checkpoint.export_final=false"]
 

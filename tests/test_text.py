@@ -275,3 +275,20 @@ def test_a_run_keeps_its_tokenizer_and_init_from_reuses_it(tmp_path, capsys):
     code = cli.main([*args, "data.tokenizer=bytes", "run.steps=4", f"run.dir={tmp_path / 'a'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "data.tokenizer=bpe:300" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_bad_file_in_one_process_share_stops_both_processes_with_one_line(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, d in enumerate(_docs(40)):  # the last file, in the second process's share, has a broken line
+        (folder / f"part{i:02d}.jsonl").write_text(json.dumps({"text": d}) + "\n" + ("{oops\n" if i == 39 else ""))
+    env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, PYTHON=sys.executable)
+    for _ in range(3):  # a coordinator port another test holds: try again
+        out = subprocess.run([str(ROOT / "scripts" / "launch_local.sh"), "2", *TINY, f"data.path={folder}",
+                              "data.glob=*.jsonl", f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=300)
+        if "Failed to add port" not in out.stderr:
+            break
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "part39.jsonl line 2" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -258,6 +258,18 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def all_or_none(error: UserError | None, what: str) -> None:
+    """Every process says whether its part of `what` went well (a collective, so also a barrier): one that did not
+    makes all stop, with its own error on it and a UserError naming it on the others, where a sync would wait for
+    it forever. Raises `error` itself when given."""
+    if jax.process_count() > 1:
+        failed_P = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is None and failed_P.any():
+            raise UserError(f"data: process {int(np.argmax(failed_P))} failed to {what} (its own error line says why)")
+    if error is not None:
+        raise error
+
+
 def build(plan: Plan, tokenizer: Tokenizer, root: str) -> Cache:
     """The corpus's token cache under `root`: reused when its fingerprint's folder is there, else written
     (each process its share of the files) and then read. Raises UserError for a bad file (documents())."""
@@ -273,11 +285,14 @@ def build(plan: Plan, tokenizer: Tokenizer, root: str) -> Cache:
         os.makedirs(tmp)
     _sync(f"jaxinfra token cache {fp} begun")
     t0 = time.perf_counter()
-    with naming(tmp):  # a full disk names the cache folder
-        counts = _write_part(plan, shares(plan.files + plan.heldout_files, P)[p], tokenizer, tmp, p, show=p == 0)
-        with open(os.path.join(tmp, f"{p}.json"), "w") as f:
-            json.dump(counts, f)
-    _sync(f"jaxinfra token cache {fp} parts")
+    try:
+        with naming(tmp):  # a full disk names the cache folder
+            counts = _write_part(plan, shares(plan.files + plan.heldout_files, P)[p], tokenizer, tmp, p, show=p == 0)
+            with open(os.path.join(tmp, f"{p}.json"), "w") as f:
+                json.dump(counts, f)
+    except UserError as e:  # a bad file in this process's share stops every process, none waits forever
+        all_or_none(e, "tokenize its share of the corpus")
+    all_or_none(None, "tokenize its share of the corpus")
     if p == 0:
         parts = [json.load(open(os.path.join(tmp, f"{q}.json"))) for q in range(P)]
         total = {s: {k: sum(c[s][k] for c in parts) for k in ("tokens", "bytes", "docs")} for s in ("train", "heldout")}

@@ -93,8 +93,7 @@ def run(cfg: Config) -> dict[str, Any]:
     console(lead)
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
-    corpus = text.prepare(cfg)
-    cfg = text.with_vocab(cfg, corpus.tokenizer, mesh)
+    # the config against the mesh first (a tokenizer.json's vocabulary, 0 until read, is checked once it is)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
     cfg.pipeline.check_mesh(mesh.shape["stage"], cfg.model.n_layers, cfg.data.batch_size // cfg.optim.grad_accum,
                             shd.batch_divisor(mesh, m.logical_rules))
@@ -102,6 +101,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
                         f"use model.attention=xla")
+    corpus = text.prepare(cfg)
+    cfg = text.with_vocab(cfg, corpus.tokenizer, mesh)
+    shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)
     train, held = corpus.train, corpus.heldout
     log.info(f"corpus {corpus.name}: {corpus.n_train_docs:,} train documents ({train.n_bytes:,} bytes, "
              f"{train.tokens.size:,} tokens), {corpus.n_heldout_docs:,} held out ({held.n_bytes:,} bytes, "

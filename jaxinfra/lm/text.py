@@ -7,7 +7,6 @@ import logging
 import os
 
 import jax
-from jax.experimental import multihost_utils
 
 from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.core import storage
@@ -39,19 +38,34 @@ def _beside(path: str) -> str | None:
     return None
 
 
+def _keep(cfg: Config, tokenizer: tok_lib.Tokenizer) -> None:
+    """Write the tokenizer into the run folder (exports and generate.py read it there), once: a run folder that
+    holds another tokenizer.json is refused (on every process), so a second run on the folder cannot swap it."""
+    mine = storage.join(cfg.run.path, tok_lib.FILE)
+    if storage.isfile(mine):
+        if storage.read_text(mine) != tokenizer.json_text:
+            raise UserError(f"run.dir {cfg.run.path} holds a {tok_lib.FILE} of another tokenizer than "
+                            f"data.tokenizer={cfg.data.tokenizer}: start in another run.dir")
+        return
+    if jax.process_index() == 0:  # every process checks (none goes on alone), the first writes
+        storage.makedirs(cfg.run.path)
+        storage.write_text(mine, tokenizer.json_text)
+
+
 def _trained(cfg: Config, plan: cache_lib.Plan, size: int) -> tok_lib.Tokenizer:
     """bpe:N, trained by the first process on the training split's sample and written into the run folder;
     the other processes read that file."""
-    mine = storage.join(cfg.run.path, tok_lib.FILE)
+    mine, error = storage.join(cfg.run.path, tok_lib.FILE), None
     if jax.process_index() == 0:
-        tokenizer = tok_lib.train_bpe(corpus_lib.bpe_sample(plan, cfg.data.tokenizer_sample), size)
-        storage.makedirs(cfg.run.path)
-        storage.write_text(mine, tokenizer.json_text)
-        log.info(f"trained {cfg.data.tokenizer} on the training split -> {mine}")
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxinfra tokenizer trained")
-        if jax.process_index():
-            return tok_lib.from_json(storage.read_text(mine), cfg.data.tokenizer)
+        try:  # the sample reads documents: a bad file is a UserError, which the others must hear of
+            tokenizer = tok_lib.train_bpe(corpus_lib.bpe_sample(plan, cfg.data.tokenizer_sample), size)
+            _keep(cfg, tokenizer)
+            log.info(f"trained {cfg.data.tokenizer} on the training split -> {mine}")
+        except UserError as e:
+            error = e
+    cache_lib.all_or_none(error, "train the tokenizer")  # also the barrier before the others read its file
+    if jax.process_index():
+        return tok_lib.from_json(storage.read_text(mine), cfg.data.tokenizer)
     return tokenizer
 
 
@@ -65,9 +79,8 @@ def tokenizer_of(cfg: Config, plan: cache_lib.Plan) -> tok_lib.Tokenizer:
     size = tok_lib.bpe_size(spec)
     if not size:
         tokenizer = tok_lib.load(spec)
-        if tokenizer.impl is not None and jax.process_index() == 0:  # exports and generate.py read it there
-            storage.makedirs(cfg.run.path)
-            storage.write_text(storage.join(cfg.run.path, tok_lib.FILE), tokenizer.json_text)
+        if tokenizer.impl is not None:
+            _keep(cfg, tokenizer)
         return tokenizer
     found = storage.join(cfg.run.path, tok_lib.FILE)
     found = found if storage.isfile(found) else _beside(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
@@ -77,9 +90,7 @@ def tokenizer_of(cfg: Config, plan: cache_lib.Plan) -> tok_lib.Tokenizer:
     if tokenizer.vocab_size > size:
         raise UserError(f"data.tokenizer={spec}: {found} holds {tokenizer.vocab_size} ids, more than {size}")
     log.info(f"tokenizer {spec}: {found}")
-    if found != storage.join(cfg.run.path, tok_lib.FILE) and jax.process_index() == 0:
-        storage.makedirs(cfg.run.path)
-        storage.write_text(storage.join(cfg.run.path, tok_lib.FILE), tokenizer.json_text)
+    _keep(cfg, tokenizer)
     return tokenizer
 
 
