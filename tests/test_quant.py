@@ -24,7 +24,7 @@ from jaxinfra.models.transformer import lm_loss
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.train import compression
 from jaxinfra.train.step import abstract_model
-from steps import make_batch, mesh_of, model_plan
+from steps import mesh_of, model_plan
 
 pytestmark = pytest.mark.xdist_group("quant")
 

@@ -5,11 +5,9 @@ import json
 import os
 import shutil
 import signal
-import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 import tensorstore as ts
 from conftest import TINY, tiny_config

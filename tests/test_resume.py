@@ -106,7 +106,7 @@ def test_sigterm_saves_the_agreed_step_and_exits_zero(tmp_path, processes):
     stopped = int(out.split("stopping at step ")[1].split()[0])
     steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
     assert steps == [stopped]
-    rc, out, err = _run([*args, f"run.stop_after=2"], launcher=processes if processes > 1 else None)
+    rc, out, err = _run([*args, "run.stop_after=2"], launcher=processes if processes > 1 else None)
     assert rc == 0 and f"resumed from step {stopped}" in out, err[-2000:]
     assert f"stopping at step {stopped + 2}" in out
 
