@@ -47,7 +47,8 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
     shutil.rmtree(probe_dir, ignore_errors=True)
     _, probe_wall = _train([*overrides, *QUIET, f"run.steps={probe}", "run.log_every=5", "run.eval_batches=0",
                             "run.score_heldout=false"], probe_dir, 900)
-    step_s = statistics.median(r["step_time_s"] for r in read_metrics(probe_dir)[2:] if "step_time_s" in r)
+    timed = [r["step_time_s"] for r in read_metrics(probe_dir) if "step_time_s" in r]
+    step_s = statistics.median(timed[2:] or timed[-1:])  # the first intervals hold the warm-up
     fixed = probe_wall - probe * step_s
     steps = max(50, int((budget - fixed) / step_s * 0.97) // 10 * 10)  # 3%: the evaluations and final scoring
     run_dir = os.path.join(scratch, "run")

@@ -274,7 +274,7 @@ def test_smoke_tokenizer_sweep(tmp_path):
 @pytest.mark.slow
 def test_smoke_data(tmp_path):
     (row,) = smoke(tmp_path, "data", "--tokenizer", "bpe:300")["rows"]
-    assert row["tokenizer"] == "bpe:300" and row["tokens"] > row["documents"] > 100
+    assert row["tokenizer"] == "bpe:300" and row["tokens"] > row["documents"] > 50  # jaxinfra/'s training files
     positive(row, "cache_tokens_per_sec", "encode_batch_tokens_per_sec", "ratio", "read_tokens_per_sec",
              "train_tokens_per_sec", "batch_s", "step_s")
     assert math.isclose(row["read_over_train"], row["read_tokens_per_sec"] / row["train_tokens_per_sec"])

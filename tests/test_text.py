@@ -10,7 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, tiny_config
+from conftest import TINY, need, tiny_config
 
 from jaxinfra import cli
 from jaxinfra.data import cache as cache_lib
@@ -34,9 +34,9 @@ def _docs(n: int = 150) -> list[str]:
 
 def _write(folder: Path, docs: list[str]) -> dict[str, Path]:
     """The same documents as JSONL, JSONL.gz, JSONL.zst, Parquet and a folder of .txt files."""
-    zstandard = pytest.importorskip("zstandard")
-    pq = pytest.importorskip("pyarrow.parquet")
-    pa = pytest.importorskip("pyarrow")
+    zstandard = need("zstandard", "the text extra: .jsonl.zst corpora")
+    pq = need("pyarrow.parquet", "the text extra: Parquet corpora")
+    pa = need("pyarrow", "the text extra: Parquet corpora")
     folder.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)).encode()
     paths = {"jsonl": folder / "docs.jsonl", "gz": folder / "docs.jsonl.gz", "zst": folder / "docs.jsonl.zst",
@@ -166,8 +166,8 @@ def test_a_bad_jsonl_file_is_one_line_and_exit_2(case, tmp_path, capsys):
 
 
 def test_bad_tokenizers_columns_and_vocabularies_are_one_line_and_exit_2(tmp_path, capsys):
-    pq = pytest.importorskip("pyarrow.parquet")
-    pa = pytest.importorskip("pyarrow")
+    pq = need("pyarrow.parquet", "the text extra: Parquet corpora")
+    pa = need("pyarrow", "the text extra: Parquet corpora")
     pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "t.parquet")
     (tmp_path / "broken.json").write_text('{"model": 3}')
     (tmp_path / "empty.jsonl").write_text("\n\n")

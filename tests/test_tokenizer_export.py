@@ -8,7 +8,7 @@ import shutil
 
 import jax
 import pytest
-from conftest import TINY
+from conftest import TINY, need
 
 from jaxinfra import cli
 from jaxinfra.ckpt import reader as ckpt_reader
@@ -98,7 +98,7 @@ def test_run_tokenizer_by_the_saved_config(tmp_path):
 
 
 def test_transformers_reads_the_hf_export_as_our_tokenizer(bpe_run):
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers", "AutoTokenizer loads the exported tokenizer")
     run, _ = bpe_run
     ours = tok_lib.run_tokenizer(_step_dir(run), ckpt_reader.saved_config(_step_dir(run)))
     folder = run / "exports" / f"hf-{STEPS}"

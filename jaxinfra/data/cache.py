@@ -4,6 +4,7 @@ tokenizes a contiguous share of the files into its own part; the parts, read in 
 one process would have written, so batches do not depend on the process count."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -275,6 +276,15 @@ def build(plan: Plan, tokenizer: Tokenizer, root: str) -> Cache:
     (each process its share of the files) and then read. Raises UserError for a bad file (documents())."""
     fp = plan.fingerprint(tokenizer)
     folder = os.path.join(root, f"tokens-{fp}")
+    os.makedirs(root, exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:
+        if jax.process_index() == 0:  # another run writing the same cache: wait for it, then read its cache
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _built(plan, tokenizer, folder, fp)
+
+
+def _built(plan: Plan, tokenizer: Tokenizer, folder: str, fp: str) -> Cache:
+    """The cache folder read, written first unless there (under build's lock on the first process)."""
     P, p = jax.process_count(), jax.process_index()
     if os.path.exists(os.path.join(folder, META)):
         log.info(f"token cache {folder}: reused")
