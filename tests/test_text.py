@@ -231,7 +231,7 @@ def test_two_processes_equal_one_with_bpe_and_packing(tmp_path):
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == 5
     np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-6)
-    meta = [json.loads((p / "meta.json").read_text()) for p in (tmp_path / "two" / "cache").glob("tokens-*")]
+    meta = [json.loads(p.read_text()) for p in (tmp_path / "two" / "cache").glob("tokens-*/meta.json")]
     assert [m["parts"] for m in meta] == [2]  # each process tokenized its share of the files
 
 
