@@ -56,23 +56,20 @@ def bpe_sample(plan: cache_lib.Plan, limit: int) -> Iterator[bytes]:
     same files give the same sample); when the hash picks nothing (one big document), the first `limit` bytes."""
     total = sum(f.size for f in plan.files)
     fraction = 1.0 if not limit or limit >= total else limit / total
+    picked = lambda key: int.from_bytes(hashlib.sha256(b"sample:" + key.encode()).digest()[:8], "little") % 10_000 \
+        < fraction * 10_000
     taken = 0
-    for key, held, raw in cache_lib.split_documents(plan, plan.files):
-        pick = int.from_bytes(hashlib.sha256(b"sample:" + key.encode()).digest()[:8], "little") % 10_000
-        if not held and pick < fraction * 10_000:
+    for by_hash in (True, False):
+        for key, held, raw in cache_lib.split_documents(plan, plan.files):
+            if held or (by_hash and not picked(key)):
+                continue
             raw = raw[:limit - taken] if limit else raw
             taken += len(raw)
             yield raw
             if limit and taken >= limit:
                 return
-    if not taken:
-        for _, held, raw in cache_lib.split_documents(plan, plan.files):
-            if not held:
-                raw = raw[:limit - taken] if limit else raw
-                taken += len(raw)
-                yield raw
-                if limit and taken >= limit:
-                    return
+        if taken:
+            return
 
 
 def load_corpus(data: DataConfig, tokenizer: Tokenizer, cache_root: str,
