@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 def saved_tokenizer(cfg: Config) -> str | None:
     """data.tokenizer of the run being resumed (bytes when its config predates tokenizers); None for a fresh run."""
-    if not ckpt_reader.has_steps(cfg.run.path):
+    root = ckpt_reader.checkpoints_dir(cfg.run.path)
+    steps = ckpt_reader.complete_steps(root)  # listed once (a store's listing is a request)
+    if not steps:
         return None
-    step_dir, _ = ckpt_reader.locate(cfg.run.path)
-    saved = (ckpt_reader.saved_config(step_dir) or {}).get("data") or {}
+    saved = (ckpt_reader.saved_config(storage.join(root, str(steps[-1]))) or {}).get("data") or {}
     return str(saved.get("tokenizer", "bytes"))
 
 
