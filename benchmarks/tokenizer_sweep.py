@@ -45,10 +45,12 @@ def measure(name: str, overrides: list[str], budget: float, scratch: str, probe:
     from jaxinfra.train.plots import read_metrics
     probe_dir = os.path.join(scratch, "probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
-    _, probe_wall = _train([*overrides, *QUIET, f"run.steps={probe}", "run.log_every=5", "run.eval_batches=0",
+    _, probe_wall = _train([*overrides, *QUIET, f"run.steps={probe}", "run.log_every=1", "run.eval_batches=0",
                             "run.score_heldout=false"], probe_dir, 900)
     timed = [r["step_time_s"] for r in read_metrics(probe_dir) if "step_time_s" in r]
-    step_s = statistics.median(timed[2:] or timed[-1:])  # the first intervals hold the warm-up
+    # every step logged; the first two hold compilation and warm-up, the last is fetched after the final
+    # checkpoint's save started (a clean-clone CI probe of 8 steps, timed by that last step, gave fixed < 0)
+    step_s = statistics.median(timed[2:-1])
     fixed = probe_wall - probe * step_s
     steps = max(50, int((budget - fixed) / step_s * 0.97) // 10 * 10)  # 3%: the evaluations and final scoring
     run_dir = os.path.join(scratch, "run")
