@@ -36,7 +36,7 @@ from jaxinfra.parallel import sharding as shd  # noqa: E402
 from jaxinfra.parallel.mesh import make_mesh  # noqa: E402
 from jaxinfra.parallel.pipeline import idle_fraction, schedule  # noqa: E402
 from jaxinfra.settings.loading import load_config
-from jaxinfra.settings.sections import ModelConfig  # noqa: E402
+from jaxinfra.settings.model import ModelConfig  # noqa: E402
 from jaxinfra.train.optim import make_optimizer  # noqa: E402
 from jaxinfra.train.step import Field, plan_step  # noqa: E402
 
@@ -49,7 +49,7 @@ class ListOfBlocks(nnx.Module):
         pdt = np.dtype(cfg.param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, pdt)
         self.blocks = nnx.List([Block(cfg, rngs=rngs, constrain=constrain) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
         self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.d_model ** -0.5, pdt)
         self.constrain = constrain
 

@@ -14,7 +14,8 @@ from jaxinfra.data.tokenizer import bytes_tokenizer
 from jaxinfra.models import decode
 from jaxinfra.models.factory import model_fn
 from jaxinfra.models.sampling import sample
-from jaxinfra.models.transformer import rotary
+from jaxinfra.models.transformer import rope_frequencies, rotary_at
+from jaxinfra.settings.model import ModelConfig
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.train.step import abstract_model
 from steps import make_setup, mesh_of
@@ -117,13 +118,12 @@ def test_int8_kernels_equal_their_dequantized_floats(trained):
     assert np.mean(np.array(tok_q)[:, :10] == ref[:, :10]) > 0.5
 
 
-def test_rotary_at_positions_equals_the_models():
+def test_rotary_at_an_offset_equals_the_rows_of_a_longer_sequence():
     x = jax.random.normal(jax.random.key(0), (2, 16, 4, 8))
+    freq = rope_frequencies(ModelConfig(d_model=32, n_heads=4))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    np.testing.assert_array_equal(decode.rotary_at(x, pos, 10000.0), rotary(x, 10000.0))
-    # a row at an offset: its positions' rows of a longer sequence
-    longer = rotary(jnp.concatenate([jnp.zeros((2, 5, 4, 8)), x], axis=1), 10000.0)[:, 5:]
-    np.testing.assert_allclose(decode.rotary_at(x, pos + 5, 10000.0), longer, atol=1e-6)
+    longer = rotary_at(jnp.concatenate([jnp.zeros((2, 5, 4, 8)), x], axis=1), jnp.arange(21)[None], freq)[:, 5:]
+    np.testing.assert_allclose(rotary_at(x, pos + 5, freq), longer, atol=1e-6)
 
 
 def test_temperature_sampling_is_reproducible_per_seed(trained):

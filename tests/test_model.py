@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinfra.models.transformer import Transformer, lm_loss, rotary
+from jaxinfra.models.transformer import Transformer, lm_loss, rope_frequencies, rotary_at
+from jaxinfra.settings.model import ModelConfig
 from jaxinfra.train.step import abstract_model
 
 
@@ -42,10 +43,12 @@ def test_every_parameter_names_logical_axes(tiny):
 
 def test_rotary_preserves_norm_and_encodes_relative_position():
     x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
-    y = jax.jit(rotary, static_argnums=1)(x, 10000.0)
+    freq, pos = rope_frequencies(ModelConfig(d_model=32, n_heads=2)), jnp.arange(8)[None]
+    rotary = jax.jit(lambda x: rotary_at(x, pos, freq))
+    y = rotary(x)
     np.testing.assert_allclose(jnp.linalg.norm(x, axis=-1), jnp.linalg.norm(y, axis=-1), rtol=1e-5)
     q = jnp.broadcast_to(x[:, :1], x.shape)  # same vector at every position
-    rq = jax.jit(rotary, static_argnums=1)(q, 10000.0)
+    rq = rotary(q)
     dots = jnp.einsum("bthk,bthk->bth", rq[:, 1:], rq[:, :-1])  # neighbours: same relative offset
     np.testing.assert_allclose(dots, jnp.broadcast_to(dots[:, :1], dots.shape), rtol=1e-4)
 

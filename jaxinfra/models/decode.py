@@ -3,8 +3,9 @@ and decodes every new token in a `lax.fori_loop`, with no host round trip per to
 
 Pure functions of the parameter tree `sampling.sample` receives (`nnx.to_pure_dict` of the model's Params;
 any kernel may be a `quant.QTensor`) and the ModelConfig, with transformer.py's numerics: RMSNorm in float32,
-rotary (rotate-half) at each token's absolute position, SwiGLU, JAX's causal attention in the compute dtype,
-float32 logits. The cache holds K and V per layer, (batch, heads, seq_len, head_dim): a ring of seq_len
+rotary (rotate-half, scaled as the model's) at each token's absolute position, q/k/v biases and q/k norms where the
+model has them, SwiGLU, JAX's causal attention in the compute dtype (model.sliding_window honoured), float32 logits.
+The cache holds the KV heads' K and V per layer, (batch, kv_heads, seq_len, head_size): a ring of seq_len
 slots, the token at position p in slot p % seq_len. Within seq_len tokens the output is the model's; beyond,
 each token attends to the last seq_len tokens' cached K and V at their absolute positions (rotary is
 relative, so that is well defined): a rolling cache, not sampling.sample's sliding window, which
@@ -23,20 +24,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfra.compress.quant import QTensor, fake_quant
+from jaxinfra.compress.quant import QTensor, dequantize, fake_quant
 from jaxinfra.core.errors import UserError
 from jaxinfra.data.tokenizer import Tokenizer
 from jaxinfra.models.sampling import prompt_ids
-from jaxinfra.models.transformer import Transformer, rotary_at  # the model's own rotary, at given positions
+from jaxinfra.models.transformer import Transformer, rms_norm, rope_frequencies, rotary_at  # the model's own numerics
 from jaxinfra.parallel import sharding as shd
 
 if TYPE_CHECKING:
-    from jaxinfra.settings.sections import ModelConfig
+    from jaxinfra.settings.model import ModelConfig
 
 # Heads before slots: the attention dots then read the cache as it lies. In (B, S, H, K) order XLA's CPU
 # backend wrote a transposed copy of every layer's K and V each token (decoding batch 8 ran 2x slower).
-CACHE_NAMES = ("batch", "heads", "seq", "kv")
-Cache = tuple[tuple[jax.Array, jax.Array], ...]  # (K, V) per layer, each (B, H, seq_len, K)
+CACHE_NAMES = ("batch", "kv_heads", "seq", "kv")
+Cache = tuple[tuple[jax.Array, jax.Array], ...]  # (K, V) per layer, each (B, G, seq_len, K): the KV heads only
 
 
 def dot(x: jax.Array, w: jax.Array | QTensor, n_in: int, dtype: jnp.dtype) -> jax.Array:
@@ -59,11 +60,12 @@ def _embed(table: jax.Array | QTensor, tokens_BxT: jax.Array, dtype: jnp.dtype) 
     return (jnp.take(table.values, tokens_BxT, axis=0).astype(scale.dtype) * scale).astype(dtype)
 
 
-def _norm(x_BxTxD: jax.Array, scale_D: jax.Array) -> jax.Array:
-    """model.RMSNorm: float32, eps 1e-6."""
-    x = x_BxTxD.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-    return (y * scale_D.astype(jnp.float32)).astype(x_BxTxD.dtype)
+def _qkv(h_BxTxD: jax.Array, a: Any, which: str, dtype: jnp.dtype, eps: float, constrain: Callable) -> jax.Array:
+    """One of q, k, v ("q", "k" or "v") as the model's Attention makes it: projection, bias, head norm."""
+    y = constrain(dot(h_BxTxD, a[f"w{which}"], 1, dtype), ("batch", "seq", "heads" if which == "q" else "kv_heads", "kv"))
+    if f"b{which}" in a:
+        y = y + a[f"b{which}"].astype(dtype)
+    return rms_norm(y, a[f"{which}_norm"]["scale"], eps) if f"{which}_norm" in a else y
 
 
 def _blocks(params: Any) -> list[Any]:
@@ -87,11 +89,14 @@ def forward(params: Any, cfg: ModelConfig, tokens_BxT: jax.Array, pos_BxT: jax.A
     token attends to the cached tokens at or before its position. quant_inputs rounds each block
     matmul's input to int8 per token, as a W8A8 QAT model does (model.Transformer's quant_inputs)."""
     rnd = (lambda x, dims: fake_quant(x, dims)) if quant_inputs else (lambda x, dims: x)
-    S, names = cfg.seq_len, ("batch", "seq", "heads", "kv")
+    S, names, eps, freq_F = cfg.seq_len, ("batch", "seq", "heads", "kv"), cfg.norm_eps, rope_frequencies(cfg)
     newest_B = pos_BxT[:, -1]
     # the position each slot holds once this call's tokens are in (negative: never written)
     slot_pos_BxS = newest_B[:, None] - (newest_B[:, None] - jnp.arange(S)) % S
-    mask_Bx1xTxS = ((slot_pos_BxS[:, None, :] >= 0) & (slot_pos_BxS[:, None, :] <= pos_BxT[:, :, None]))[:, None]
+    seen_BxTxS = (slot_pos_BxS[:, None, :] >= 0) & (slot_pos_BxS[:, None, :] <= pos_BxT[:, :, None])
+    if cfg.sliding_window:  # the model's window: a query sees keys less than sliding_window positions back
+        seen_BxTxS &= pos_BxT[:, :, None] - slot_pos_BxS[:, None, :] < cfg.sliding_window
+    mask_Bx1xTxS = seen_BxTxS[:, None]
     # Each row writes from its own slot. A dynamic_update_slice per row, not a scatter: GSPMD keeps it on the
     # row's batch shard, where a scatter all-gathered every layer's new K and V over the batch axes each token.
     start_B = pos_BxT[:, 0] % S
@@ -101,32 +106,35 @@ def forward(params: Any, cfg: ModelConfig, tokens_BxT: jax.Array, pos_BxT: jax.A
     table = jax.tree.map(lambda t: constrain(t, (None,) * t.ndim), params["embed"])
     x_BxTxD = constrain(_embed(table, tokens_BxT, dtype), ("batch", "seq", "embed"))
     new_cache = []
-    for blk, (k_BxHxSxK, v_BxHxSxK) in zip(_blocks(params), cache):
+    for blk, (k_BxGxSxK, v_BxGxSxK) in zip(_blocks(params), cache):
         a, m = blk["attn"], blk["mlp"]
-        h_BxTxD = rnd(_norm(x_BxTxD, blk["attn_norm"]["scale"]), (2,))
-        proj = lambda w: constrain(dot(h_BxTxD, w, 1, dtype), names)
-        q_BxTxHxK = rotary_at(proj(a["wq"]), pos_BxT, cfg.rope_theta)
-        k_BxHxSxK = write(k_BxHxSxK, rotary_at(proj(a["wk"]), pos_BxT, cfg.rope_theta))
-        v_BxHxSxK = write(v_BxHxSxK, proj(a["wv"]))
-        new_cache.append((k_BxHxSxK, v_BxHxSxK))
+        h_BxTxD = rnd(rms_norm(x_BxTxD, blk["attn_norm"]["scale"], eps), (2,))
+        q_BxTxHxK = rotary_at(_qkv(h_BxTxD, a, "q", dtype, eps, constrain), pos_BxT, freq_F)
+        k_BxGxSxK = write(k_BxGxSxK, rotary_at(_qkv(h_BxTxD, a, "k", dtype, eps, constrain), pos_BxT, freq_F))
+        v_BxGxSxK = write(v_BxGxSxK, _qkv(h_BxTxD, a, "v", dtype, eps, constrain))
+        new_cache.append((k_BxGxSxK, v_BxGxSxK))
         # JAX's XLA attention, as the model calls it: same scale, float32 softmax, same masked value
-        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxHxSxK.transpose(0, 2, 1, 3),
-                                                 v_BxHxSxK.transpose(0, 2, 1, 3), mask=mask_Bx1xTxS,
+        o_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxGxSxK.transpose(0, 2, 1, 3),
+                                                 v_BxGxSxK.transpose(0, 2, 1, 3), mask=mask_Bx1xTxS,
                                                  implementation="xla")
         x_BxTxD = x_BxTxD + dot(rnd(constrain(o_BxTxHxK, names), (2, 3)), a["wo"], 2, dtype)
-        h_BxTxD = rnd(_norm(x_BxTxD, blk["mlp_norm"]["scale"]), (2,))
+        h_BxTxD = rnd(rms_norm(x_BxTxD, blk["mlp_norm"]["scale"], eps), (2,))
         f_BxTxF = jax.nn.silu(dot(h_BxTxD, m["w_gate"], 1, dtype)) * dot(h_BxTxD, m["w_up"], 1, dtype)
         f_BxTxF = rnd(constrain(f_BxTxF, ("batch", "seq", "mlp")), (2,))
         x_BxTxD = constrain(x_BxTxD + dot(f_BxTxF, m["w_down"], 1, dtype), ("batch", "seq", "embed"))
-    x_BxTxD = _norm(x_BxTxD, params["final_norm"]["scale"])
-    logits_BxTxV = dot(x_BxTxD, params["head"], 1, dtype).astype(jnp.float32)
+    x_BxTxD = rms_norm(x_BxTxD, params["final_norm"]["scale"], eps)
+    if "head" in params:
+        logits_BxTxV = dot(x_BxTxD, params["head"], 1, dtype).astype(jnp.float32)
+    else:  # tied: the embedding table is the output layer
+        table_VxD = dequantize(params["embed"]) if isinstance(params["embed"], QTensor) else params["embed"]
+        logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD.astype(dtype)).astype(jnp.float32)
     return constrain(logits_BxTxV, ("batch", "seq", "vocab")), tuple(new_cache)
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, dtype: Any = None) -> int:
-    """Bytes of the K and V cache: 2 x n_layers x batch x seq_len x heads x head_dim x itemsize."""
+    """Bytes of the K and V cache: 2 x n_layers x batch x seq_len x kv_heads x head_size x itemsize."""
     itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
-    return 2 * cfg.n_layers * batch * cfg.seq_len * cfg.n_heads * cfg.head_dim * itemsize
+    return 2 * cfg.n_layers * batch * cfg.seq_len * cfg.kv_heads * cfg.head_size * itemsize
 
 
 def _weight_shardings(params: Any, cfg: ModelConfig, mesh: Mesh, rules: shd.Rules) -> Any:
@@ -193,7 +201,7 @@ def _program(params: Any, cfg: ModelConfig, shape: Shape, mesh: Mesh, rules: shd
 
     def decode_all(p: Any, prompt_BxT: jax.Array, len_B: jax.Array, key_data: jax.Array, temperature: jax.Array) -> Any:
         p = jax.lax.with_sharding_constraint({**p, "blocks": _blocks(p)}, w_sh)  # before the loop: gathered once
-        zeros = lambda: constrain(jnp.zeros((B, cfg.n_heads, cfg.seq_len, cfg.head_dim), dtype), CACHE_NAMES)
+        zeros = lambda: constrain(jnp.zeros((B, cfg.kv_heads, cfg.seq_len, cfg.head_size), dtype), CACHE_NAMES)
         cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
         pos_BxT = jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))
         logits_BxTxV, cache = forward(p, cfg, prompt_BxT, pos_BxT, cache, dtype, constrain, quant_inputs)

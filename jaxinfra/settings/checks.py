@@ -8,6 +8,8 @@ from typing import Any
 
 from jaxinfra.core.errors import UserError
 
+DTYPES = ("float32", "bfloat16", "float16")  # compute, master-weight and export dtypes
+
 
 def at_least(values: dict[str, float], low: float, what: str) -> None:
     """Each key=value must be >= low; raises UserError naming the first that is not."""

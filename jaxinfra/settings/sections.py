@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
-from jaxinfra.settings.checks import at_least, knob, one_of
+from jaxinfra.settings.checks import DTYPES, at_least, knob, one_of
 from jaxinfra.settings.compression import PruneConfig, QuantConfig
+from jaxinfra.settings.model import ModelConfig
 
 MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the one list of mesh axis names (mesh.py takes it from here)
-DTYPES = ("float32", "bfloat16", "float16")  # compute, master-weight and export dtypes
 EXPORT_FORMATS = ("safetensors", "hf")  # checkpoint.export_format and export.py --format (train/exporter.py writes each)
 
 # Logical axis -> mesh axes. Models name logical axes only; this table is the one place that
@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, list[str]] = {
     "embed": ["fsdp"],  # FSDP / ZeRO-3: every weight split over fsdp along d_model
     "vocab": ["tensor"],  # Megatron: vocab, heads and the MLP hidden dim over tensor
     "heads": ["tensor"],
+    "kv_heads": ["tensor"],  # grouped KV heads; replicated when fewer than the tensor axis (models/factory.py)
     "kv": [],
     "mlp": ["tensor"],
     "norm": [],
@@ -157,56 +158,6 @@ class DistributedConfig:
     def check(self) -> None:
         """Counts that cannot be negative (the rest is checked when jax.distributed starts)."""
         at_least({"distributed.num_processes": self.num_processes}, 0, "not be negative")
-
-
-@dataclass
-class ModelConfig:
-    """Decoder-only transformer sizes and numerics (the LM job's model only)."""
-
-    vocab_size: int = knob(0, "vocabulary size; 0 = data.tokenizer's (bytes: 256, bpe:N: N), padded to a multiple "
-                           "of the mesh axes the vocabulary is split over")
-    d_model: int = knob(128, "width of the residual stream (the embedding size)")
-    n_layers: int = knob(4, "transformer blocks")
-    n_heads: int = knob(4, "attention heads; model.d_model / model.n_heads is the head size (even, for rotary)")
-    d_ff: int = knob(384, "hidden size of the gated MLP")
-    seq_len: int = knob(128, "context length: tokens per training window (an example holds seq_len + 1)")
-    rope_theta: float = knob(10000.0, "base of the rotary position embedding's frequencies")
-    dtype: str = knob("float32", "compute dtype: float32 | bfloat16 | float16 (bfloat16 on accelerators)")
-    param_dtype: str = knob("float32", "dtype of the master weights: float32 | bfloat16 | float16")
-    remat: str = knob("none", "none | full | dots (keep matmul outputs, recompute the rest)")
-    attention: str = knob("xla", "xla | cudnn (fused flash attention on NVIDIA GPUs, bf16/fp16 compute)")
-    scan_layers: bool = knob(False, "one compiled block looped over the layers (flat compile time at depth); false "
-                             "unrolls the loop: faster steps for a few small layers (1.19x, the default model on CPU)")
-
-    @property
-    def head_dim(self) -> int:
-        """Size of one attention head."""
-        return self.d_model // self.n_heads
-
-    def logical_sizes(self) -> dict[str, tuple[str, int]]:
-        """Logical axis -> (config key, size) for the divisibility checks."""
-        return {
-            "embed": ("model.d_model", self.d_model),
-            "heads": ("model.n_heads", self.n_heads),
-            "mlp": ("model.d_ff", self.d_ff),
-            "vocab": ("model.vocab_size", self.vocab_size),
-        }
-
-    def check(self) -> None:
-        """Sizes and numerics of the default Transformer."""
-        one_of("model.dtype", self.dtype, DTYPES)
-        one_of("model.param_dtype", self.param_dtype, DTYPES)
-        one_of("model.remat", self.remat, ("none", "full", "dots"))
-        one_of("model.attention", self.attention, ("xla", "cudnn"))
-        at_least({f"model.{k}": getattr(self, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "seq_len")}, 1,
-                 "be at least 1")
-        at_least({"model.vocab_size": self.vocab_size}, 0, "not be negative (0: the tokenizer's)")
-        if self.d_model % self.n_heads:
-            raise UserError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if self.attention == "cudnn" and self.dtype == "float32":
-            raise UserError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused attention)")
-        if self.head_dim % 2:
-            raise UserError(f"model.d_model / model.n_heads = {self.head_dim} must be even for rotary positions")
 
 
 @dataclass
