@@ -17,7 +17,7 @@ from jaxinfra.core.log import console
 from jaxinfra.data import corpus as corpus_lib
 from jaxinfra.data import packing
 from jaxinfra.lm import heldout, text
-from jaxinfra.models.factory import model_fn
+from jaxinfra.models.factory import fit_kv_heads, model_fn
 from jaxinfra.models.sampling import sample
 from jaxinfra.models.transformer import lm_loss, train_flops_per_token
 from jaxinfra.parallel import sharding as shd
@@ -93,6 +93,8 @@ def run(cfg: Config) -> dict[str, Any]:
     console(lead)
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=m.dcn(), stage=m.stage)
+    cfg = fit_kv_heads(cfg, mesh)
+    m = cfg.mesh
     # the config against the mesh first (a tokenizer.json's vocabulary, 0 until read, is checked once it is)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)  # name the config key, not a parameter
     cfg.pipeline.check_mesh(mesh.shape["stage"], cfg.model.n_layers, cfg.data.batch_size // cfg.optim.grad_accum,

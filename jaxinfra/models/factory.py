@@ -1,6 +1,8 @@
 """The default Transformer's factory: cfg.model on a mesh, its activations pinned by the logical rules."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import jax
@@ -9,6 +11,8 @@ from flax import nnx
 from jaxinfra.models.transformer import Transformer
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.settings.sections import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,3 +39,16 @@ def model_fn(cfg: Config, mesh: jax.sharding.Mesh) -> TransformerFn:
     """The default Transformer's factory: the one place the LM job, generation, the benchmarks and
     the tests build it."""
     return TransformerFn(cfg, mesh)
+
+
+def fit_kv_heads(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+    """cfg, with the KV heads replicated (mesh.rules.kv_heads=[]) when the mesh axes of kv_heads do not divide
+    model.kv_heads: each device then holds every KV head, as MaxText and vLLM do with fewer KV heads than
+    tensor-parallel ways; the query heads stay split. Said once at start-up."""
+    ways = shd.ways(mesh, cfg.mesh.logical_rules, "kv_heads")
+    if cfg.model.kv_heads % ways == 0:
+        return cfg
+    log.info(f"model.n_kv_heads={cfg.model.kv_heads} does not split {ways} ways over "
+             f"mesh.rules.kv_heads={list(cfg.mesh.rules['kv_heads'])}: every device holds all KV heads")
+    rules = {**cfg.mesh.rules, "kv_heads": []}
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules))

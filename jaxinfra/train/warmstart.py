@@ -1,5 +1,5 @@
 """Starting a fresh run from a trained model (`checkpoint.init_from`): a checkpoint step of any run,
-a safetensors export or a Hugging Face Llama folder (hub/hf.py), read a tensor at a time (digests checked), every shape checked, and placed
+a safetensors export or a Hugging Face folder (hub/hf.py), read a tensor at a time (digests checked), every shape checked, and placed
 onto this run's mesh. The optimizer starts fresh at step 0: prune a dense pretrained model, or
 fine-tune an export."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.names import tensor_name, whole_layers
 from jaxinfra.core.state import TrainState
 from jaxinfra.export import safetensors as safetensors_lib
-from jaxinfra.hub import hf
+from jaxinfra.hub import families, hf
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.train.step import ModelDef
 
@@ -40,9 +40,9 @@ class _Tensors(Mapping):
 
 def _reader(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[Callable[[str], np.ndarray], set[str], str]:
     """(read tensor by name, the names there, what to call the source); `shapes`: the model's tensors."""
-    if hf.is_hf_folder(path):
+    if families.is_hf_folder(path):
         read, names = hf.reader(path, shapes)
-        return read, names, f"{path} (Hugging Face Llama layout)"
+        return read, names, f"{path} (a Hugging Face {families.read_config(path)['model_type']} folder)"
     if path.endswith((".safetensors", ".index.json")) and storage.isfile(path):
         tensors = safetensors_lib.load(path)
         return tensors.__getitem__, set(tensors), path

@@ -1,0 +1,160 @@
+"""`from_pretrained`: a Hugging Face folder (llama, mistral, qwen2, qwen3; local, s3:// or gs://) as the default
+Transformer born sharded on a mesh, each parameter read straight into its shardings: every device's slice is
+read from the safetensors file alone (a memory-mapped slice), so a process reads only the bytes its devices
+hold and host memory stays about one slice; plus the folder's `tokenizer.json` as a `tokenizers.Tokenizer`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+from flax import nnx
+from safetensors import safe_open
+
+from jaxinfra.core import storage
+from jaxinfra.core.errors import UserError
+from jaxinfra.core.names import find_stacked, tensor_name, whole_layers
+from jaxinfra.data import tokenizer as tok_lib
+from jaxinfra.hub import families, hf
+from jaxinfra.models.factory import fit_kv_heads, model_fn
+from jaxinfra.models.transformer import Transformer
+from jaxinfra.parallel import sharding as shd
+from jaxinfra.parallel.mesh import make_mesh
+from jaxinfra.settings.model import ModelConfig
+from jaxinfra.settings.sections import Config
+
+
+def folder_config(path: str, dtype: str | None = None, seq_len: int | None = None) -> Config:
+    """The Config of a folder's model (model.* from its config.json; dtype the compute and parameter dtype,
+    float32 by default; seq_len its max_position_embeddings unless given)."""
+    fields = families.model_fields(path)
+    seq_len = seq_len or int(families.read_config(path).get("max_position_embeddings") or 2048)
+    dt = jnp.dtype(dtype or "float32").name
+    model = ModelConfig(**fields, seq_len=seq_len, dtype=dt, param_dtype=dt)
+    model.check()
+    return Config(model=model)
+
+
+def tokenizer_of(path: str) -> tokenizers.Tokenizer:
+    """The folder's tokenizer.json (never a Python tokenizer class); UserError with a hint when it has none."""
+    file = storage.join(path, tok_lib.FILE)
+    if not storage.isfile(file):
+        raise UserError(f"{path}: no {tok_lib.FILE} (only a fast tokenizer's file is read, never Python code): "
+                        f"write one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER)")
+    try:
+        return tokenizers.Tokenizer.from_str(storage.read_text(file))
+    except Exception as e:  # tokenizers raises its own exception types for a bad file
+        raise UserError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def _local(path: str) -> Iterator[str]:
+    """The folder itself, or (s3://, gs://) a temporary copy of its weight files and index."""
+    if not storage.is_remote(path):
+        yield path
+        return
+    storage.reachable(path, "from_pretrained")
+    with tempfile.TemporaryDirectory(prefix="jaxinfra-hf-") as tmp:
+        for name in storage.listdir(path):
+            if name.endswith((".safetensors", ".json")):
+                storage.download(storage.join(path, name), os.path.join(tmp, name))
+        yield tmp
+
+
+class _Files:
+    """HF tensor name -> its safetensors file, opened once each (a slice is read from the mapped file)."""
+
+    def __init__(self, folder: str):
+        weights = hf.weights_file(folder)
+        if weights.endswith(".index.json"):
+            self.where = {k: os.path.join(folder, v) for k, v in
+                          json.loads(storage.read_text(weights))["weight_map"].items()}
+        else:
+            self.where = {}
+        self.stack = contextlib.ExitStack()
+        self.open: dict[str, Any] = {}
+        if not self.where:
+            f = self._file(weights)
+            self.where = {k: weights for k in f.keys()}
+
+    def _file(self, path: str) -> Any:
+        if path not in self.open:
+            try:
+                self.open[path] = self.stack.enter_context(safe_open(path, framework="numpy"))
+            except Exception as e:  # safetensors' own error types for a bad header
+                raise UserError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:200]})") from None
+        return self.open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(self.where[name]).get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._file(self.where[name]).get_slice(name)[index]
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Slices with explicit start and stop (make_array_from_callback gives slice(None) for a whole dim)."""
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any, tied: bool) -> jax.Array:
+    """One parameter (maybe stacked layers) on its sharding, each device's slice read from the files."""
+    hf_names = set(files.where) - ({"lm_head.weight"} if tied else set())
+    ours = {hf.our_name(n)[0] for n in hf_names if hf.our_name(n)}
+    layers = whole_layers({name: tuple(a.shape)}, find_stacked(name, tuple(a.shape), ours), sep=".")
+    plan = []
+    for part, layer in layers.items():
+        found = hf.slice_reader(part)
+        if found is None or found[0] not in files.where:
+            raise UserError(f"from_pretrained: the folder has no tensor for {part} (shape {layer.shape})")
+        want = tuple(hf.hf_name(part)[1](np.empty(layer.shape, np.uint8)).shape)
+        if files.shape(found[0]) != want:
+            raise UserError(f"from_pretrained: tensor {found[0]} has shape {files.shape(found[0])}, config.json "
+                            f"says {want}")
+        plan.append((found, layer))
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        ix = _bounds(index, a.shape)
+        lead = plan[0][1].lead
+        picked = [(f, layer) for f, layer in plan if layer.index is None or ix[0].start <= layer.index < ix[0].stop]
+        parts = [f[1](lambda i, n=f[0]: files.read(n, i), ix[lead:], layer.shape).astype(a.dtype)
+                 for f, layer in picked]
+        return parts[0] if lead == 0 else np.stack(parts)
+    return jax.make_array_from_callback(a.shape, sharding, read)
+
+
+def from_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
+                    ) -> tuple[Transformer, tokenizers.Tokenizer]:
+    """(model, tokenizer) of a Hugging Face folder: the model born sharded on `mesh` (default: every device on
+    fsdp) under the default rules, computing and keeping `dtype` (default float32); `model(ids_BxT)` returns
+    float32 logits (B, T, vocab). UserError names the first config field the model cannot honour."""
+    cfg = folder_config(path, dtype)
+    tokenizer = tokenizer_of(path)
+    mesh = mesh or make_mesh(1, -1, 1)
+    cfg = fit_kv_heads(cfg, mesh)
+    shd.check_logical_sizes(cfg.model.logical_sizes(), cfg.mesh.logical_rules, mesh)
+    build, static = model_fn(cfg, mesh), {}
+
+    def abstract() -> Any:
+        with nnx.use_eager_sharding(False):  # logical names stay names: the rules place them below
+            graphdef, params = nnx.split(build(), nnx.Param)
+        static["graphdef"], static["logical"] = graphdef, nnx.get_partition_spec(params)
+        return params
+
+    params = jax.eval_shape(abstract)
+    shardings = shd.tree_shardings(nnx.to_pure_dict(static["logical"]), mesh, cfg.mesh.logical_rules)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
+    with _local(path) as local:
+        files = _Files(local)
+        with files.stack:
+            arrays = [_leaf(files, tensor_name(p), a, sh, cfg.model.tie_embeddings)
+                      for (p, a), sh in zip(leaves, jax.tree.leaves(shardings))]
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, arrays))
+    return nnx.merge(static["graphdef"], params), tokenizer
+
