@@ -9,7 +9,8 @@ from typing import Callable
 from jaxinfra.core import storage
 from jaxinfra.core.errors import Failed, UserError
 from jaxinfra.settings.help import config_help
-from jaxinfra.settings.loading import load_config, shipped_configs, to_yaml
+from jaxinfra.lm.pretrained import with_folder
+from jaxinfra.settings.loading import given_keys, load_config, shipped_configs, to_yaml
 from jaxinfra.settings.sections import EXPORT_FORMATS, Config
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load_config(args.config, args.overrides)
+        cfg = with_folder(cfg, given_keys(args.config, args.overrides))  # a model folder's architecture, tokenizer
         if args.print_config:  # before setup_devices: no JAX, no devices, no run folder
             print(to_yaml(cfg), end="")
             return 0
@@ -172,7 +174,8 @@ def inspect_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     """jaxinfra-generate / scripts/generate.py: text from a trained run's newest checkpoint (KV-cache decoding)."""
     p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a trained run.")
-    p.add_argument("run_dir", help="a run folder, or a safetensors export of a run (RUN/exports/model-N.safetensors)")
+    p.add_argument("run_dir", help="a run folder, a safetensors export of a run (RUN/exports/model-N.safetensors), or a "
+                                   "Hugging Face folder (llama, mistral, qwen2, qwen3)")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: 'def '")
     p.add_argument("--tokens", type=int, default=200, help="tokens (of the run's tokenizer) to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -16,6 +16,9 @@ from jaxinfra.core.errors import UserError
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
+SOURCE = "source"  # a run's copy of the folder it started from: config and tokenizer files, no weights
+SIDECARS = (CONFIG, "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja", "chat_template.json")  # what an export takes from the source folder
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
 QKV_BIAS = {"qwen2"}  # q, k and v projections always carry biases (o_proj none)

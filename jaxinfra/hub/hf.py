@@ -33,9 +33,6 @@ from jaxinfra.export import writer as export_lib
 from jaxinfra.hub import families
 
 CONFIG, WEIGHTS, INDEX = families.CONFIG, "model.safetensors", "model.safetensors.index.json"
-SOURCE = "source"  # a run's copy of the folder it started from: config and tokenizer files, no weights
-SIDECARS = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-            "chat_template.jinja", "chat_template.json")  # what an export takes from the source folder
 
 # ours -> (HF name, (to HF layout, back from HF layout given our shape, read our slice from HF's)). {i} is the layer.
 # A slice reader gets `hf(index)` (a slice of the HF tensor, read from the file) and our slices `ix`.
@@ -124,8 +121,8 @@ def source_of(step_dir: str) -> str | None:
     out), or None for a run that started from scratch."""
     path = step_dir
     for _ in range(3):  # the step folder, checkpoints/, the run folder
-        if storage.isfile(storage.join(path, SOURCE, CONFIG)):
-            return storage.join(path, SOURCE)
+        if storage.isfile(storage.join(path, families.SOURCE, CONFIG)):
+            return storage.join(path, families.SOURCE)
         path = storage.dirname(path.rstrip("/"))
     return None
 
@@ -179,7 +176,7 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
             generation["eos_token_id"] = tokenizer.eot
     sidecars = {"generation_config.json": json.dumps(generation, indent=1), **tokenizer.files(int(model["seq_len"]))}
     if source is not None:  # the folder's own: chat template, special tokens, generation settings
-        sidecars.update({name: storage.read_text(storage.join(source, name)) for name in SIDECARS[1:]
+        sidecars.update({name: storage.read_text(storage.join(source, name)) for name in families.SIDECARS[1:]
                          if storage.isfile(storage.join(source, name))})
     sidecars[CONFIG] = json.dumps(config, indent=1, ensure_ascii=False)  # last
     for name, text in sidecars.items():

@@ -8,6 +8,7 @@ import tempfile
 from typing import Any, Sequence
 
 import jax
+from flax import nnx
 
 from jaxinfra.ckpt import reader as ckpt_reader
 from jaxinfra.compress import quant
@@ -19,7 +20,8 @@ from jaxinfra.export import int8
 from jaxinfra.export import safetensors as safetensors_lib
 from jaxinfra.export import writer as export_lib
 from jaxinfra.models import decode
-from jaxinfra.models.factory import model_fn
+from jaxinfra.hub import families, pretrained
+from jaxinfra.models.factory import fit_kv_heads, model_fn
 from jaxinfra.models.sampling import prompt_ids
 from jaxinfra.parallel import sharding as shd
 from jaxinfra.parallel.mesh import make_mesh
@@ -42,6 +44,10 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
     as int8 values and scales (quant.quantize of the saved float weights) and, for quant.activations=int8,
     matmul inputs rounded per token.
     """
+    if families.is_hf_folder(run_dir):
+        if step is not None:
+            raise UserError(f"--step {step}: {run_dir} is a Hugging Face folder, not a run folder with steps")
+        return generate_from_folder(run_dir, prompts, n_tokens=n_tokens, temperature=temperature, seed=seed)
     export = run_dir if run_dir.endswith((".safetensors", ".safetensors.index.json")) else None
     if export is not None:
         run_dir = storage.dirname(export)
@@ -77,6 +83,27 @@ def generate_from_run(run_dir: str, prompts: Sequence[str], *, n_tokens: int = 2
         new, info = decode.generate(params, cfg.model, rows, n_tokens=n_tokens, temperature=temperature,
                                     seed=seed, mesh=mesh, rules=rules, quant_inputs=cfg.quant.activations == "int8")
     return [tokenizer.decode(r + t) for r, t in zip(rows, new)], step, info
+
+
+def generate_from_folder(path: str, prompts: Sequence[str], *, n_tokens: int, temperature: float, seed: int
+                         ) -> tuple[list[str], int, dict[str, Any]]:
+    """generate_from_run for a Hugging Face folder (hub/pretrained.py): its model on all local devices (data
+    parallel), its tokenizer.json; the KV cache holds the prompts and new tokens (at most max_position_embeddings,
+    the longest prompts keep their last tokens). Returns (texts, 0, info)."""
+    tokenizer = tok_lib.load(path)
+    whole = pretrained.folder_config(path).model  # seq_len: max_position_embeddings
+    rows = [prompt_ids(p, tokenizer, whole.vocab_size) for p in prompts]
+    longest = whole.seq_len
+    seq_len = min(longest, max(map(len, rows)) + n_tokens)
+    cfg = pretrained.folder_config(path, seq_len=seq_len)
+    mesh = make_mesh(-1, 1, 1)
+    cfg = fit_kv_heads(cfg, mesh)
+    with jax.set_mesh(mesh):
+        model, _ = pretrained.from_pretrained(path, mesh=mesh)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        new, info = decode.generate(params, cfg.model, rows, n_tokens=n_tokens, temperature=temperature, seed=seed,
+                                    mesh=mesh, rules=cfg.mesh.logical_rules)
+    return [tokenizer.decode(r + t) for r, t in zip(rows, new)], 0, info
 
 
 def _run_config(run_dir: str) -> Config:

@@ -16,7 +16,8 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.log import console
 from jaxinfra.data import corpus as corpus_lib
 from jaxinfra.data import packing
-from jaxinfra.lm import heldout, text
+from jaxinfra.core import storage
+from jaxinfra.lm import heldout, pretrained, text
 from jaxinfra.models.factory import fit_kv_heads, model_fn
 from jaxinfra.models.sampling import sample
 from jaxinfra.models.transformer import lm_loss, train_flops_per_token
@@ -88,6 +89,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     Raises UserError before compiling the train step.
     """
+    cfg = pretrained.with_folder(cfg)  # checkpoint.init_from=FOLDER: its architecture and tokenizer
     cfg.check_lm()
     lead = jax.process_index() == 0
     console(lead)
@@ -103,6 +105,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
                         f"use model.attention=xla")
+    if lead:
+        storage.reachable(cfg.run.path, "run.dir")
+        pretrained.keep_source(cfg)
     corpus = text.prepare(cfg)
     cfg = text.with_vocab(cfg, corpus.tokenizer, mesh)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)

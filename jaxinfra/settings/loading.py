@@ -141,6 +141,25 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return out
 
 
+def _dotted(data: Any, prefix: str = "") -> set[str]:
+    """{'a': {'b': 1}} -> {'a.b'}: every leaf key, dotted (a mapping-valued key such as mesh.rules counts whole)."""
+    if not isinstance(data, dict) or prefix in ("mesh.rules.",):
+        return {prefix.rstrip(".")} if prefix else set()
+    return set().union(*(_dotted(v, f"{prefix}{k}.") for k, v in data.items())) if data else set()
+
+
+def given_keys(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys the user set: in their own YAML file (a shipped config's are defaults) and the overrides.
+    What a model folder may fill (checkpoint.init_from) gives way only where the user said nothing."""
+    keys: set[str] = set()
+    if path and not Path(config_path(path)).resolve().is_relative_to(SHIPPED):
+        with open(config_path(path)) as f:
+            keys |= _dotted(_safe_load(f, f"--config {path}") or {})
+    for item in overrides:
+        keys |= _dotted(_nest(*_parse_override(item)))
+    return keys
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (written into the run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
