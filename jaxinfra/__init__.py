@@ -44,6 +44,8 @@ _EXPORTS = {
     "load_safetensors": ("export.safetensors", "load"),
     "to_params": ("parallel.sharding", "to_params"),
     "read_params": ("ckpt.reader", "read_params"),
+    # Hugging Face folders (llama, mistral, qwen2, qwen3)
+    "from_pretrained": ("hub.pretrained", "from_pretrained"),
     # pruning
     "prune": ("compress.pruning", "prune"),
     "with_pruning": ("train.optim", "with_pruning"),

@@ -45,7 +45,9 @@ def _theirs(path, rows):
     """transformers' float32 logits of each prompt alone."""
     import torch
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    int8 = "quantization_config" in json.loads(open(os.path.join(path, "config.json")).read())
+    extra = {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)} if int8 else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
     with torch.no_grad():
         return model, [model(torch.tensor([r])).logits[0].numpy() for r in rows]
 
@@ -109,13 +111,13 @@ def _fine_tune(folder, run, corpus, *extra):
                      "run.eval_every=0", "run.eval_batches=1", "run.plot=false", "run.score_heldout=false", *extra])
 
 
-def _export_equals_transformers(run, out, family):
+def _export_equals_transformers(run, out, family, *options):
     """export --format hf of the run, loaded by transformers: the family's class, and logits equal ours."""
-    assert cli.export_main([str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert cli.export_main([str(run), "--format", "hf", "--out", str(out), *options]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == family and (out / "chat_template.jinja").exists()
     rows = _rows(str(out))
-    model, theirs = _theirs(str(out), rows)
+    model, theirs = _theirs(str(out), rows)  # an int8 folder: compressed-tensors' own decompressor
     assert type(model).__name__.lower().startswith(family)
     ours = _ours(str(out), rows, (1, 1, 1))
     for i, r in enumerate(rows):
@@ -149,6 +151,11 @@ def test_pruned_on_two_stages_exports_half_zero_kernels_and_dense_embeddings(fol
                 assert zeros == 0.5, key
             elif key in ("model.embed_tokens.weight", "lm_head.weight"):
                 assert zeros == 0, key
+    # int8 for vLLM, every family: transformers dequantizes it as we do; a tied output layer stays float
+    need("compressed_tensors", "compressed-tensors is what transformers reads an int8 export with")
+    config = _export_equals_transformers(tmp_path / "run", tmp_path / "int8", family, "--quant", "int8")
+    assert config["quantization_config"]["format"] == "int-quantized"
+    assert ("lm_head" in config["quantization_config"]["ignore"]) == config["tie_word_embeddings"]
 
 
 def _edited(folders, tmp_path, family, **changes):

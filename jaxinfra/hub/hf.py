@@ -168,6 +168,8 @@ def export_hf(directory: str, out: str, *, step: int | None = None, dtype: str |
     if quantized:
         linear = [n for n in names if hf_name(n)[0].endswith("proj.weight") or n == "head"]
         ignored = [hf_name(n)[0].removesuffix(".weight") for n in linear if n not in quantized]
+        if model.get("tie_embeddings"):  # lm_head is the embedding table, looked up and never quantized
+            ignored.append("lm_head")
         act = (recorded.get("quant") or {}).get("activations", "none")
         config["quantization_config"] = int8.compressed_tensors_config(ignored, act)
     generation: dict[str, Any] = {"do_sample": False, "max_length": int(model["seq_len"])}

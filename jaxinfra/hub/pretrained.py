@@ -95,7 +95,15 @@ class _Files:
         return tuple(self._file(self.where[name]).get_slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        return self._file(self.where[name]).get_slice(name)[index]
+        """A slice of a tensor; an int8 Linear weight of a compressed-tensors export dequantized with its
+        per-output-channel scales (name_scale, (out, 1)): the same products as export/int8.py's."""
+        values = self._file(self.where[name]).get_slice(name)[index]
+        scale = name + "_scale"
+        if values.dtype != np.int8 or scale not in self.where:
+            return values
+        piece = self._file(self.where[scale]).get_slice(scale)
+        rows = piece[(index[0] if piece.get_shape()[0] > 1 else slice(None), slice(None))]
+        return values.astype(rows.dtype) * rows
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -105,7 +113,7 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ..
 
 def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any, tied: bool) -> jax.Array:
     """One parameter (maybe stacked layers) on its sharding, each device's slice read from the files."""
-    hf_names = set(files.where) - ({"lm_head.weight"} if tied else set())
+    hf_names = {n for n in files.where if not n.endswith("_scale")} - ({"lm_head.weight"} if tied else set())
     ours = {hf.our_name(n)[0] for n in hf_names if hf.our_name(n)}
     layers = whole_layers({name: tuple(a.shape)}, find_stacked(name, tuple(a.shape), ours), sep=".")
     plan = []
