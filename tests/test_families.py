@@ -216,3 +216,46 @@ def test_a_bfloat16_folder_loads(folders, tmp_path):
         np.testing.assert_allclose(ours[i, :len(r)], theirs[i], rtol=1e-4, atol=1e-4)
     model, _ = pretrained.from_pretrained(path, dtype="bfloat16")
     assert model.embed[...].dtype == jax.numpy.bfloat16
+
+
+def test_fewer_kv_heads_than_the_tensor_axis_are_replicated_and_equal(folders, caplog):
+    """2 KV heads on a tensor axis of 4: every device holds both (said once), the query heads stay split."""
+    import logging
+    rows = _rows(folders["qwen3"])
+    one = _ours(folders["qwen3"], rows, (1, 1, 1))
+    with caplog.at_level(logging.INFO, logger="jaxinfra.models.factory"):
+        wide = _ours(folders["qwen3"], rows, (2, 1, 4))
+    assert "model.n_kv_heads=2 does not split 4 ways" in caplog.text
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(wide[i, :len(r)], one[i, :len(r)], rtol=1e-5, atol=1e-5)
+
+
+def test_train_flops_count_kv_heads_head_size_and_a_tied_table():
+    from jaxinfra.models.transformer import train_flops_per_token
+    from jaxinfra.settings.model import ModelConfig
+    D, H, G, K, F, V, L, T = 64, 4, 2, 24, 96, 300, 2, 32
+    cfg = ModelConfig(d_model=D, n_heads=H, n_kv_heads=G, head_dim=K, d_ff=F, vocab_size=V, n_layers=L, seq_len=T,
+                      tie_embeddings=True)
+    per_layer = D * H * K * 2 + D * G * K * 2 + 3 * D * F  # q and o, k and v, the MLP
+    assert train_flops_per_token(cfg) == 6 * (L * per_layer + D * V) + 6 * L * T * H * K
+    dense = ModelConfig(d_model=D, n_heads=H, d_ff=F, vocab_size=V, n_layers=L, seq_len=T)
+    assert train_flops_per_token(dense) == 6 * (L * (4 * D * D + 3 * D * F) + D * V) + 6 * L * T * D  # as before
+
+
+def test_generate_py_decodes_a_folder(folders, capsys):
+    assert cli.generate_main([folders["mistral"], "--prompt", "def f1", "--tokens", "8", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def f1") and "KV cache" in err
+    assert cli.generate_main([folders["mistral"], "--step", "3"]) == 2
+    assert "is a Hugging Face folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_from_pretrained_reads_a_folder_on_s3(folders, bucket):
+    from jaxinfra.core import storage
+    for name in os.listdir(folders["llama"]):
+        storage.upload(os.path.join(folders["llama"], name), f"{bucket}/llama/{name}")
+    rows = _rows(folders["llama"])
+    here = _ours(folders["llama"], rows, (1, 1, 1))
+    there = _ours(f"{bucket}/llama", rows, (1, 1, 1))
+    np.testing.assert_array_equal(here, there)
