@@ -193,6 +193,13 @@ def test_user_mistakes_with_a_folder_are_one_line(folders, tmp_path, capsys):
         assert _fine_tune(folders["qwen3"], tmp_path / "run", corpus, *extra) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    own = tmp_path / "own.yaml"  # a key in the user's own YAML counts as theirs; the shipped defaults give way
+    own.write_text("model:\n  n_kv_heads: 4\n")
+    assert cli.main(["--config", str(own), f"checkpoint.init_from={folders['qwen3']}", f"data.path={corpus}"]) == 2
+    assert "model.n_kv_heads=4 disagrees with" in capsys.readouterr().err
+    assert cli.main(["--print-config", f"checkpoint.init_from={folders['qwen3']}"]) == 0
+    printed = capsys.readouterr().out
+    assert "head_dim: 32" in printed and "qk_norm: true" in printed and "family: qwen3" in printed
     bare = tmp_path / "bare"
     shutil.copytree(folders["qwen3"], bare)
     os.remove(bare / "tokenizer.json")

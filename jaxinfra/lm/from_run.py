@@ -102,8 +102,14 @@ def generate_from_folder(path: str, prompts: Sequence[str], *, n_tokens: int, te
         model, _ = pretrained.from_pretrained(path, mesh=mesh)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         new, info = decode.generate(params, cfg.model, rows, n_tokens=n_tokens, temperature=temperature, seed=seed,
-                                    mesh=mesh, rules=cfg.mesh.logical_rules)
+                                    mesh=mesh, rules=cfg.mesh.logical_rules, quant_inputs=_w8a8(path))
     return [tokenizer.decode(r + t) for r, t in zip(rows, new)], 0, info
+
+
+def _w8a8(path: str) -> bool:
+    """Whether a folder's int8 export asks for int8 matmul inputs too (our W8A8 QAT export: dynamic per token)."""
+    quant = families.read_config(path).get("quantization_config") or {}
+    return any(group.get("input_activations") for group in (quant.get("config_groups") or {}).values())
 
 
 def _run_config(run_dir: str) -> Config:
