@@ -1,7 +1,8 @@
 """`from_pretrained`: a Hugging Face folder (llama, mistral, qwen2, qwen3; local, s3:// or gs://) as the default
-Transformer born sharded on a mesh, each parameter read straight into its shardings: every device's slice is
-read from the safetensors file alone (a memory-mapped slice), so a process reads only the bytes its devices
-hold and host memory stays about one slice; plus the folder's `tokenizer.json` as a `tokenizers.Tokenizer`."""
+Transformer born sharded on a mesh, each parameter read straight into its shardings: every distinct device slice
+is read from the safetensors file alone (a memory-mapped slice) and put on the devices that hold it, so a process
+reads only the bytes its devices hold and host memory above the parameters stays about one slice; plus the
+folder's `tokenizer.json` as a `tokenizers.Tokenizer`."""
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +69,8 @@ def _local(path: str) -> Iterator[str]:
 
 
 class _Files:
-    """HF tensor name -> its safetensors file, opened once each (a slice is read from the mapped file)."""
+    """HF tensor name -> its safetensors file, opened when first read (a slice is read from the mapped file) and
+    closed by `release`: after each parameter, so the mapped pages a process holds stay one parameter's."""
 
     def __init__(self, folder: str):
         weights = hf.weights_file(folder)
@@ -82,6 +84,11 @@ class _Files:
         if not self.where:
             f = self._file(weights)
             self.where = {k: weights for k in f.keys()}
+
+    def release(self) -> None:
+        """Close every open file (their mappings go, and with them the file pages counted in resident memory)."""
+        self.stack.close()
+        self.stack, self.open = contextlib.ExitStack(), {}
 
     def _file(self, path: str) -> Any:
         if path not in self.open:
@@ -131,10 +138,22 @@ def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any, tied
         ix = _bounds(index, a.shape)
         lead = plan[0][1].lead
         picked = [(f, layer) for f, layer in plan if layer.index is None or ix[0].start <= layer.index < ix[0].stop]
-        parts = [f[1](lambda i, n=f[0]: files.read(n, i), ix[lead:], layer.shape).astype(a.dtype)
+        parts = [f[1](lambda i, n=f[0]: files.read(n, i), ix[lead:], layer.shape).astype(a.dtype, copy=False)
                  for f, layer in picked]
         return parts[0] if lead == 0 else np.stack(parts)
-    return jax.make_array_from_callback(a.shape, sharding, read)
+
+    # One slice at a time: read it once for every device that holds it (replicated KV heads, norms), put it on
+    # those devices, let it go. make_array_from_callback would hold every device's host slice of the parameter
+    # at once (+201 MB for a 1.2 GB folder's largest; 75 MB this way: benchmarks/hf_load.py).
+    holders: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(a.shape).items():
+        holders.setdefault(tuple((s.start, s.stop) for s in _bounds(index, a.shape)), []).append((device, index))
+    shards = []
+    for places in holders.values():
+        host = read(places[0][1])
+        shards += [jax.device_put(host, device) for device, _ in places]
+        del host
+    return jax.make_array_from_single_device_arrays(a.shape, sharding, shards)
 
 
 def from_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None
@@ -159,10 +178,13 @@ def from_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype: 
     shardings = shd.tree_shardings(nnx.to_pure_dict(static["logical"]), mesh, cfg.mesh.logical_rules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
     with _local(path) as local:
-        files = _Files(local)
-        with files.stack:
-            arrays = [_leaf(files, tensor_name(p), a, sh, cfg.model.tie_embeddings)
-                      for (p, a), sh in zip(leaves, jax.tree.leaves(shardings))]
+        files, arrays = _Files(local), []
+        try:
+            for (p, a), sh in zip(leaves, jax.tree.leaves(shardings)):
+                arrays.append(_leaf(files, tensor_name(p), a, sh, cfg.model.tie_embeddings))
+                files.release()
+        finally:
+            files.release()
     nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, arrays))
     return nnx.merge(static["graphdef"], params), tokenizer
 
