@@ -6,7 +6,9 @@
 # It times configs/gpu_1b.yaml (~1B parameters, seq 2048, bf16 compute, f32 master weights) under
 # each remat policy and both attention kernels, one process per variant (an out-of-memory variant
 # fails alone), runs the launch script end to end on configs/accelerator.yaml, then the compression
-# report (benchmarks/compress.py: the default model shortened to 600 steps, one device; at most 5 minutes).
+# report (benchmarks/compress.py: the default model shortened to 600 steps, one device; at most 5 minutes);
+# between them, a random Llama-3.2-1B-shaped folder (GQA, tied embeddings, vocabulary 128,256, llama3 rotary)
+# written without torch and fine-tuned 30 steps from checkpoint.init_from (its MFU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
@@ -74,6 +76,19 @@ rm -rf /tmp/jaxinfra-e2e
 timeout $LIMIT $PY scripts/train.py --config configs/accelerator.yaml "${E2E[@]}" >>"$LOG" 2>&1 \
   || echo "   end-to-end run failed or timed out (exit $?)" | tee -a "$LOG"
 grep -E "bits per byte|compiled|done in|error" "$LOG" | tail -6
+
+echo "== a pretrained model: a random Llama-3.2-1B-shaped folder (our exporter's pieces, no torch), fine-tuned" | tee -a "$LOG"
+LLAMA=/tmp/jaxinfra-llama32-1b
+SHAPE=(); [ "${TINY:-0}" = 1 ] && SHAPE=(--d-model 64 --layers 2 --heads 4 --kv-heads 2 --d-ff 128 --vocab 512)
+FT=(run.steps=30 run.log_every=10 run.eval_every=0 run.eval_batches=0 run.sample_tokens=0 run.score_heldout=false
+    run.progress=false checkpoint.every=0 checkpoint.export_final=false model.seq_len=2048 data.batch_size=8
+    model.attention=$ATT model.remat=dots run.dir=/tmp/jaxinfra-llama-run)
+[ "${TINY:-0}" = 1 ] && FT+=(run.steps=4 run.log_every=2 model.seq_len=64 data.batch_size=4)
+rm -rf "$LLAMA" /tmp/jaxinfra-llama-run
+timeout 120 $PY benchmarks/hf_load.py --preset llama3.2-1b --write-only --folder "$LLAMA" "${SHAPE[@]}" >>"$LOG" 2>&1 \
+  && timeout 300 $PY scripts/train.py --config configs/accelerator.yaml checkpoint.init_from="$LLAMA" "${FT[@]}" \
+    >>"$LOG" 2>&1 || echo "   the Llama-3.2-1B-shaped fine-tune failed or timed out (exit $?)" | tee -a "$LOG"
+grep -E "initialised the model|parameters;|mfu|compiled|done in" "$LOG" | tail -6
 
 echo "== compression: benchmarks/compress.py (the default model, shortened, one device)" | tee -a "$LOG"
 CSTEPS=600; [ "${TINY:-0}" = 1 ] && CSTEPS=20

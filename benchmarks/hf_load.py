@@ -52,6 +52,9 @@ DEFAULT = {"d_model": 1536, "layers": 8, "heads": 12, "kv_heads": 4, "d_ff": 409
            "max_shard_mb": 400.0}
 SMOKE = {"d_model": 64, "layers": 2, "heads": 4, "kv_heads": 2, "d_ff": 192, "vocab": 2048, "max_shard_mb": 0.4,
          "rounds": 1, "fresh_rounds": 1}
+# Llama 3.2 1B's shape (benchmarks/gpu.sh fine-tunes a random one: --preset llama3.2-1b --write-only)
+PRESETS = {"llama3.2-1b": {"d_model": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "d_ff": 8192, "vocab": 128256,
+                           "head_dim": 64, "tie": True, "llama3_rope": True, "max_shard_mb": 2000.0}}
 COORDINATOR_PORT_TAKEN = "Failed to add port to server"  # gRPC's line when process 0's port was taken
 
 
@@ -60,8 +63,12 @@ COORDINATOR_PORT_TAKEN = "Failed to add port to server"  # gRPC's line when proc
 def model_config(args: argparse.Namespace) -> Any:
     """The benchmark's ModelConfig (Llama's: rotary base 500000, norm epsilon 1e-5)."""
     from jaxinfra.settings.model import ModelConfig
+    preset = PRESETS.get(args.preset or "", {})
+    rope = dict(rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                rope_original_len=8192) if preset.get("llama3_rope") else {}
     m = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                    n_kv_heads=args.kv_heads, d_ff=args.d_ff, seq_len=2048, rope_theta=500000.0, norm_eps=1e-5)
+                    n_kv_heads=args.kv_heads, d_ff=args.d_ff, seq_len=2048, rope_theta=500000.0, norm_eps=1e-5,
+                    head_dim=preset.get("head_dim", 0), tie_embeddings=preset.get("tie", False), **rope)
     m.check()
     return m
 
@@ -405,9 +412,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--folder", help="write the folder here (kept; an existing one is reused), not in a "
                                     "temporary folder")
     p.add_argument("--no-processes", action="store_true", help="skip the two-process reads")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a real model's shape (sizes given explicitly still win)")
+    p.add_argument("--write-only", action="store_true", help="write the folder (--folder) and stop")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--process", nargs=4, help=argparse.SUPPRESS)
     args = parse(p, argv, **SMOKE)
+    if args.preset:  # the preset's sizes, where the command line did not give one
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for k, v in PRESETS[args.preset].items():
+            if k in DEFAULT and k not in given:
+                setattr(args, k, v)
     from jaxinfra.parallel.mesh import use_cpu_devices
     use_cpu_devices(4 if args.process else 8)  # before JAX's backend starts
     if args.memory_child:
@@ -431,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             info = {"reused": True}
         else:
             info = write_folder(folder, model, int(args.max_shard_mb * MB))
+        if args.write_only:
+            print(f"wrote {folder} in {time.perf_counter() - t0:.1f}s", flush=True)
+            return info
         info.update(write_s=time.perf_counter() - t0, warm_read_s=warm_page_cache(folder))
         if info.get("reused"):
             from safetensors import safe_open
