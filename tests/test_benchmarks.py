@@ -76,7 +76,7 @@ def test_a_smoke_run_never_writes_into_benchmarks_results(tmp_path):
 def test_every_benchmark_script_has_a_smoke_test():
     tests = [name + "_" for name in globals() if name.startswith("test_smoke_")]  # test_smoke_SCRIPT[_MODE]
     untested = [s for s in SCRIPTS if not any(t.startswith(f"test_smoke_{s}_") for t in tests)]
-    assert len(SCRIPTS) == 13 and not untested, untested
+    assert len(SCRIPTS) == 15 and not untested, untested
 
 
 # --- the smoke runs (slow lane) ---
@@ -297,3 +297,59 @@ def test_smoke_compress(tmp_path):
     positive(model["step_ms"], "dense", "qat")
     positive(model, "qat_step_ratio")
     assert (tmp_path / "out" / "compression.png").stat().st_size > 0  # the plot goes beside the results
+
+
+@pytest.mark.slow
+def test_smoke_pretrained_compress(tmp_path):
+    result = smoke(tmp_path, "pretrained_compress")
+    variants = ("dense, as loaded", "50% one-shot, no fine-tune", "2:4 one-shot, then fine-tuned")
+    rows = result["rows"]
+    assert list(rows) == [v + s for v in variants for s in ("", " + int8")]
+    assert result["params"] == N_PARAMS and (result["decode_tokens"], result["prompts"]) == (16, 8)
+    assert result["heldout_tokens"] == result["heldout_bytes"] > 0  # the tiny folder's tokenizer: bytes
+    for row in rows.values():
+        positive(row, "file_bytes", "safetensors_bytes", "heldout_bpb", "bpb_vs_loaded", "prefill_tokens_per_s",
+                 "cache_bytes")
+        finite(row, "decode_tokens_per_s")  # a call of 16 tokens less one of 1
+    loaded, oneshot, nm = (rows[v] for v in variants)
+    assert (loaded["fine_tune_steps"], oneshot["fine_tune_steps"], nm["fine_tune_steps"]) == (0, 0, 12)
+    assert loaded["zeros"] == 0 and oneshot["zeros"] == nm["zeros"] == 0.5  # exactly half of every pruned kernel
+    assert oneshot["kept_as_loaded"] is True  # one step at lr 1e-12: the mask, every kept weight the folder's
+    # the folder through from_pretrained (one device) scores what the run scored at its end (8 devices)
+    for row in (loaded, oneshot, nm):
+        assert math.isclose(row["heldout_bpb"], row["run_heldout_bpb"], rel_tol=1e-5)
+    assert loaded["bpb_vs_loaded"] == 1 and oneshot["heldout_bpb"] > loaded["heldout_bpb"]  # pruning costs
+    for v in variants:  # int8 folders: smaller, read back dequantized to about the same figure
+        assert rows[v + " + int8"]["file_bytes"] < 0.6 * rows[v]["file_bytes"]
+        assert abs(rows[v + " + int8"]["heldout_bpb"] - rows[v]["heldout_bpb"]) < 0.01
+    assert oneshot["safetensors_bytes"] < oneshot["file_bytes"]  # --sparse beats the HF folder's stored zeros
+
+
+@pytest.mark.slow
+def test_smoke_hf_load(tmp_path):
+    result = smoke(tmp_path, "hf_load")
+    model, one, timing, memory, procs = (result[k] for k in ("model", "one_process", "time", "memory", "processes"))
+    # d_model 64, 2 layers, 4 heads of 16 (2 KV heads), d_ff 192, vocab 2048: 9 tensors a layer, embed, norm, head
+    d, layers, kv, f, v = 64, 2, 2 * 16, 192, 2048
+    assert model["tensors"] == layers * 9 + 3 and model["weight_files"] > 1  # shards and their index
+    assert model["params"] == layers * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + 2 * v * d + d
+    assert result["equal"] is True and result["meta"]["mesh"] == "1x4x2"
+    assert math.isclose(one["read_mb"], model["params"] * 4 / 1e6)  # one process reads every byte once
+    assert len(timing["from_pretrained_s"]) == len(timing["baseline_s"]) == timing["rounds"] == 1
+    positive(timing, "median_from_pretrained_s", "median_baseline_s", "ratio")
+    assert math.isclose(timing["ratio"], timing["median_from_pretrained_s"] / timing["median_baseline_s"])
+    assert set(memory) == {"from_pretrained", "baseline"}
+    for row in memory.values():
+        positive(row, "seconds", "peak_above_baseline_mb", "baseline_rss_mb")
+        finite(row, "above_params_mb", "x_largest_tensor", "sampled_anon_above_params_mb",
+               "sampled_anon_x_largest_tensor", "sampled_file_peak_above_baseline_mb")
+        assert math.isclose(row["params_mb"], one["held_mb"])  # the same shardings
+    rows = procs["rows"]  # two processes of 4 devices: each reads half of every sharded weight
+    assert [(r["process"], r["local_devices"], r["devices"]) for r in rows] == [(0, 4, 8), (1, 4, 8)]
+    assert all(math.isclose(x, 0.5) for x in procs["sharded_read_fraction"])
+    assert math.isclose(sum(r["held_mb"] for r in rows), one["held_mb"])
+    fresh = result["fresh_process_time"]
+    assert len(fresh["from_pretrained_s"]) == len(fresh["baseline_s"]) == fresh["rounds"] == 1
+    assert math.isclose(fresh["ratio"], fresh["median_from_pretrained_s"] / fresh["median_baseline_s"])
+    assert set(result["goals"]) == {"time", "time_fresh_process", "memory", "memory_anonymous", "half_reads"}
+    assert result["goals"]["half_reads"] is True
