@@ -138,9 +138,13 @@ def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any, tied
         ix = _bounds(index, a.shape)
         lead = plan[0][1].lead
         picked = [(f, layer) for f, layer in plan if layer.index is None or ix[0].start <= layer.index < ix[0].stop]
-        parts = [f[1](lambda i, n=f[0]: files.read(n, i), ix[lead:], layer.shape).astype(a.dtype, copy=False)
-                 for f, layer in picked]
-        return parts[0] if lead == 0 else np.stack(parts)
+        part = lambda f, layer: f[1](lambda i, n=f[0]: files.read(n, i), ix[lead:], layer.shape)
+        if lead == 0:
+            return part(*picked[0]).astype(a.dtype, copy=False)
+        out = np.empty((len(picked),) + tuple(s.stop - s.start for s in ix[lead:]), a.dtype)
+        for i, (f, layer) in enumerate(picked):  # each layer copied once, into its place (np.stack: twice)
+            out[i] = part(f, layer)
+        return out
 
     # One slice at a time: read it once for every device that holds it (replicated KV heads, norms), put it on
     # those devices, let it go. make_array_from_callback would hold every device's host slice of the parameter
