@@ -174,6 +174,8 @@ def _edited(folders, tmp_path, family, **changes):
     ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
     ("llama", {"attention_bias": True}, "attention_bias=true is not supported"),
     ("mistral", {"hidden_act": "gelu"}, 'hidden_act="gelu" is not supported'),
+    ("llama", {"rope_scaling": {"rope_type": "llama3"}}, "a field is missing or of an unexpected form (KeyError"),
+    ("qwen3", {"rope_parameters": "fast"}, "a field is missing or of an unexpected form"),
 ])
 def test_a_field_the_model_cannot_honour_is_one_line(folders, tmp_path, capsys, family, changes, message):
     path = _edited(folders, tmp_path, family, **changes)

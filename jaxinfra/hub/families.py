@@ -99,6 +99,15 @@ def model_fields(path: str) -> dict[str, Any]:
     """config.json of an HF folder -> `model.*` keys (family included); UserError naming the first field this
     model cannot honour. A field none of the tables knows is logged as ignored."""
     config, where = read_config(path), storage.join(path, CONFIG)
+    try:
+        return _fields(config, where)
+    except (AttributeError, TypeError, KeyError, ValueError) as e:  # a field of another form than HF writes
+        raise UserError(f"{where}: a field is missing or of an unexpected form ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+
+
+def _fields(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """model_fields of a parsed config.json."""
     family = config.get("model_type")
     if family not in ARCHITECTURES:
         raise UserError(f"{where}: model_type={json.dumps(family)} is not one of the families this library loads "
@@ -119,8 +128,10 @@ def model_fields(path: str) -> dict[str, Any]:
             raise _refuse(where, flag, config[flag], "no biases on o_proj or the MLP")
     if config.get("attention_dropout"):
         raise _refuse(where, "attention_dropout", config["attention_dropout"], "training here uses no dropout")
-    if config.get("quantization_config") and config["quantization_config"].get("quant_method") != "compressed-tensors":
-        raise _refuse(where, "quantization_config.quant_method", config["quantization_config"].get("quant_method"),
+    quant = config.get("quantization_config")
+    if quant and (not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors"):
+        raise _refuse(where, "quantization_config.quant_method", quant.get("quant_method") if isinstance(quant, dict)
+                      else quant,
                       "only our own compressed-tensors int8 is read")
     window = config.get("sliding_window")
     if family == "mistral":
