@@ -69,6 +69,15 @@ def is_hf_folder(path: str) -> bool:
         return False
 
 
+def tokenizer_file(path: str) -> str:
+    """The folder's tokenizer.json; UserError with a hint when it has none (a Python tokenizer is never run)."""
+    file = storage.join(path, "tokenizer.json")
+    if not storage.isfile(file):
+        raise UserError(f"{path}: no tokenizer.json (only a fast tokenizer's file is read, never Python code): "
+                        f"write one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER)")
+    return file
+
+
 def _rope(config: dict[str, Any], where: str) -> dict[str, Any]:
     """rope_theta and the scaling, from either spelling, as model keys."""
     params = config.get("rope_parameters") or {}

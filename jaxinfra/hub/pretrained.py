@@ -44,14 +44,8 @@ def folder_config(path: str, dtype: str | None = None, seq_len: int | None = Non
 
 def tokenizer_of(path: str) -> tokenizers.Tokenizer:
     """The folder's tokenizer.json (never a Python tokenizer class); UserError with a hint when it has none."""
-    file = storage.join(path, tok_lib.FILE)
-    if not storage.isfile(file):
-        raise UserError(f"{path}: no {tok_lib.FILE} (only a fast tokenizer's file is read, never Python code): "
-                        f"write one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER)")
-    try:
-        return tokenizers.Tokenizer.from_str(storage.read_text(file))
-    except Exception as e:  # tokenizers raises its own exception types for a bad file
-        raise UserError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    families.tokenizer_file(path)
+    return tok_lib.load(path).impl
 
 
 @contextlib.contextmanager
@@ -72,7 +66,7 @@ class _Files:
     """HF tensor name -> its safetensors file, opened when first read (a slice is read from the mapped file) and
     closed by `release`: after each parameter, so the mapped pages a process holds stay one parameter's."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, tied: bool):
         weights = hf.weights_file(folder)
         if weights.endswith(".index.json"):
             self.where = {k: os.path.join(folder, v) for k, v in
@@ -84,6 +78,10 @@ class _Files:
         if not self.where:
             f = self._file(weights)
             self.where = {k: weights for k in f.keys()}
+        # our names of the tensors there (int8 scales and a tied model's lm_head copy are no tensors of ours)
+        skip = {"lm_head.weight"} if tied else set()
+        found = (hf.our_name(n) for n in self.where if not n.endswith("_scale") and n not in skip)
+        self.ours = {f[0] for f in found if f}
 
     def release(self) -> None:
         """Close every open file (their mappings go, and with them the file pages counted in resident memory)."""
@@ -118,11 +116,9 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ..
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
-def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any, tied: bool) -> jax.Array:
+def _leaf(files: _Files, name: str, a: jax.ShapeDtypeStruct, sharding: Any) -> jax.Array:
     """One parameter (maybe stacked layers) on its sharding, each device's slice read from the files."""
-    hf_names = {n for n in files.where if not n.endswith("_scale")} - ({"lm_head.weight"} if tied else set())
-    ours = {hf.our_name(n)[0] for n in hf_names if hf.our_name(n)}
-    layers = whole_layers({name: tuple(a.shape)}, find_stacked(name, tuple(a.shape), ours), sep=".")
+    layers = whole_layers({name: tuple(a.shape)}, find_stacked(name, tuple(a.shape), files.ours), sep=".")
     plan = []
     for part, layer in layers.items():
         found = hf.slice_reader(part)
@@ -182,10 +178,10 @@ def from_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype: 
     shardings = shd.tree_shardings(nnx.to_pure_dict(static["logical"]), mesh, cfg.mesh.logical_rules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
     with _local(path) as local:
-        files, arrays = _Files(local), []
+        files, arrays = _Files(local, cfg.model.tie_embeddings), []
         try:
             for (p, a), sh in zip(leaves, jax.tree.leaves(shardings)):
-                arrays.append(_leaf(files, tensor_name(p), a, sh, cfg.model.tie_embeddings))
+                arrays.append(_leaf(files, tensor_name(p), a, sh))
                 files.release()
         finally:
             files.release()

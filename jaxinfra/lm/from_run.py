@@ -91,11 +91,10 @@ def generate_from_folder(path: str, prompts: Sequence[str], *, n_tokens: int, te
     parallel), its tokenizer.json; the KV cache holds the prompts and new tokens (at most max_position_embeddings,
     the longest prompts keep their last tokens). Returns (texts, 0, info)."""
     tokenizer = tok_lib.load(path)
-    whole = pretrained.folder_config(path).model  # seq_len: max_position_embeddings
-    rows = [prompt_ids(p, tokenizer, whole.vocab_size) for p in prompts]
-    longest = whole.seq_len
-    seq_len = min(longest, max(map(len, rows)) + n_tokens)
-    cfg = pretrained.folder_config(path, seq_len=seq_len)
+    cfg = pretrained.folder_config(path)  # model.seq_len: the folder's max_position_embeddings
+    rows = [prompt_ids(p, tokenizer, cfg.model.vocab_size) for p in prompts]
+    seq_len = min(cfg.model.seq_len, max(map(len, rows)) + n_tokens)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seq_len=seq_len))
     mesh = make_mesh(-1, 1, 1)
     cfg = fit_kv_heads(cfg, mesh)
     with jax.set_mesh(mesh):

@@ -16,7 +16,6 @@ from jaxinfra.core.errors import UserError
 from jaxinfra.core.log import console
 from jaxinfra.data import corpus as corpus_lib
 from jaxinfra.data import packing
-from jaxinfra.core import storage
 from jaxinfra.lm import heldout, pretrained, text
 from jaxinfra.models.factory import fit_kv_heads, model_fn
 from jaxinfra.models.sampling import sample
@@ -105,10 +104,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.model.attention == "cudnn" and platform != "gpu":
         raise UserError(f"model.attention=cudnn runs on NVIDIA GPUs only, these devices are {platform}: "
                         f"use model.attention=xla")
+    corpus = text.prepare(cfg)  # run.dir checked reachable first
     if lead:
-        storage.reachable(cfg.run.path, "run.dir")
         pretrained.keep_source(cfg)
-    corpus = text.prepare(cfg)
     cfg = text.with_vocab(cfg, corpus.tokenizer, mesh)
     shd.check_logical_sizes(cfg.model.logical_sizes(), m.logical_rules, mesh)
     train, held = corpus.train, corpus.heldout

@@ -9,7 +9,6 @@ import logging
 
 from jaxinfra.core import storage
 from jaxinfra.core.errors import UserError
-from jaxinfra.data import tokenizer as tok_lib
 from jaxinfra.hub import families
 from jaxinfra.settings.sections import Config
 
@@ -28,14 +27,10 @@ def with_folder(cfg: Config, given: set[str] | frozenset[str] = frozenset()) -> 
         if f"model.{key}" in given and mine != value:
             raise UserError(f"model.{key}={mine} disagrees with {storage.join(path, families.CONFIG)} ({value}): "
                             f"leave model.{key} unset to take the folder's")
-    if not storage.isfile(storage.join(path, tok_lib.FILE)):
-        raise UserError(f"checkpoint.init_from={path}: no {tok_lib.FILE} (only a fast tokenizer's file is read, "
-                        f"never Python code): write one with transformers' "
-                        f"AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER)")
-    if "data.tokenizer" in given and cfg.data.tokenizer.rstrip("/") not in (
-            path.rstrip("/"), storage.join(path, tok_lib.FILE)):
+    file = families.tokenizer_file(path)
+    if "data.tokenizer" in given and cfg.data.tokenizer.rstrip("/") not in (path.rstrip("/"), file):
         raise UserError(f"data.tokenizer={cfg.data.tokenizer} disagrees with checkpoint.init_from={path}, whose "
-                        f"model was trained with its own {tok_lib.FILE}: leave data.tokenizer unset")
+                        f"model was trained with its own tokenizer.json: leave data.tokenizer unset")
     longest = families.read_config(path).get("max_position_embeddings")
     if isinstance(longest, int) and cfg.model.seq_len > longest:
         raise UserError(f"model.seq_len={cfg.model.seq_len} is above {path}'s max_position_embeddings={longest}")
